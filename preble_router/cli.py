@@ -1,0 +1,89 @@
+"""`preble-router`: start the router in front of vLLM replicas."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from preble_router.policies import POLICIES, make_policy
+from preble_router.proxy import Proxy, ProxyConfig
+from preble_router.router import Router
+from preble_router.tokens import PromptTokenizer
+
+
+def _split_list(values: Sequence[str]) -> list[str]:
+    """Accept both `--backends a b` and `--backends a,b`."""
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def parse_kv_source(spec: str) -> tuple[str, str, str | None]:
+    """`BACKEND_URL=ENDPOINT` or `BACKEND_URL=ENDPOINT|REPLAY_ENDPOINT` -> (url, endpoint, replay)."""
+    url, sep, endpoints = spec.rpartition("=")
+    if not sep or not url or not endpoints:
+        raise argparse.ArgumentTypeError(f"expected BACKEND_URL=ZMQ_ENDPOINT[|REPLAY_ENDPOINT], got {spec!r}")
+    endpoint, _, replay = endpoints.partition("|")
+    return url.rstrip("/"), endpoint, replay or None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="preble-router",
+        description="Prefix-aware OpenAI-compatible router in front of vLLM replicas.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--backends", nargs="+", required=True, metavar="URL",
+                   help="vLLM OpenAI server base URLs (space- or comma-separated), e.g. http://10.0.0.5:8000")
+    p.add_argument("--model", required=True, help="The served model: a local directory or a model name. Its "
+                   "tokenizer (and chat template) is loaded from here unless --tokenizer is given.")
+    p.add_argument("--tokenizer", default=None, help="Tokenizer directory or name, if not the model's.")
+    p.add_argument("--served-model-name", default=None,
+                   help="The model name clients send (default: what the backends' /v1/models reports first).")
+    p.add_argument("--policy", default="cache_aware", choices=sorted(POLICIES), help="Routing policy.")
+    p.add_argument("--kv-events", nargs="+", default=[], metavar="URL=ENDPOINT[|REPLAY]",
+                   help="vLLM KV-event ZMQ publisher (and optional replay endpoint) per backend, e.g. "
+                        "http://127.0.0.1:8001=tcp://127.0.0.1:5557|tcp://127.0.0.1:5558. Backends without "
+                        "one use an estimated index (what the router sent, LRU-bounded by capacity).")
+    p.add_argument("--predicted-ttl", type=float, default=3.0,
+                   help="Seconds a routed request's blocks count as cached on its backend before the engine's "
+                        "events confirm them (so bursts sharing a new prefix land together).")
+    p.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
+    p.add_argument("--port", type=int, default=8080, help="Port to listen on.")
+    p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="Larger requests get 413.")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="Backends tried per request when one fails before the first byte.")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="Seconds for a whole backend request.")
+    p.add_argument("--health-interval", type=float, default=2.0, help="Seconds between backend health probes.")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def build_proxy(args: argparse.Namespace) -> Proxy:
+    tokenizer = PromptTokenizer(args.tokenizer or args.model)
+    router = Router(model=args.served_model_name or args.model, tokenizer=tokenizer,
+                    policy=make_policy(args.policy), predicted_ttl=args.predicted_ttl)
+    kv = {url: (endpoint, replay) for url, endpoint, replay in map(parse_kv_source, args.kv_events)}
+    backends = _split_list(args.backends)
+    unknown = set(kv) - {b.rstrip("/") for b in backends}
+    if unknown:
+        raise SystemExit(f"--kv-events names backends not in --backends: {', '.join(sorted(unknown))}")
+    for url in backends:
+        endpoint, replay = kv.get(url.rstrip("/"), (None, None))
+        router.add_backend(url, endpoint, replay)
+    return Proxy(router, ProxyConfig(max_body_bytes=args.max_body_bytes, max_attempts=args.max_attempts,
+                                     request_timeout=args.request_timeout, health_interval=args.health_interval))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    proxy = build_proxy(args)
+    uvicorn.run(proxy.app(), host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                timeout_graceful_shutdown=30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

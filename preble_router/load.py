@@ -1,0 +1,79 @@
+"""What each backend is doing right now, as the router sees it (it reacts at once, unlike engine metrics).
+
+Written only by the proxy's request lifecycle callbacks: begin -> first_token -> finish. Accounting follows
+Dynamo's: a request costs its uncached prompt tokens until its first token, then one decode slot until done.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class BackendLoad:
+    in_flight: int = 0
+    pending_prefill_tokens: int = 0
+    running_decode: int = 0
+    completed: int = 0
+    failed: int = 0
+    # Recent observations, for time models: (uncached prompt tokens, ttft seconds) and per-token seconds.
+    ttft_samples: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=256))
+    tpot_samples: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+
+
+@dataclass(slots=True)
+class InFlight:
+    """One dispatched request; the proxy holds it and reports its progress."""
+
+    backend_id: int
+    uncached_tokens: int
+    started: float
+    first_token_at: float | None = None
+    done: bool = False
+
+
+class LoadTracker:
+    def __init__(self) -> None:
+        self._loads: dict[int, BackendLoad] = {}
+
+    def add_backend(self, backend_id: int) -> None:
+        self._loads.setdefault(backend_id, BackendLoad())
+
+    def remove_backend(self, backend_id: int) -> None:
+        self._loads.pop(backend_id, None)
+
+    def get(self, backend_id: int) -> BackendLoad:
+        return self._loads.setdefault(backend_id, BackendLoad())
+
+    def begin(self, backend_id: int, uncached_tokens: int, now: float) -> InFlight:
+        load = self.get(backend_id)
+        load.in_flight += 1
+        load.pending_prefill_tokens += uncached_tokens
+        return InFlight(backend_id, uncached_tokens, now)
+
+    def first_token(self, req: InFlight, now: float) -> None:
+        if req.first_token_at is not None or req.done:
+            return
+        req.first_token_at = now
+        load = self.get(req.backend_id)
+        load.pending_prefill_tokens -= req.uncached_tokens
+        load.running_decode += 1
+        load.ttft_samples.append((req.uncached_tokens, now - req.started))
+
+    def finish(self, req: InFlight, now: float, *, ok: bool, output_tokens: int | None = None) -> None:
+        if req.done:
+            return
+        req.done = True
+        load = self.get(req.backend_id)
+        load.in_flight -= 1
+        if req.first_token_at is None:
+            load.pending_prefill_tokens -= req.uncached_tokens
+        else:
+            load.running_decode -= 1
+            if ok and output_tokens and output_tokens > 1:
+                load.tpot_samples.append((now - req.first_token_at) / (output_tokens - 1))
+        if ok:
+            load.completed += 1
+        else:
+            load.failed += 1

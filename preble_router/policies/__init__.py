@@ -1,0 +1,37 @@
+"""Routing policies: pure objects behind one interface (base.Policy), used live and in the simulator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, Policy, RouteRequest
+from preble_router.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
+from preble_router.policies.simple import LeastLoadPolicy, RoundRobinPolicy
+
+POLICIES: dict[str, Callable[[], Policy]] = {
+    "round_robin": RoundRobinPolicy,
+    "least_load": LeastLoadPolicy,
+    "cache_aware": CacheAwarePolicy,
+}
+
+
+def make_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(sorted(POLICIES))}") from None
+
+
+__all__ = [
+    "BackendState",
+    "CacheAwareConfig",
+    "CacheAwarePolicy",
+    "ClusterSnapshot",
+    "Decision",
+    "LeastLoadPolicy",
+    "POLICIES",
+    "Policy",
+    "RouteRequest",
+    "RoundRobinPolicy",
+    "make_policy",
+]

@@ -1,0 +1,68 @@
+"""The policy interface: pure objects that pick a backend from an immutable snapshot.
+
+A policy never does I/O and never reads a clock: the current time arrives in the snapshot. The live router
+and the simulator build the same snapshot types and call the same objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What a policy may know about one request."""
+
+    request_id: str
+    prompt_tokens: int
+    block_hashes: tuple[int, ...]  # router-side chained hashes of the prompt's full blocks
+    block_size: int
+    max_tokens: int | None = None  # the client's output cap, when it gave one
+
+
+@dataclass(frozen=True, slots=True)
+class BackendState:
+    """One eligible backend as seen for one request (healthy ones only, minus any already tried)."""
+
+    backend_id: int
+    url: str
+    matched_tokens: int  # leading prompt tokens cached there (confirmed by events or predicted)
+    in_flight: int  # requests sent and not finished
+    pending_prefill_tokens: int  # uncached prompt tokens of in-flight requests still before their first token
+    running_decode: int  # in-flight requests past their first token
+    capacity_blocks: int | None = None  # KV-cache size, when known
+    cached_blocks: int | None = None  # blocks the index records there
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot:
+    now: float  # seconds, from whoever drives the policy (wall clock live, simulated time in the simulator)
+    backends: tuple[BackendState, ...]
+
+    def by_id(self, backend_id: int) -> BackendState:
+        for b in self.backends:
+            if b.backend_id == backend_id:
+                return b
+        raise KeyError(backend_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    backend_id: int
+    reason: str  # e.g. "round_robin", "least_load", "cache_hit", "imbalanced", "min_tree", "exploit", "explore"
+    matched_tokens: int
+    costs: dict[int, float] = field(default_factory=dict)  # per backend id, when the policy scores them
+
+
+@runtime_checkable
+class Policy(Protocol):
+    name: str
+
+    def choose(self, request: RouteRequest, snapshot: ClusterSnapshot) -> Decision:
+        """Pick one of snapshot.backends (never empty)."""
+        ...
+
+    def on_finished(self, request: RouteRequest, backend_id: int, now: float) -> None:
+        """A request routed earlier has finished (or failed); stateful policies update their windows."""
+        ...

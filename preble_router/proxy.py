@@ -1,0 +1,383 @@
+"""The OpenAI-compatible reverse proxy: parse, validate, route, forward, relay.
+
+Streaming responses are relayed chunk by chunk as they arrive. A backend that fails before the first byte
+reaches the client is marked down and the request goes to another backend; one that fails after it ends
+the client's stream with an OpenAI-style error event. Every path ends the request in the load tracker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from preble_router.backends import Backend, mark_failure, probe_backend
+from preble_router.errors import error_response, sse_error_event
+from preble_router.load import InFlight
+from preble_router.metrics import RouterMetrics
+from preble_router.policies import Decision
+from preble_router.router import PreparedRequest, Router
+from preble_router.tokens import PromptError
+
+log = logging.getLogger(__name__)
+
+# Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1), plus those httpx recomputes.
+_HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                          "trailer", "transfer-encoding", "upgrade", "host", "content-length",
+                          "content-encoding", "accept-encoding"})
+
+
+@dataclass
+class ProxyConfig:
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_attempts: int = 3  # tries on distinct backends before giving up
+    connect_timeout: float = 5.0
+    request_timeout: float = 600.0  # a whole request, including generation
+    health_interval: float = 2.0
+    startup_wait: float = 30.0  # how long startup waits for backends to answer a first probe
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _cached_tokens_from_usage(usage: Any) -> int | None:
+    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens_details"), dict):
+        cached = usage["prompt_tokens_details"].get("cached_tokens")
+        return cached if isinstance(cached, int) else None
+    return None
+
+
+class Proxy:
+    def __init__(self, router: Router, config: ProxyConfig | None = None) -> None:
+        self.router = router
+        self.config = config or ProxyConfig()
+        self.metrics = RouterMetrics(router)
+        self.client: httpx.AsyncClient | None = None
+        self._health_task: asyncio.Task | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def startup(self) -> None:
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.config.request_timeout, connect=self.config.connect_timeout),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+        )
+        self.router.start_event_consumers()
+        deadline = time.monotonic() + self.config.startup_wait
+        while True:
+            await self.router.probe_all(self.client)
+            if all(b.healthy for b in self.router.backends.values()) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        self._health_task = asyncio.create_task(self._health_loop())
+
+    async def shutdown(self) -> None:
+        if self._health_task:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await self.router.stop()
+        if self.client:
+            await self.client.aclose()
+
+    async def _health_loop(self) -> None:
+        assert self.client is not None
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            try:
+                await self.router.probe_all(self.client)
+            except Exception:  # a probe bug must never stop health checking
+                log.exception("health probe failed")
+
+    # ---- endpoints ------------------------------------------------------------------------------
+    def app(self) -> Starlette:
+        @contextlib.asynccontextmanager
+        async def lifespan(_: Starlette) -> AsyncIterator[None]:
+            await self.startup()
+            try:
+                yield
+            finally:
+                await self.shutdown()
+
+        return Starlette(
+            routes=[
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+                Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+                Route("/debug/route", self.debug_route, methods=["POST"]),
+                Route("/debug/backends", self.debug_backends, methods=["GET"]),
+            ],
+            lifespan=lifespan,
+        )
+
+    async def completions(self, request: Request) -> Response:
+        return await self._handle(request, "completions", "/v1/completions")
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._handle(request, "chat", "/v1/chat/completions")
+
+    async def models(self, request: Request) -> Response:
+        seen: dict[str, dict] = {}
+        assert self.client is not None
+        for backend in self.router.healthy():
+            try:
+                r = await self.client.get(f"{backend.url}/v1/models", timeout=self.config.connect_timeout)
+                r.raise_for_status()
+                for m in r.json().get("data", []):
+                    seen.setdefault(m["id"], m)
+            except (httpx.HTTPError, ValueError, KeyError):
+                continue
+        if not seen and not self.router.healthy():
+            return error_response(503, "no healthy backend", "no_healthy_backend")
+        return JSONResponse({"object": "list", "data": list(seen.values())})
+
+    async def health(self, request: Request) -> Response:
+        if self.router.healthy():
+            return JSONResponse({"status": "ok", "healthy_backends": len(self.router.healthy())})
+        return error_response(503, "no healthy backend", "no_healthy_backend")
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def debug_backends(self, request: Request) -> Response:
+        out = []
+        for b in self.router.backends.values():
+            load = self.router.load.get(b.backend_id)
+            sub = self.router.subscriber(b.backend_id)
+            out.append({
+                "id": b.backend_id, "url": b.url, "healthy": b.healthy, "block_size": b.block_size,
+                "capacity_blocks": b.capacity_blocks, "models": list(b.models), "last_error": b.last_error,
+                "in_flight": load.in_flight, "pending_prefill_tokens": load.pending_prefill_tokens,
+                "indexed_blocks": self.router.index.blocks_held(b.backend_id),
+                "kv_events": None if sub is None else {
+                    "events": sub.stats.events, "gaps": sub.stats.gaps, "resets": sub.stats.resets,
+                    "last_seq": sub.stats.last_seq},
+            })
+        return JSONResponse({"policy": self.router.policy.name, "backends": out})
+
+    async def debug_route(self, request: Request) -> Response:
+        """The decision and per-backend view for a request body, without sending it."""
+        parsed = await self._parse(request)
+        if isinstance(parsed, Response):
+            return parsed
+        endpoint = "chat" if "messages" in parsed else "completions"
+        try:
+            prepared = self.router.prepare(endpoint, parsed)
+        except PromptError as exc:
+            return error_response(400, str(exc), "invalid_prompt")
+        snapshot = self.router.snapshot(prepared)
+        if not snapshot.backends:
+            return error_response(503, "no healthy backend", "no_healthy_backend")
+        decision = self.router.policy.choose(self.router.route_request(prepared), snapshot)
+        return JSONResponse({
+            "backend": self.router.backends[decision.backend_id].url,
+            "reason": decision.reason,
+            "matched_tokens": decision.matched_tokens,
+            "prompt_tokens": len(prepared.tokens),
+            "costs": {self.router.backends[i].url: c for i, c in decision.costs.items()},
+            "backends": [{"url": s.url, "matched_tokens": s.matched_tokens, "in_flight": s.in_flight,
+                          "pending_prefill_tokens": s.pending_prefill_tokens, "cached_blocks": s.cached_blocks}
+                         for s in snapshot.backends],
+        })
+
+    # ---- the request path ------------------------------------------------------------------------
+    async def _parse(self, request: Request) -> dict[str, Any] | Response:
+        try:
+            raw = await _read_body(request, self.config.max_body_bytes)
+        except _TooLarge:
+            return error_response(413, f"request body exceeds {self.config.max_body_bytes} bytes", "payload_too_large")
+        except ClientDisconnect:
+            return Response(status_code=499)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return error_response(400, f"malformed JSON body: {exc}", "invalid_json")
+        if not isinstance(body, dict):
+            return error_response(400, "the request body must be a JSON object", "invalid_json")
+        request.state.raw_body = raw
+        return body
+
+    async def _handle(self, request: Request, endpoint: str, path: str) -> Response:
+        received = time.perf_counter()
+        body = await self._parse(request)
+        if isinstance(body, Response):
+            return body
+        model = body.get("model")
+        if model is not None and model not in self.router.known_models():
+            return error_response(404, f"The model `{model}` does not exist.", "model_not_found", "model")
+        try:
+            # Long prompts tokenize off the event loop so they do not stall other requests' relays.
+            if len(request.state.raw_body) > 16384:
+                prepared = await asyncio.to_thread(self.router.prepare, endpoint, body)
+            else:
+                prepared = self.router.prepare(endpoint, body)
+        except PromptError as exc:
+            return error_response(400, str(exc), "invalid_prompt")
+        stream = bool(body.get("stream"))
+        return await self._forward(request, endpoint, path, prepared, stream, received)
+
+    async def _forward(self, request: Request, endpoint: str, path: str, prepared: PreparedRequest,
+                       stream: bool, received: float) -> Response:
+        assert self.client is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        tried: set[int] = set()
+        last_error = "no healthy backend"
+        for attempt in range(self.config.max_attempts):
+            decision = self.router.decide(prepared, tried)
+            if decision is None:
+                break
+            tried.add(decision.backend_id)
+            backend = self.router.backends[decision.backend_id]
+            inflight = self.router.dispatch(prepared, decision)
+            if attempt == 0:
+                self.metrics.overhead.observe(time.perf_counter() - received)
+                self.metrics.decisions.labels(self.router.policy.name, decision.reason).inc()
+                self.metrics.matched_tokens.observe(decision.matched_tokens)
+            else:
+                self.metrics.retries.inc()
+            sent = time.perf_counter()
+            upstream = self.client.build_request("POST", backend.url + path, content=request.state.raw_body,
+                                                 headers=headers)
+            try:
+                resp = await self.client.send(upstream, stream=True)
+            except httpx.HTTPError as exc:
+                last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
+                continue
+            if resp.status_code >= 500:
+                detail = (await resp.aread())[:500].decode(errors="replace")
+                await resp.aclose()
+                last_error = f"backend {backend.url} answered {resp.status_code}: {detail}"
+                self.metrics.errors.labels(backend.url, f"http_{resp.status_code}").inc()
+                self._end(prepared, inflight, backend, endpoint, resp.status_code, ok=False)
+                continue
+            try:
+                first = await anext(resp.aiter_raw(), b"")
+            except httpx.HTTPError as exc:
+                await resp.aclose()
+                last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
+                continue
+            self.router.first_token(inflight)
+            self.metrics.ttft.labels(backend.url).observe(time.perf_counter() - sent)
+            out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
+            out_headers.update(self._decision_headers(backend, decision, attempt))
+            if stream and resp.status_code == 200:
+                return StreamingResponse(
+                    self._relay(resp, first, prepared, inflight, backend, decision, endpoint),
+                    status_code=resp.status_code, headers=out_headers)
+            try:
+                rest = await resp.aread()
+            except httpx.HTTPError as exc:
+                await resp.aclose()
+                last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
+                continue
+            content = first + rest
+            output_tokens = None
+            if resp.status_code == 200:
+                with contextlib.suppress(ValueError, AttributeError):
+                    usage = json.loads(content).get("usage")
+                    self._observe_usage(usage, decision, backend)
+                    output_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+            self._end(prepared, inflight, backend, endpoint, resp.status_code, ok=resp.status_code < 400,
+                      output_tokens=output_tokens)
+            return Response(content, status_code=resp.status_code, headers=out_headers)
+        if not tried:
+            return error_response(503, "no healthy backend", "no_healthy_backend")
+        return error_response(502, f"all backends failed; last error: {last_error}", "backend_failure")
+
+    async def _relay(self, resp: httpx.Response, first: bytes, prepared: PreparedRequest, inflight: InFlight,
+                     backend: Backend, decision: Decision, endpoint: str) -> AsyncIterator[bytes]:
+        status, output_tokens = 499, None  # 499 (client closed) unless the loop ends otherwise
+        tail = b""
+        try:
+            yield first
+            tail = first[-4096:]
+            async for chunk in resp.aiter_raw():
+                yield chunk
+                # Keep the tail only: the usage chunk (when asked for) comes last, right before [DONE].
+                tail = (tail + chunk)[-8192:]
+            status = resp.status_code
+        except httpx.HTTPError as exc:
+            status = 502
+            mark_failure(backend, str(exc) or type(exc).__name__)
+            self.metrics.errors.labels(backend.url, "mid_stream").inc()
+            yield sse_error_event(502, f"backend {backend.url} failed mid-stream: {type(exc).__name__}",
+                                  "backend_failure")
+        finally:
+            await resp.aclose()
+            usage = _usage_from_sse_tail(tail) if status == 200 else None
+            if usage is not None:
+                self._observe_usage(usage, decision, backend)
+                output_tokens = usage.get("completion_tokens")
+            self._end(prepared, inflight, backend, endpoint, status, ok=status == 200, output_tokens=output_tokens)
+
+    # ---- bookkeeping ----------------------------------------------------------------------------------
+    def _transport_failure(self, prepared: PreparedRequest, inflight: InFlight, backend: Backend,
+                           exc: Exception, endpoint: str) -> str:
+        message = f"backend {backend.url} failed: {type(exc).__name__} {exc}".strip()
+        mark_failure(backend, message)
+        self.metrics.errors.labels(backend.url, type(exc).__name__).inc()
+        self._end(prepared, inflight, backend, endpoint, 502, ok=False)
+        if self.client is not None:  # let the health loop re-admit it as soon as it answers again
+            asyncio.get_running_loop().create_task(probe_backend(self.client, backend))
+        return message
+
+    def _end(self, prepared: PreparedRequest, inflight: InFlight, backend: Backend, endpoint: str, status: int,
+             *, ok: bool, output_tokens: int | None = None) -> None:
+        self.router.finish(prepared, inflight, ok=ok, output_tokens=output_tokens)
+        self.metrics.requests.labels(backend.url, endpoint, str(status)).inc()
+        if ok:
+            self.metrics.prompt_tokens.labels(backend.url).inc(len(prepared.tokens))
+
+    def _observe_usage(self, usage: Any, decision: Decision, backend: Backend) -> None:
+        observed = _cached_tokens_from_usage(usage)
+        if observed is not None:
+            self.metrics.cached_tokens.labels(backend.url, "observed").inc(observed)
+            self.metrics.cached_tokens.labels(backend.url, "predicted").inc(decision.matched_tokens)
+
+    @staticmethod
+    def _decision_headers(backend: Backend, decision: Decision, attempt: int) -> dict[str, str]:
+        headers = {
+            "x-preble-backend": backend.url,
+            "x-preble-matched-tokens": str(decision.matched_tokens),
+            "x-preble-decision": decision.reason,
+            "x-preble-attempts": str(attempt + 1),
+        }
+        if decision.costs:
+            headers["x-preble-cost"] = f"{decision.costs.get(decision.backend_id, 0.0):.4f}"
+        return headers
+
+
+def _usage_from_sse_tail(tail: bytes) -> dict | None:
+    for line in reversed(tail.split(b"\n")):
+        if line.startswith(b"data: {") and b'"usage"' in line:
+            with contextlib.suppress(ValueError):
+                usage = json.loads(line[6:]).get("usage")
+                if isinstance(usage, dict):
+                    return usage
+    return None

@@ -1,0 +1,199 @@
+"""The routing core: request tokens -> block keys -> cache index + load view -> policy -> decision.
+
+Owns the backends, the cache index and its event consumers, the load tracker and the policy. No HTTP
+here: the proxy calls prepare / decide / dispatch / observe, and so can tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from preble_router.backends import Backend, probe_backend
+from preble_router.block_hash import chain_root, hash_blocks
+from preble_router.cache_index import CacheIndex
+from preble_router.kv_events import KvEventSubscriber
+from preble_router.load import InFlight, LoadTracker
+from preble_router.policies import BackendState, ClusterSnapshot, Decision, Policy, RouteRequest
+from preble_router.tokens import PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PreparedRequest:
+    request_id: str
+    tokens: list[int]
+    lora: str | None
+    cache_salt: str | None
+    max_tokens: int | None
+    keys_by_block_size: dict[int, list[int]] = field(default_factory=dict)
+
+
+def cacheable_tokens(matched_blocks: int, block_size: int, prompt_tokens: int) -> int:
+    """Tokens vLLM will report as cached: it always recomputes the prompt's last token."""
+    if prompt_tokens <= 0:
+        return 0
+    return min(matched_blocks, (prompt_tokens - 1) // block_size) * block_size
+
+
+class Router:
+    def __init__(
+        self,
+        *,
+        model: str,
+        tokenizer: PromptTokenizer,
+        policy: Policy,
+        predicted_ttl: float = 3.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self.clock = clock
+        self.index = CacheIndex(predicted_ttl=predicted_ttl)
+        self.load = LoadTracker()
+        self.backends: dict[int, Backend] = {}
+        self._subscribers: dict[int, KvEventSubscriber] = {}
+        self._next_request = 0
+
+    # ---- backends -------------------------------------------------------------------------------
+    def add_backend(self, url: str, kv_endpoint: str | None = None, replay_endpoint: str | None = None) -> Backend:
+        url = url.rstrip("/")
+        for b in self.backends.values():
+            if b.url == url:
+                return b
+        backend_id = min(set(range(len(self.backends) + 1)) - set(self.backends))
+        backend = Backend(backend_id, url, kv_endpoint, replay_endpoint)
+        self.backends[backend_id] = backend
+        self.index.add_backend(backend_id, model=self.model, estimated=kv_endpoint is None, capacity_blocks=None)
+        self.load.add_backend(backend_id)
+        if kv_endpoint:
+            sub = KvEventSubscriber(backend_id, kv_endpoint, self.index, replay_endpoint=replay_endpoint)
+            self._subscribers[backend_id] = sub
+            try:
+                sub.start()
+            except RuntimeError:  # no running loop yet: start_event_consumers() will do it
+                pass
+        return backend
+
+    async def remove_backend(self, url: str) -> None:
+        for backend_id, b in list(self.backends.items()):
+            if b.url == url.rstrip("/"):
+                sub = self._subscribers.pop(backend_id, None)
+                if sub:
+                    await sub.stop()
+                self.index.remove_backend(backend_id)
+                self.load.remove_backend(backend_id)
+                del self.backends[backend_id]
+
+    def start_event_consumers(self) -> None:
+        for sub in self._subscribers.values():
+            sub.start()
+
+    async def stop(self) -> None:
+        for sub in self._subscribers.values():
+            await sub.stop()
+
+    def subscriber(self, backend_id: int) -> KvEventSubscriber | None:
+        return self._subscribers.get(backend_id)
+
+    async def probe_all(self, client: httpx.AsyncClient) -> None:
+        await asyncio.gather(*(probe_backend(client, b) for b in list(self.backends.values())))
+        for b in self.backends.values():
+            if b.capacity_blocks is not None:
+                self.index.set_capacity(b.backend_id, b.capacity_blocks)
+
+    def healthy(self) -> list[Backend]:
+        return [b for b in self.backends.values() if b.healthy]
+
+    def known_models(self) -> set[str]:
+        return {m for b in self.backends.values() for m in b.models} | {self.model}
+
+    # ---- the request path -------------------------------------------------------------------------
+    def prepare(self, endpoint: str, body: dict[str, Any]) -> PreparedRequest:
+        """Tokens and block keys of a request (raises tokens.PromptError on a bad prompt)."""
+        if endpoint == "chat":
+            tokens = self.tokenizer.chat_tokens(body)
+        else:
+            tokens = self.tokenizer.completion_tokens(body)
+        requested = body.get("model")
+        # A model name other than the base one selects a LoRA adapter in vLLM: its blocks are its own.
+        lora = requested if any(requested in b.lora_models for b in self.backends.values()) else None
+        salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        self._next_request += 1
+        prepared = PreparedRequest(
+            request_id=str(body.get("request_id") or self._next_request),
+            tokens=tokens,
+            lora=lora,
+            cache_salt=salt,
+            max_tokens=max_tokens if isinstance(max_tokens, int) else None,
+        )
+        root = chain_root(self.model, lora, salt)
+        for block_size in {b.block_size for b in self.backends.values() if b.block_size}:
+            prepared.keys_by_block_size[block_size] = hash_blocks(tokens, block_size, root)
+        return prepared
+
+    def snapshot(self, prepared: PreparedRequest, exclude: set[int] = frozenset()) -> ClusterSnapshot:
+        now = self.clock()
+        eligible = [b for b in self.backends.values() if b.healthy and b.backend_id not in exclude]
+        states = []
+        matches: dict[int, int] = {}
+        for block_size, keys in prepared.keys_by_block_size.items():
+            ids = [b.backend_id for b in eligible if b.block_size == block_size]
+            if ids:
+                matches.update(self.index.match(keys, ids, now))
+        for b in eligible:
+            load = self.load.get(b.backend_id)
+            matched = cacheable_tokens(matches.get(b.backend_id, 0), b.block_size or 1, len(prepared.tokens))
+            states.append(BackendState(
+                backend_id=b.backend_id,
+                url=b.url,
+                matched_tokens=matched,
+                in_flight=load.in_flight,
+                pending_prefill_tokens=load.pending_prefill_tokens,
+                running_decode=load.running_decode,
+                capacity_blocks=b.capacity_blocks,
+                cached_blocks=self.index.blocks_held(b.backend_id),
+            ))
+        return ClusterSnapshot(now=now, backends=tuple(states))
+
+    def route_request(self, prepared: PreparedRequest) -> RouteRequest:
+        block_size = next(iter(prepared.keys_by_block_size), 0)
+        return RouteRequest(
+            request_id=prepared.request_id,
+            prompt_tokens=len(prepared.tokens),
+            block_hashes=tuple(prepared.keys_by_block_size.get(block_size, ())),
+            block_size=block_size,
+            max_tokens=prepared.max_tokens,
+        )
+
+    def decide(self, prepared: PreparedRequest, exclude: set[int] = frozenset()) -> Decision | None:
+        """The policy's pick among healthy backends not in `exclude`; None when there is none."""
+        snapshot = self.snapshot(prepared, exclude)
+        if not snapshot.backends:
+            return None
+        return self.policy.choose(self.route_request(prepared), snapshot)
+
+    def dispatch(self, prepared: PreparedRequest, decision: Decision) -> InFlight:
+        """Record that the request goes to decision.backend_id (predicted blocks + load)."""
+        now = self.clock()
+        backend = self.backends[decision.backend_id]
+        keys = prepared.keys_by_block_size.get(backend.block_size or 0, [])
+        self.index.record_routed(decision.backend_id, keys, now)
+        return self.load.begin(decision.backend_id, len(prepared.tokens) - decision.matched_tokens, now)
+
+    def first_token(self, inflight: InFlight) -> None:
+        self.load.first_token(inflight, self.clock())
+
+    def finish(self, prepared: PreparedRequest, inflight: InFlight, *, ok: bool, output_tokens: int | None) -> None:
+        now = self.clock()
+        self.load.finish(inflight, now, ok=ok, output_tokens=output_tokens)
+        self.policy.on_finished(self.route_request(prepared), inflight.backend_id, now)
