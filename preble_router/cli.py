@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Backends tried per request when one fails before the first byte.")
     p.add_argument("--request-timeout", type=float, default=600.0, help="Seconds for a whole backend request.")
     p.add_argument("--health-interval", type=float, default=2.0, help="Seconds between backend health probes.")
+    p.add_argument("--startup-wait", type=float, default=10.0,
+                   help="Seconds to wait at startup for every backend to pass a first health probe.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -74,7 +76,8 @@ def build_proxy(args: argparse.Namespace) -> Proxy:
         endpoint, replay = kv.get(url.rstrip("/"), (None, None))
         router.add_backend(url, endpoint, replay)
     return Proxy(router, ProxyConfig(max_body_bytes=args.max_body_bytes, max_attempts=args.max_attempts,
-                                     request_timeout=args.request_timeout, health_interval=args.health_interval))
+                                     request_timeout=args.request_timeout, health_interval=args.health_interval,
+                                     startup_wait=args.startup_wait))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -45,7 +45,7 @@ class ProxyConfig:
     connect_timeout: float = 5.0
     request_timeout: float = 600.0  # a whole request, including generation
     health_interval: float = 2.0
-    startup_wait: float = 30.0  # how long startup waits for backends to answer a first probe
+    startup_wait: float = 10.0  # how long startup waits for every backend to answer a first probe
 
 
 class _TooLarge(Exception):
@@ -276,8 +276,9 @@ class Proxy:
                 self.metrics.errors.labels(backend.url, f"http_{resp.status_code}").inc()
                 self._end(prepared, inflight, backend, endpoint, resp.status_code, ok=False)
                 continue
+            chunks = resp.aiter_raw()
             try:
-                first = await anext(resp.aiter_raw(), b"")
+                first = await anext(chunks, b"")
             except httpx.HTTPError as exc:
                 await resp.aclose()
                 last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
@@ -288,10 +289,10 @@ class Proxy:
             out_headers.update(self._decision_headers(backend, decision, attempt))
             if stream and resp.status_code == 200:
                 return StreamingResponse(
-                    self._relay(resp, first, prepared, inflight, backend, decision, endpoint),
+                    self._relay(resp, chunks, first, prepared, inflight, backend, decision, endpoint),
                     status_code=resp.status_code, headers=out_headers)
             try:
-                rest = await resp.aread()
+                rest = b"".join([chunk async for chunk in chunks])
             except httpx.HTTPError as exc:
                 await resp.aclose()
                 last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
@@ -310,14 +311,14 @@ class Proxy:
             return error_response(503, "no healthy backend", "no_healthy_backend")
         return error_response(502, f"all backends failed; last error: {last_error}", "backend_failure")
 
-    async def _relay(self, resp: httpx.Response, first: bytes, prepared: PreparedRequest, inflight: InFlight,
+    async def _relay(self, resp: httpx.Response, chunks: AsyncIterator[bytes], first: bytes, prepared: PreparedRequest, inflight: InFlight,
                      backend: Backend, decision: Decision, endpoint: str) -> AsyncIterator[bytes]:
         status, output_tokens = 499, None  # 499 (client closed) unless the loop ends otherwise
         tail = b""
         try:
             yield first
             tail = first[-4096:]
-            async for chunk in resp.aiter_raw():
+            async for chunk in chunks:
                 yield chunk
                 # Keep the tail only: the usage chunk (when asked for) comes last, right before [DONE].
                 tail = (tail + chunk)[-8192:]

@@ -64,7 +64,10 @@ class Router:
         self._next_request = 0
 
     # ---- backends -------------------------------------------------------------------------------
-    def add_backend(self, url: str, kv_endpoint: str | None = None, replay_endpoint: str | None = None) -> Backend:
+    def add_backend(self, url: str, kv_endpoint: str | None = None, replay_endpoint: str | None = None, *,
+                    external_events: bool = False) -> Backend:
+        """Register a backend. Its blocks come from its KV events (kv_endpoint, or fed to self.index by the
+        caller when external_events, as the simulator does), else from the router's own estimate."""
         url = url.rstrip("/")
         for b in self.backends.values():
             if b.url == url:
@@ -72,7 +75,8 @@ class Router:
         backend_id = min(set(range(len(self.backends) + 1)) - set(self.backends))
         backend = Backend(backend_id, url, kv_endpoint, replay_endpoint)
         self.backends[backend_id] = backend
-        self.index.add_backend(backend_id, model=self.model, estimated=kv_endpoint is None, capacity_blocks=None)
+        self.index.add_backend(backend_id, model=self.model, estimated=kv_endpoint is None and not external_events,
+                               capacity_blocks=None)
         self.load.add_backend(backend_id)
         if kv_endpoint:
             sub = KvEventSubscriber(backend_id, kv_endpoint, self.index, replay_endpoint=replay_endpoint)
@@ -118,25 +122,26 @@ class Router:
 
     # ---- the request path -------------------------------------------------------------------------
     def prepare(self, endpoint: str, body: dict[str, Any]) -> PreparedRequest:
-        """Tokens and block keys of a request (raises tokens.PromptError on a bad prompt)."""
+        """Tokens and block keys of an OpenAI request body (raises tokens.PromptError on a bad prompt)."""
         if endpoint == "chat":
             tokens = self.tokenizer.chat_tokens(body)
         else:
             tokens = self.tokenizer.completion_tokens(body)
         requested = body.get("model")
-        # A model name other than the base one selects a LoRA adapter in vLLM: its blocks are its own.
+        # A model name listed as a LoRA adapter selects it in vLLM: its blocks are its own.
         lora = requested if any(requested in b.lora_models for b in self.backends.values()) else None
         salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        return self.prepare_tokens(tokens, lora=lora, cache_salt=salt,
+                                   max_tokens=max_tokens if isinstance(max_tokens, int) else None,
+                                   request_id=body.get("request_id") if isinstance(body.get("request_id"), str) else None)
+
+    def prepare_tokens(self, tokens: list[int], *, lora: str | None = None, cache_salt: str | None = None,
+                       max_tokens: int | None = None, request_id: str | None = None) -> PreparedRequest:
+        """Block keys of a tokenized prompt, for each block size among the backends."""
         self._next_request += 1
-        prepared = PreparedRequest(
-            request_id=str(body.get("request_id") or self._next_request),
-            tokens=tokens,
-            lora=lora,
-            cache_salt=salt,
-            max_tokens=max_tokens if isinstance(max_tokens, int) else None,
-        )
-        root = chain_root(self.model, lora, salt)
+        prepared = PreparedRequest(request_id or str(self._next_request), tokens, lora, cache_salt, max_tokens)
+        root = chain_root(self.model, lora, cache_salt)
         for block_size in {b.block_size for b in self.backends.values() if b.block_size}:
             prepared.keys_by_block_size[block_size] = hash_blocks(tokens, block_size, root)
         return prepared

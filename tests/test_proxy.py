@@ -1,0 +1,125 @@
+"""The proxy over real HTTP in front of FAKE backends (benchmarks/fake_backend.py): routing, relaying, errors."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from benchmarks.fake_backend import run_fake_backend_in_thread
+from tests.conftest import serve_router
+
+LONG = " ".join(f"word{i}" for i in range(400))
+
+
+@pytest.fixture
+def fakes(request):
+    modes = getattr(request, "param", (None, None))
+    started = [run_fake_backend_in_thread(model="tiny", fail_mode=m) for m in modes]
+    yield [url for url, _ in started]
+    for _, stop in started:
+        stop()
+
+
+@pytest.fixture
+def router(fakes, tiny_model):
+    with serve_router(["--backends", *fakes, "--model", str(tiny_model), "--served-model-name", "tiny",
+                       "--policy", "cache_aware", "--max-body-bytes", "100000", "--request-timeout", "3",
+                       "--health-interval", "0.5"]) as (url, proxy):
+        yield url
+
+
+def post(url, path, body, **kw):
+    return httpx.post(url + path, json=body, timeout=20, **kw)
+
+
+def test_completion_routes_and_names_backend(router, fakes):
+    r = post(router, "/v1/completions", {"model": "tiny", "prompt": LONG, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-preble-backend"] in fakes
+    assert r.json()["choices"]
+    assert r.headers["x-fake-backend"] in r.headers["x-preble-backend"]
+
+
+def test_shared_prefix_sticks_and_new_prefix_spreads(router):
+    first = post(router, "/v1/completions", {"model": "tiny", "prompt": LONG + " tail one"})
+    again = post(router, "/v1/completions", {"model": "tiny", "prompt": LONG + " another tail"})
+    assert again.headers["x-preble-backend"] == first.headers["x-preble-backend"]
+    assert int(again.headers["x-preble-matched-tokens"]) > 0
+    assert again.headers["x-preble-decision"] == "cache_hit"
+    other = post(router, "/v1/completions", {"model": "tiny", "prompt": "completely different " * 100})
+    assert other.headers["x-preble-backend"] != first.headers["x-preble-backend"]
+
+
+def test_chat_and_streaming_relay(router):
+    body = {"model": "tiny", "messages": [{"role": "system", "content": LONG}, {"role": "user", "content": "hi"}],
+            "stream": True, "max_tokens": 5}
+    with httpx.stream("POST", router + "/v1/chat/completions", json=body, timeout=20) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert all(json.loads(e[6:]).get("choices") is not None for e in events[:-1])
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "code"),
+    [(b"{not json", 400, "invalid_json"), (b"[1, 2]", 400, "invalid_json"),
+     (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "model_not_found"),
+     (json.dumps({"model": "tiny", "prompt": {"a": 1}}).encode(), 400, "invalid_prompt"),
+     (json.dumps({"model": "tiny", "messages": "hi"}).encode(), 400, "invalid_prompt"),
+     (json.dumps({"model": "tiny", "prompt": "x" * 200000}).encode(), 413, "payload_too_large")],
+)
+def test_bad_input_gets_openai_errors(router, content, status, code):
+    path = "/v1/chat/completions" if b"messages" in content else "/v1/completions"
+    r = httpx.post(router + path, content=content, headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and err["type"]
+
+
+@pytest.mark.parametrize("fakes", [("500", None)], indirect=True)
+def test_failure_before_first_byte_is_retried_elsewhere(router, fakes):
+    for _ in range(3):
+        r = post(router, "/v1/completions", {"model": "tiny", "prompt": LONG})
+        assert r.status_code == 200
+        assert r.headers["x-preble-backend"] == fakes[1]
+
+
+@pytest.mark.parametrize("fakes", [("die_mid_stream", "die_mid_stream")], indirect=True)
+def test_backend_dying_mid_stream_ends_stream_with_error(router):
+    body = {"model": "tiny", "prompt": LONG, "stream": True, "max_tokens": 50}
+    with httpx.stream("POST", router + "/v1/completions", json=body, timeout=20) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["error"]["code"] == "backend_failure"
+
+
+@pytest.mark.parametrize("fakes", [("hang", "hang")], indirect=True)
+def test_hanging_backends_time_out_with_an_error(router):
+    r = post(router, "/v1/completions", {"model": "tiny", "prompt": "hello"})
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "backend_failure"
+
+
+def test_no_healthy_backend_is_503(tiny_model):
+    with serve_router(["--backends", "http://127.0.0.1:9", "--model", str(tiny_model), "--startup-wait", "0"]) as (url, _):
+        r = post(url, "/v1/completions", {"prompt": "hello"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_healthy_backend"
+        assert httpx.get(url + "/health").status_code == 503
+
+
+def test_models_health_metrics_debug(router, fakes):
+    assert [m["id"] for m in httpx.get(router + "/v1/models").json()["data"]] == ["tiny"]
+    assert httpx.get(router + "/health").status_code == 200
+    post(router, "/v1/completions", {"model": "tiny", "prompt": LONG})
+    text = httpx.get(router + "/metrics").text
+    for name in ("preble_requests_total", "preble_routing_decisions_total", "preble_router_overhead_seconds",
+                 "preble_backend_healthy", "preble_cache_index_blocks", "preble_matched_prefix_tokens"):
+        assert name in text
+    route = post(router, "/debug/route", {"model": "tiny", "prompt": LONG})
+    assert route.status_code == 200 and route.json()["backend"] in fakes
+    backends = httpx.get(router + "/debug/backends").json()["backends"]
+    assert {b["url"] for b in backends} == set(fakes) and all(b["block_size"] == 32 for b in backends)
