@@ -1,0 +1,67 @@
+"""Start `preble-router` as a real subprocess (its own CLI) in front of replicas, for tests and demos."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def router_argv(backends: Sequence, model_dir: str | os.PathLike, *, policy: str, kv_events: bool = True,
+                served_model_name: str = "tiny", extra: Sequence[str] = ()) -> list[str]:
+    """CLI arguments for replicas (objects with url / kv_endpoint / replay_endpoint) or plain URLs."""
+    urls = [getattr(b, "url", b) for b in backends]
+    argv = ["--backends", *urls, "--model", str(model_dir), "--served-model-name", served_model_name,
+            "--policy", policy]
+    sources = [f"{b.url}={b.kv_endpoint}|{b.replay_endpoint}" for b in backends
+               if kv_events and getattr(b, "kv_endpoint", None)]
+    if sources:
+        argv += ["--kv-events", *sources]
+    return argv + list(extra)
+
+
+@contextlib.contextmanager
+def start_router(argv: Sequence[str], *, python: str = sys.executable, ready_timeout: float = 60.0,
+                 log_path: Path | None = None) -> Iterator[str]:
+    """Run `python -m preble_router.cli ARGV --port P`; yield its URL once /health answers 200."""
+    port = _free_port()
+    log_path = log_path or Path(tempfile.mkstemp(prefix="preble-router-", suffix=".log")[1])
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([python, "-m", "preble_router.cli", *argv, "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"router exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"router not healthy in {ready_timeout}s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
