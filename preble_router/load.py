@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -31,6 +32,7 @@ class InFlight:
     started: float
     first_token_at: float | None = None
     done: bool = False
+    route: Any = None  # the policy's view of the request (RouteRequest), for its callbacks
 
 
 class LoadTracker:

@@ -34,6 +34,7 @@ class PreparedRequest:
     cache_salt: str | None
     max_tokens: int | None
     keys_by_block_size: dict[int, list[int]] = field(default_factory=dict)
+    snapshot: ClusterSnapshot | None = None  # what the latest decision saw
 
 
 def cacheable_tokens(matched_blocks: int, block_size: int, prompt_tokens: int) -> int:
@@ -185,6 +186,7 @@ class Router:
         snapshot = self.snapshot(prepared, exclude)
         if not snapshot.backends:
             return None
+        prepared.snapshot = snapshot
         return self.policy.choose(self.route_request(prepared), snapshot)
 
     def dispatch(self, prepared: PreparedRequest, decision: Decision) -> InFlight:
@@ -192,13 +194,22 @@ class Router:
         now = self.clock()
         backend = self.backends[decision.backend_id]
         keys = prepared.keys_by_block_size.get(backend.block_size or 0, [])
+        route = self.route_request(prepared)
+        assert prepared.snapshot is not None, "dispatch() follows decide()"
+        self.policy.on_dispatched(route, decision, prepared.snapshot)
         self.index.record_routed(decision.backend_id, keys, now)
-        return self.load.begin(decision.backend_id, len(prepared.tokens) - decision.matched_tokens, now)
+        inflight = self.load.begin(decision.backend_id, len(prepared.tokens) - decision.matched_tokens, now)
+        inflight.route = route
+        return inflight
 
     def first_token(self, inflight: InFlight) -> None:
-        self.load.first_token(inflight, self.clock())
+        now = self.clock()
+        if inflight.first_token_at is None and not inflight.done:
+            self.policy.on_first_token(inflight.route, inflight.backend_id, now)
+        self.load.first_token(inflight, now)
 
     def finish(self, prepared: PreparedRequest, inflight: InFlight, *, ok: bool, output_tokens: int | None) -> None:
         now = self.clock()
+        if not inflight.done:
+            self.policy.on_finished(inflight.route, inflight.backend_id, now, output_tokens, ok)
         self.load.finish(inflight, now, ok=ok, output_tokens=output_tokens)
-        self.policy.on_finished(self.route_request(prepared), inflight.backend_id, now)

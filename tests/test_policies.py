@@ -9,12 +9,20 @@ def state(i, matched=0, in_flight=0, cached_blocks=0):
     return BackendState(i, f"http://b{i}", matched, in_flight, 0, 0, None, cached_blocks)
 
 
+def pick(policy, snap, request=None):
+    request = request or req()
+    decision = policy.choose(request, snap)
+    policy.on_dispatched(request, decision, snap)
+    return decision
+
+
 def test_round_robin_cycles_ids_and_survives_removal():
     p = RoundRobinPolicy()
     snap = ClusterSnapshot(0.0, (state(0), state(1), state(2)))
-    assert [p.choose(req(), snap).backend_id for _ in range(4)] == [0, 1, 2, 0]
+    assert p.choose(req(), snap).backend_id == p.choose(req(), snap).backend_id == 0  # choosing alone changes nothing
+    assert [pick(p, snap).backend_id for _ in range(4)] == [0, 1, 2, 0]
     snap2 = ClusterSnapshot(0.0, (state(0), state(2)))
-    assert p.choose(req(), snap2).backend_id == 2
+    assert pick(p, snap2).backend_id == 2
 
 
 def test_least_load():

@@ -6,12 +6,15 @@ from collections.abc import Callable
 
 from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, Policy, RouteRequest
 from preble_router.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
+from preble_router.policies.preble import PrebleConfig, PreblePolicy
 from preble_router.policies.simple import LeastLoadPolicy, RoundRobinPolicy
+from preble_router.policies.time_model import TimeModel
 
 POLICIES: dict[str, Callable[[], Policy]] = {
     "round_robin": RoundRobinPolicy,
     "least_load": LeastLoadPolicy,
     "cache_aware": CacheAwarePolicy,
+    "preble": PreblePolicy,
 }
 
 
@@ -31,6 +34,9 @@ __all__ = [
     "LeastLoadPolicy",
     "POLICIES",
     "Policy",
+    "PrebleConfig",
+    "PreblePolicy",
+    "TimeModel",
     "RouteRequest",
     "RoundRobinPolicy",
     "make_policy",

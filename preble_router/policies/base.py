@@ -63,6 +63,31 @@ class Policy(Protocol):
         """Pick one of snapshot.backends (never empty)."""
         ...
 
-    def on_finished(self, request: RouteRequest, backend_id: int, now: float) -> None:
-        """A request routed earlier has finished (or failed); stateful policies update their windows."""
+    def on_dispatched(self, request: RouteRequest, decision: Decision, snapshot: ClusterSnapshot) -> None:
+        """The request was sent as decided (choose() itself changes nothing, so /debug/route is free)."""
         ...
+
+    def on_first_token(self, request: RouteRequest, backend_id: int, now: float) -> None:
+        """The request's first token (or first response byte) arrived."""
+        ...
+
+    def on_finished(self, request: RouteRequest, backend_id: int, now: float,
+                    output_tokens: int | None = None, ok: bool = True) -> None:
+        """The request ended (ok=False: it failed, and may be retried elsewhere as a new dispatch)."""
+        ...
+
+
+class StatelessPolicy:
+    """Base for policies that keep no history: the callbacks do nothing."""
+
+    name = "stateless"
+
+    def on_dispatched(self, request: RouteRequest, decision: Decision, snapshot: ClusterSnapshot) -> None:
+        pass
+
+    def on_first_token(self, request: RouteRequest, backend_id: int, now: float) -> None:
+        pass
+
+    def on_finished(self, request: RouteRequest, backend_id: int, now: float,
+                    output_tokens: int | None = None, ok: bool = True) -> None:
+        pass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from preble_router.policies.base import ClusterSnapshot, Decision, RouteRequest
+from preble_router.policies.base import ClusterSnapshot, Decision, RouteRequest, StatelessPolicy
 from preble_router.policies.simple import load_key
 
 
@@ -22,7 +22,7 @@ class CacheAwareConfig:
     balance_rel_threshold: float = 1.5
 
 
-class CacheAwarePolicy:
+class CacheAwarePolicy(StatelessPolicy):
     name = "cache_aware"
 
     def __init__(self, config: CacheAwareConfig | None = None) -> None:
@@ -40,6 +40,3 @@ class CacheAwarePolicy:
             return Decision(best.backend_id, "cache_hit", best.matched_tokens)
         chosen = min(backends, key=lambda b: (b.cached_blocks or 0, *load_key(b)))
         return Decision(chosen.backend_id, "min_tree", chosen.matched_tokens)
-
-    def on_finished(self, request: RouteRequest, backend_id: int, now: float) -> None:
-        pass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, RouteRequest
+from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, RouteRequest, StatelessPolicy
 
 
 def load_key(b: BackendState) -> tuple[int, int, int]:
@@ -10,7 +10,7 @@ def load_key(b: BackendState) -> tuple[int, int, int]:
     return (b.in_flight, b.pending_prefill_tokens, b.backend_id)
 
 
-class RoundRobinPolicy:
+class RoundRobinPolicy(StatelessPolicy):
     name = "round_robin"
 
     def __init__(self) -> None:
@@ -20,19 +20,15 @@ class RoundRobinPolicy:
         # Cycle over backend ids (not list positions) so a backend leaving does not skew the rotation.
         ordered = sorted(snapshot.backends, key=lambda b: b.backend_id)
         chosen = next((b for b in ordered if b.backend_id >= self._next), ordered[0])
-        self._next = chosen.backend_id + 1
         return Decision(chosen.backend_id, "round_robin", chosen.matched_tokens)
 
-    def on_finished(self, request: RouteRequest, backend_id: int, now: float) -> None:
-        pass
+    def on_dispatched(self, request: RouteRequest, decision: Decision, snapshot: ClusterSnapshot) -> None:
+        self._next = decision.backend_id + 1
 
 
-class LeastLoadPolicy:
+class LeastLoadPolicy(StatelessPolicy):
     name = "least_load"
 
     def choose(self, request: RouteRequest, snapshot: ClusterSnapshot) -> Decision:
         chosen = min(snapshot.backends, key=load_key)
         return Decision(chosen.backend_id, "least_load", chosen.matched_tokens)
-
-    def on_finished(self, request: RouteRequest, backend_id: int, now: float) -> None:
-        pass

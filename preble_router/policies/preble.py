@@ -1,0 +1,292 @@
+"""Preble's E2 global scheduling (arXiv 2407.00023), as specified in PREBLE_SPEC.md.
+
+Per request:
+- exploit: when the best backend's cached prompt tokens outnumber its missed ones, send to the longest
+  match (least load L among ties), unless the prefix group was moved (rebalance) or replicated (replica);
+- explore: otherwise the backend with the least L + M + P:
+  L = compute time of the requests it received within the window H (prefill of their missed tokens plus
+      decode of their outputs), M = value of what the new request's missed blocks would evict there (each
+      evicted prefix's prefill time x its uses within H, walking the backend's LRU), P = this request's
+      prefill time there;
+  prefill/decode balance: a backend whose recent hit ratio shows decode-heavy work (>= pd_hit_ratio) takes
+  the prefill-heavy request when its load is not above the mean.
+After each assignment: rebalancing (move the cheapest prefix groups off a backend whose L is >= bal_threshold x
+the lightest one's) and hot-prefix replication (add a second holder to a group that dominates a heavy backend
+and whose time to first token doubled across the window), undone when the group cools down.
+
+Pure: no I/O, no clock (time comes in the snapshot and the callbacks).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, RouteRequest
+from preble_router.policies.prefix_tree import Node, PrefixTree
+from preble_router.policies.time_model import TimeModel
+
+
+@dataclass
+class PrebleConfig:
+    window: float = 180.0  # H, seconds
+    bal_threshold: float = 1.5  # Th_bal: heaviest/lightest load ratio that triggers rebalancing
+    warmup_per_backend: int = 50  # requests per backend before rebalancing starts
+    replicate_ttft_ratio: float = 2.0  # newer-half / older-half mean TTFT that marks a prefix hot
+    replicate_share: float = 0.5  # share of the heavy backend's load one group must hold to be replicated
+    pd_hit_ratio: float = 0.7  # recent hit ratio above which a backend counts as decode-heavy
+    pd_window: float = 30.0  # seconds of history for that ratio
+    chain_tokens: int = 8192  # groups whose shared prefix is longer than this are never moved (long chains)
+    default_output_tokens: int = 128  # until max_tokens or the group's median says otherwise
+    rebalance_interval: float = 1.0  # seconds between rebalancing checks
+
+
+@dataclass(slots=True)
+class _Flight:
+    backend_id: int
+    dispatched: float
+    missed: int
+    prompt: int
+    idle: bool  # the backend had nothing in flight: its TTFT measures the prefill alone
+    group: Node | None
+    entry: list  # [time, cost] in the backend's load window
+    est_output: int
+
+
+@dataclass
+class _GroupState:
+    ttft: deque[tuple[float, float]] = field(default_factory=deque)  # (time, seconds)
+    outputs: deque[int] = field(default_factory=lambda: deque(maxlen=32))
+
+
+class PreblePolicy:
+    name = "preble"
+
+    def __init__(self, config: PrebleConfig | None = None, time_model: TimeModel | None = None) -> None:
+        self.config = config or PrebleConfig()
+        self.time = time_model or TimeModel()
+        self.tree = PrefixTree(self.config.window)
+        self._load: dict[int, deque[list]] = {}  # backend -> [time, cost ms] within H
+        self._load_sum: dict[int, float] = {}
+        self._group_load: dict[int, dict[int, list]] = {}  # backend -> id(group) -> [ms, node]
+        self._hits: dict[int, deque[tuple[float, int, int]]] = {}  # backend -> (time, cached, prompt)
+        self._flights: dict[str, _Flight] = {}
+        self._moved: dict[int, tuple[Node, int, float]] = {}  # id(group) -> (group, target, until)
+        self._replicas: dict[int, tuple[Node, set[int]]] = {}  # id(group) -> (group, holders)
+        self._routed = 0
+        self._block_size = 16  # learned from requests; only sizes the long-chain rule
+        self._last_rebalance = -math.inf
+
+    # ---- decision -------------------------------------------------------------------------------
+    def choose(self, request: RouteRequest, snapshot: ClusterSnapshot) -> Decision:
+        now = snapshot.now
+        backends = {b.backend_id: b for b in snapshot.backends}
+        loads = {i: self.load_ms(i, now) for i in backends}
+        keys = request.block_hashes
+        group = self.tree.deepest_shared(keys) if keys else None
+        best = max(snapshot.backends, key=lambda b: b.matched_tokens)
+        cached, missed = best.matched_tokens, request.prompt_tokens - best.matched_tokens
+
+        for node in self._ancestors(group):
+            replica = self._replicas.get(id(node))
+            if replica and len(replica[1] & backends.keys()) > 1 and cached > missed:
+                costs = {i: loads[i] + self._prefill(request, backends[i]) for i in replica[1] & backends.keys()}
+                chosen = min(costs, key=costs.__getitem__)
+                return Decision(chosen, "replica", backends[chosen].matched_tokens, costs)
+            moved = self._moved.get(id(node))
+            if moved and moved[1] in backends and moved[2] > now and cached > missed:
+                return Decision(moved[1], "rebalance", backends[moved[1]].matched_tokens, {moved[1]: loads[moved[1]]})
+
+        if cached > missed:
+            holders = [b for b in snapshot.backends if b.matched_tokens == cached]
+            chosen = min(holders, key=lambda b: (loads[b.backend_id], b.in_flight, b.backend_id))
+            return Decision(chosen.backend_id, "exploit", cached,
+                            {b.backend_id: loads[b.backend_id] for b in holders})
+
+        costs = {b.backend_id: loads[b.backend_id] + self._eviction(request, b, now) + self._prefill(request, b)
+                 for b in snapshot.backends}
+        ratios = {i: self._hit_ratio(i, now) for i in backends}
+        decode_heavy = max(ratios, key=ratios.__getitem__)
+        mean_load = sum(loads.values()) / len(loads)
+        if len(backends) > 1 and ratios[decode_heavy] >= self.config.pd_hit_ratio and loads[decode_heavy] <= mean_load:
+            return Decision(decode_heavy, "pd_balance", backends[decode_heavy].matched_tokens, costs)
+        chosen_id = min(costs, key=lambda i: (costs[i], backends[i].in_flight, i))
+        return Decision(chosen_id, "explore", backends[chosen_id].matched_tokens, costs)
+
+    # ---- cost terms ---------------------------------------------------------------------------------
+    def load_ms(self, backend_id: int, now: float) -> float:
+        """L: compute time of the requests sent to backend_id within the window."""
+        q = self._load.get(backend_id)
+        if not q:
+            return 0.0
+        horizon = now - self.config.window
+        while q and q[0][0] < horizon:
+            self._load_sum[backend_id] -= q.popleft()[1]
+        return max(self._load_sum[backend_id], 0.0)
+
+    def _prefill(self, request: RouteRequest, b: BackendState) -> float:
+        """P: this request's prefill time on b."""
+        return self.time.prefill_ms(request.prompt_tokens - b.matched_tokens, request.prompt_tokens)
+
+    def _eviction(self, request: RouteRequest, b: BackendState, now: float) -> float:
+        """M: what the missed blocks would evict on b, valued by recomputation x recent uses."""
+        if b.capacity_blocks is None or not request.block_size:
+            return 0.0
+        free = b.capacity_blocks - (b.cached_blocks or 0)
+        need = math.ceil((request.prompt_tokens - b.matched_tokens) / request.block_size)
+        if need <= free:
+            return 0.0
+        to_free, cost, horizon = need - free, 0.0, now - self.config.window
+        for node in self.tree.lru_oldest_first(b.backend_id):
+            hits = node.hits(b.backend_id, horizon)
+            if hits:
+                tokens = len(node.keys) * request.block_size
+                cost += self.time.prefill_ms(tokens, node.end_blocks * request.block_size) * hits
+            to_free -= len(node.keys)
+            if to_free <= 0:
+                break
+        return cost
+
+    def _hit_ratio(self, backend_id: int, now: float) -> float:
+        q = self._hits.get(backend_id)
+        if not q:
+            return 0.0
+        while q and q[0][0] < now - self.config.pd_window:
+            q.popleft()
+        prompt = sum(p for _, _, p in q)
+        return sum(c for _, c, _ in q) / prompt if prompt else 0.0
+
+    # ---- bookkeeping after the decision --------------------------------------------------------------
+    def on_dispatched(self, request: RouteRequest, decision: Decision, snapshot: ClusterSnapshot) -> None:
+        now, b = snapshot.now, decision.backend_id
+        state = snapshot.by_id(b)
+        group = self.tree.deepest_shared(request.block_hashes) if request.block_hashes else None
+        path = self.tree.insert(request.block_hashes, b, now) if request.block_hashes else []
+        group = group or (path[0] if path else None)
+        missed = request.prompt_tokens - decision.matched_tokens
+        self._block_size = request.block_size or self._block_size
+        gstate = _group_state(group) if group else None
+        est_output = request.max_tokens or (int(statistics.median(gstate.outputs)) if gstate and gstate.outputs
+                                            else self.config.default_output_tokens)
+        cost = self.time.prefill_ms(missed, request.prompt_tokens) + est_output * self.time.decode_ms_per_token(b)
+        entry = [now, cost]
+        self._load.setdefault(b, deque()).append(entry)
+        self._load_sum[b] = self._load_sum.get(b, 0.0) + cost
+        if group is not None:
+            slot = self._group_load.setdefault(b, {}).setdefault(id(group), [0.0, group])
+            slot[0] += cost
+        self._hits.setdefault(b, deque()).append((now, decision.matched_tokens, request.prompt_tokens))
+        self._flights[request.request_id] = _Flight(b, now, missed, request.prompt_tokens,
+                                                    state.in_flight == 0, group, entry, est_output)
+        self._routed += 1
+        if now - self._last_rebalance >= self.config.rebalance_interval:
+            self._last_rebalance = now
+            self._maintain(snapshot)
+
+    def on_first_token(self, request: RouteRequest, backend_id: int, now: float) -> None:
+        flight = self._flights.get(request.request_id)
+        if flight is None:
+            return
+        ttft = now - flight.dispatched
+        if flight.idle and flight.missed > 0:
+            self.time.observe_prefill(flight.missed, flight.prompt, ttft * 1000.0)
+        if flight.group is not None:
+            _group_state(flight.group).ttft.append((now, ttft))
+
+    def on_finished(self, request: RouteRequest, backend_id: int, now: float,
+                    output_tokens: int | None = None, ok: bool = True) -> None:
+        flight = self._flights.pop(request.request_id, None)
+        if flight is None or not ok or not output_tokens:
+            return
+        delta = (output_tokens - flight.est_output) * self.time.decode_ms_per_token(backend_id)
+        if self._load.get(backend_id) and flight.entry[0] >= now - self.config.window:
+            flight.entry[1] += delta
+            self._load_sum[backend_id] += delta
+        if flight.group is not None:
+            _group_state(flight.group).outputs.append(output_tokens)
+
+    def on_backend_removed(self, backend_id: int) -> None:
+        self.tree.forget_backend(backend_id)
+        for table in (self._load, self._load_sum, self._group_load, self._hits):
+            table.pop(backend_id, None)
+
+    # ---- rebalancing and replication ------------------------------------------------------------------
+    def _maintain(self, snapshot: ClusterSnapshot) -> None:
+        now, cfg = snapshot.now, self.config
+        self.tree.prune(now)
+        ids = [b.backend_id for b in snapshot.backends]
+        if len(ids) < 2:
+            return
+        loads = {i: self.load_ms(i, now) for i in ids}
+        heavy = max(ids, key=loads.__getitem__)
+        light = min(ids, key=loads.__getitem__)
+        self._expire_group_loads(now)
+        self._review_replicas(loads, now)
+        if loads[heavy] < cfg.bal_threshold * max(loads[light], 1e-9) or loads[heavy] <= 0:
+            return
+        groups = sorted(self._group_load.get(heavy, {}).values(), key=lambda s: s[0])
+        for load, node in groups:
+            if self._hot(node, now) and load >= cfg.replicate_share * loads[heavy]:
+                holders = self._replicas.setdefault(id(node), (node, {heavy}))[1]
+                holders.add(light)
+                return
+        if self._routed < cfg.warmup_per_backend * len(ids):
+            return
+        moved = 0.0
+        for load, node in groups:
+            if load <= 0 or node.end_blocks * self._block_size > cfg.chain_tokens or id(node) in self._moved:
+                continue
+            if loads[heavy] - moved - load <= loads[light] + moved + load:
+                break  # moving it would just swap the imbalance
+            self._moved[id(node)] = (node, light, now + cfg.window)
+            moved += load
+            if loads[heavy] - moved < cfg.bal_threshold * (loads[light] + moved):
+                break
+
+    def _hot(self, node: Node, now: float) -> bool:
+        state = node.stats
+        if state is None:
+            return False
+        half = self.config.window / 2
+        while state.ttft and state.ttft[0][0] < now - self.config.window:
+            state.ttft.popleft()
+        older = [t for ts, t in state.ttft if ts < now - half]
+        newer = [t for ts, t in state.ttft if ts >= now - half]
+        if len(older) < 3 or len(newer) < 3:
+            return False
+        return statistics.fmean(newer) >= self.config.replicate_ttft_ratio * statistics.fmean(older)
+
+    def _review_replicas(self, loads: dict[int, float], now: float) -> None:
+        """Stop using extra holders once the group no longer dominates any of them or is no longer hot."""
+        for key, (node, holders) in list(self._replicas.items()):
+            share = max((self._group_load.get(b, {}).get(key, [0.0])[0] / loads[b] if loads.get(b) else 0.0)
+                        for b in holders)
+            if share < self.config.replicate_share / 2 and not self._hot(node, now):
+                del self._replicas[key]
+        for key, (_, _, until) in list(self._moved.items()):
+            if until <= now:
+                del self._moved[key]
+
+    def _expire_group_loads(self, now: float) -> None:
+        """Group loads are recomputed from the live load windows (cheap: one pass per check)."""
+        # Decay instead of exact windows: each check keeps the share of the window that is still inside it.
+        keep = max(0.0, 1.0 - self.config.rebalance_interval / self.config.window)
+        for table in self._group_load.values():
+            for key in list(table):
+                table[key][0] *= keep
+                if table[key][0] < 1e-3:
+                    del table[key]
+
+    @staticmethod
+    def _ancestors(node: Node | None):
+        while node is not None and node.keys:
+            yield node
+            node = node.parent
+
+
+def _group_state(node: Node) -> _GroupState:
+    if node.stats is None:
+        node.stats = _GroupState()
+    return node.stats

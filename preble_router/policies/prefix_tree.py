@@ -1,0 +1,152 @@
+"""Preble's global prefix tree, over block keys: which prefixes were used where, and how often lately.
+
+Nodes are runs of block keys (a radix tree: a node splits where two prompts diverge). Per backend a node
+records its last use and its uses within the window H; per backend an LRU list of nodes approximates what
+the engine would evict first. Presence itself comes from the cache index (engine events): this tree only
+supplies the usage history the cost model needs. Nodes unused for H are pruned, so memory follows the
+window, not the traffic's history.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    keys: list[int]
+    parent: Node | None
+    start_blocks: int  # blocks before this node on its path
+    children: dict[int, Node] = field(default_factory=dict)
+    last_use: dict[int, float] = field(default_factory=dict)  # backend -> time
+    uses: dict[int, deque[float]] = field(default_factory=dict)  # backend -> use times within the window
+    stats: Any = None  # the policy's per-group state; lives and dies with the node
+
+    @property
+    def end_blocks(self) -> int:
+        return self.start_blocks + len(self.keys)
+
+    def hits(self, backend_id: int, since: float) -> int:
+        q = self.uses.get(backend_id)
+        if not q:
+            return 0
+        while q and q[0] < since:
+            q.popleft()
+        return len(q)
+
+
+class PrefixTree:
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.root = Node([], None, 0)
+        self._lru: dict[int, OrderedDict[int, Node]] = {}  # backend -> id(node) -> node, oldest first
+        self.nodes = 0
+
+    def path(self, keys: Sequence[int]) -> list[Node]:
+        """Existing nodes along keys, the last one possibly covering keys only in part."""
+        out, node, pos = [], self.root, 0
+        while pos < len(keys):
+            child = node.children.get(keys[pos])
+            if child is None:
+                break
+            out.append(child)
+            run = child.keys
+            if keys[pos : pos + len(run)] != run:
+                break
+            pos += len(run)
+            node = child
+        return out
+
+    def deepest_shared(self, keys: Sequence[int]) -> Node | None:
+        """The deepest node whose whole run is a prefix of keys: the request's prefix group."""
+        path = self.path(keys)
+        while path and list(keys[path[-1].start_blocks : path[-1].end_blocks]) != path[-1].keys:
+            path.pop()
+        return path[-1] if path else None
+
+    def insert(self, keys: Sequence[int], backend_id: int, now: float) -> list[Node]:
+        """Record a use of the prompt keys on backend_id; returns the path of nodes covering keys."""
+        node, pos, path = self.root, 0, []
+        keys = list(keys)
+        while pos < len(keys):
+            child = node.children.get(keys[pos])
+            if child is None:
+                child = Node(keys[pos:], node, pos)
+                node.children[keys[pos]] = child
+                self.nodes += 1
+                path.append(child)
+                break
+            run = child.keys
+            common = _common_prefix(run, keys, pos)
+            if common < len(run):
+                child = self._split(child, common)
+            path.append(child)
+            pos += common
+            node = child
+        lru = self._lru.setdefault(backend_id, OrderedDict())
+        for n in reversed(path):  # leaf first, so the root ends most recent and leaves are evicted first
+            n.last_use[backend_id] = now
+            n.uses.setdefault(backend_id, deque()).append(now)
+            lru[id(n)] = n
+            lru.move_to_end(id(n))
+        return path
+
+    def lru_oldest_first(self, backend_id: int) -> Iterator[Node]:
+        return iter(self._lru.get(backend_id, {}).values())
+
+    def prune(self, now: float) -> None:
+        """Forget uses older than the window; drop nodes no backend used within it."""
+        horizon = now - self.window
+        for backend_id, lru in self._lru.items():
+            while lru:
+                node = next(iter(lru.values()))
+                if node.last_use.get(backend_id, horizon) >= horizon:
+                    break
+                lru.popitem(last=False)
+                node.last_use.pop(backend_id, None)
+                node.uses.pop(backend_id, None)
+                self._maybe_delete(node)
+
+    def forget_backend(self, backend_id: int) -> None:
+        for node in list(self._lru.pop(backend_id, {}).values()):
+            node.last_use.pop(backend_id, None)
+            node.uses.pop(backend_id, None)
+            self._maybe_delete(node)
+
+    def _maybe_delete(self, node: Node) -> None:
+        while node.parent is not None and not node.last_use and not node.children:
+            parent = node.parent
+            del parent.children[node.keys[0]]
+            self.nodes -= 1
+            node = parent
+
+    def _split(self, node: Node, at: int) -> Node:
+        """Cut node after `at` keys; the new upper node takes its place and inherits its history."""
+        upper = Node(node.keys[:at], node.parent, node.start_blocks)
+        assert node.parent is not None
+        node.parent.children[upper.keys[0]] = upper
+        node.keys = node.keys[at:]
+        node.start_blocks += at
+        node.parent = upper
+        upper.children[node.keys[0]] = node
+        upper.last_use = dict(node.last_use)
+        upper.uses = {b: deque(q) for b, q in node.uses.items()}
+        for b in upper.last_use:
+            # Approximation: the upper half joins the LRU list as recent (an OrderedDict cannot insert in the
+            # middle); it holds the shared part, which is the most likely to be used again anyway.
+            self._lru.setdefault(b, OrderedDict())[id(upper)] = upper
+        self.nodes += 1
+        return upper
+
+
+def _common_prefix(run: list[int], keys: list[int], pos: int) -> int:
+    n = min(len(run), len(keys) - pos)
+    if keys[pos : pos + n] == run[:n]:
+        return n
+    i = 0
+    while i < n and run[i] == keys[pos + i]:
+        i += 1
+    return i
