@@ -78,6 +78,7 @@ class PreblePolicy:
         self._routed = 0
         self._block_size = 16  # learned from requests; only sizes the long-chain rule
         self._last_rebalance = -math.inf
+        self._last_decay = 0.0
 
     # ---- decision -------------------------------------------------------------------------------
     def choose(self, request: RouteRequest, snapshot: ClusterSnapshot) -> Decision:
@@ -270,9 +271,9 @@ class PreblePolicy:
                 del self._moved[key]
 
     def _expire_group_loads(self, now: float) -> None:
-        """Group loads are recomputed from the live load windows (cheap: one pass per check)."""
-        # Decay instead of exact windows: each check keeps the share of the window that is still inside it.
-        keep = max(0.0, 1.0 - self.config.rebalance_interval / self.config.window)
+        """Group loads fade exponentially (time constant H/2) instead of keeping per-request windows."""
+        keep = math.exp(-(now - self._last_decay) / (self.config.window / 2)) if self._last_decay <= now else 1.0
+        self._last_decay = now
         for table in self._group_load.values():
             for key in list(table):
                 table[key][0] *= keep

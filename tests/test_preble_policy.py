@@ -1,0 +1,174 @@
+"""Preble's rules, each pinned on a small constructed cluster (pure policy objects, simulated time)."""
+
+from __future__ import annotations
+
+import pytest
+
+from preble_router.policies import BackendState, ClusterSnapshot, PrebleConfig, PreblePolicy, RouteRequest, TimeModel
+
+BS = 16
+
+
+def request(rid, keys, prompt_tokens=None, max_tokens=10):
+    keys = tuple(keys)
+    return RouteRequest(str(rid), prompt_tokens or len(keys) * BS + 1, keys, BS, max_tokens)
+
+
+def backend(i, matched=0, in_flight=0, capacity=None, cached=0):
+    return BackendState(i, f"gpu{i}", matched, in_flight, 0, 0, capacity, cached)
+
+
+def snap(now, *backends):
+    return ClusterSnapshot(now, tuple(backends))
+
+
+def send(policy, req, snapshot):
+    d = policy.choose(req, snapshot)
+    policy.on_dispatched(req, d, snapshot)
+    return d
+
+
+def policy(**cfg):
+    return PreblePolicy(PrebleConfig(**cfg), TimeModel(a=1.0, b=0.1, d=0.0, e=0.0, decode_ms=1.0))
+
+
+def test_exploit_when_cached_outweighs_missed():
+    p = policy()
+    r = request(1, range(10))  # 161 tokens
+    d = p.choose(r, snap(0, backend(0, matched=96), backend(1)))  # 96 cached > 65 missed
+    assert (d.backend_id, d.reason) == (0, "exploit")
+    d = p.choose(r, snap(0, backend(0, matched=64), backend(1)))  # 64 cached < 97 missed
+    assert d.reason == "explore"
+
+
+def test_exploit_ties_go_to_least_load():
+    p = policy()
+    send(p, request("warm", range(100, 120)), snap(0, backend(0), backend(1)))  # loads backend 0 (explore tie -> 0)
+    d = p.choose(request(1, range(10)), snap(1, backend(0, matched=144), backend(1, matched=144)))
+    assert (d.backend_id, d.reason) == (1, "exploit")
+
+
+def test_explore_load_term_avoids_busy_backend():
+    p = policy()
+    first = send(p, request("a", range(50)), snap(0, backend(0), backend(1)))
+    d = p.choose(request("b", range(100, 150)), snap(1, backend(0), backend(1)))
+    assert d.reason == "explore" and d.backend_id != first.backend_id
+    assert d.costs[first.backend_id] > d.costs[d.backend_id]
+
+
+def test_explore_prefill_term_prefers_partial_match():
+    p = policy()
+    r = request(1, range(10))  # 161 tokens
+    d = p.choose(r, snap(0, backend(0), backend(1, matched=48)))  # 48 cached: not enough to exploit
+    assert (d.backend_id, d.reason) == (1, "explore")
+    assert d.costs[0] - d.costs[1] == pytest.approx(48 * 0.1)
+
+
+def test_eviction_term_values_hot_prefixes():
+    p = policy()
+    # Backend 0 caches a hot prefix (used 5 times recently), backend 1 a cold one (used once).
+    for t in range(5):
+        p.on_dispatched(request(f"h{t}", range(20)), _decision(0, 0), snap(t, backend(0), backend(1)))
+    p.on_dispatched(request("c", range(200, 220)), _decision(1, 0), snap(5, backend(0), backend(1)))
+    # Both full (capacity 20 blocks, 20 cached): a new 20-block prompt must evict 20 blocks on either.
+    full = dict(capacity=20, cached=20)
+    d = p.choose(request("n", range(500, 520)), snap(6, backend(0, **full), backend(1, **full)))
+    assert d.reason == "explore" and d.backend_id == 1
+    loads = {i: p.load_ms(i, 6) for i in (0, 1)}
+    evict0 = d.costs[0] - loads[0] - d.costs[1] + loads[1]
+    assert evict0 > 0  # backend 0 pays for evicting 5 recent uses of its prefix, backend 1 for 1
+
+
+def test_no_eviction_cost_when_it_fits():
+    p = policy()
+    p.on_dispatched(request("h", range(20)), _decision(0, 0), snap(0, backend(0), backend(1)))
+    d = p.choose(request("n", range(500, 510)), snap(1, backend(0, capacity=100, cached=20), backend(1)))
+    assert d.costs[0] - p.load_ms(0, 1) == pytest.approx(d.costs[1] - p.load_ms(1, 1))
+
+
+def test_load_window_expires():
+    p = policy(window=10.0)
+    send(p, request("a", range(50)), snap(0, backend(0), backend(1)))
+    assert p.load_ms(0, 5) > 0
+    assert p.load_ms(0, 11) == 0
+
+
+def test_rebalancing_moves_cheapest_group_after_warmup():
+    p = policy(warmup_per_backend=5, bal_threshold=1.5, rebalance_interval=0.0)
+    groups = {g: [10_000 * g + j for j in range(40)] for g in range(4)}
+    t, reasons, targets = 0.0, [], {}
+    # Four prefix groups all cached on backend 0 keep exploiting it; backend 1 idles.
+    for i in range(40):
+        t += 0.1
+        g = i % 4
+        r = request(i, groups[g] + [1000 + i], prompt_tokens=41 * BS + 1)
+        d = send(p, r, snap(t, backend(0, matched=40 * BS), backend(1)))
+        reasons.append(d.reason)
+        targets.setdefault(g, []).append(d.backend_id)
+    assert reasons[:10] == ["exploit"] * 10  # warm-up: 5 requests per backend
+    assert "rebalance" in reasons
+    moved = [g for g, ts in targets.items() if ts[-1] == 1]
+    assert 0 < len(moved) < 4  # some groups moved, never all (that would just swap the imbalance)
+
+
+def test_single_dominant_group_is_not_moved_by_rebalancing():
+    p = policy(warmup_per_backend=1, rebalance_interval=0.0)
+    hot = list(range(40))
+    for i in range(20):
+        d = send(p, request(i, hot + [i + 500], prompt_tokens=41 * BS + 1), snap(i * 0.1, backend(0, matched=640), backend(1)))
+        assert d.reason == "exploit" and d.backend_id == 0
+
+
+def test_replication_when_ttft_doubles_and_undo():
+    p = policy(window=20.0, rebalance_interval=0.0, warmup_per_backend=10_000)
+    hot = list(range(30))
+    t, reasons = 0.0, []
+    for i in range(24):  # TTFT grows: 0.1 s in the older half of the window, 1 s in the newer
+        t += 0.8
+        r = request(i, hot + [2000 + i], prompt_tokens=31 * BS + 1)
+        d = send(p, r, snap(t, backend(0, matched=30 * BS), backend(1)))
+        reasons.append(d.reason)
+        p.on_first_token(r, d.backend_id, t + (0.1 if i < 12 else 1.0))
+        p.on_finished(r, d.backend_id, t + 1.5, output_tokens=10)
+    assert reasons[:12] == ["exploit"] * 12
+    assert reasons[-1] == "replica"
+    r = request("x", hot + [9999], prompt_tokens=31 * BS + 1)
+    d = p.choose(r, snap(t + 0.5, backend(0, matched=30 * BS), backend(1, matched=0)))
+    assert d.reason == "replica" and set(d.costs) == {0, 1}
+    # The group cools down: no traffic for two windows; then the extra holder is dropped.
+    t += 40.0
+    send(p, request("y", range(7000, 7030)), snap(t, backend(0), backend(1)))
+    d = p.choose(request("z", hot + [1], prompt_tokens=31 * BS + 1), snap(t + 1, backend(0, matched=30 * BS), backend(1)))
+    assert d.reason == "exploit"
+
+
+def test_prefill_decode_balance_sends_prefill_heavy_work_to_decode_heavy_backend():
+    p = policy()
+    # Backend 1 recently served high-hit (decode-heavy) requests; backend 0 cache misses. Equal-ish loads.
+    for i in range(4):
+        p.on_dispatched(request(f"d{i}", range(10)), _decision(1, 150), snap(i, backend(0), backend(1)))
+        p.on_dispatched(request(f"p{i}", range(100 + 10 * i, 110 + 10 * i)), _decision(0, 0), snap(i, backend(0), backend(1)))
+    d = p.choose(request("new", range(900, 910)), snap(5, backend(0), backend(1)))
+    assert (d.backend_id, d.reason) == (1, "pd_balance")
+
+
+def test_choose_has_no_side_effects():
+    p = policy()
+    r = request(1, range(10))
+    s = snap(0, backend(0), backend(1))
+    assert p.choose(r, s) == p.choose(r, s)
+    assert p.load_ms(0, 0) == p.load_ms(1, 0) == 0 and p.tree.nodes == 0
+
+
+def test_time_model_learns_from_idle_prefills():
+    tm = TimeModel(a=0.0, b=1.0, d=0.0, e=0.0)
+    for n in range(1, 40):
+        for c in (n, n + 100):
+            tm.observe_prefill(n * 10, c * 10, 5.0 + 0.02 * n * 10 + 0.001 * c * 10)
+    assert tm.prefill_ms(1000, 2000) == pytest.approx(5 + 20 + 2, rel=0.05)
+
+
+def _decision(backend_id, matched):
+    from preble_router.policies import Decision
+
+    return Decision(backend_id, "test", matched)
