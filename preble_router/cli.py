@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from preble_router.policies import POLICIES, make_policy
+from preble_router.policies import POLICIES, Policy, PrebleConfig, PreblePolicy, TimeModel, make_policy
+from preble_router.policies.time_model import PROFILES
 from preble_router.proxy import Proxy, ProxyConfig
 from preble_router.router import Router
 from preble_router.tokens import PromptTokenizer
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="Tokenizer directory or name, if not the model's.")
     p.add_argument("--served-model-name", default=None,
                    help="The model name clients send (default: what the backends' /v1/models reports first).")
-    p.add_argument("--policy", default="cache_aware", choices=sorted(POLICIES), help="Routing policy.")
+    p.add_argument("--policy", default="preble", choices=sorted(POLICIES), help="Routing policy.")
     p.add_argument("--kv-events", nargs="+", default=[], metavar="URL=ENDPOINT[|REPLAY]",
                    help="vLLM KV-event ZMQ publisher (and optional replay endpoint) per backend, e.g. "
                         "http://127.0.0.1:8001=tcp://127.0.0.1:5557|tcp://127.0.0.1:5558. Backends without "
@@ -50,6 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predicted-ttl", type=float, default=3.0,
                    help="Seconds a routed request's blocks count as cached on its backend before the engine's "
                         "events confirm them (so bursts sharing a new prefix land together).")
+    pre = p.add_argument_group("preble policy (PREBLE_SPEC.md)")
+    pre.add_argument("--preble-window", type=float, default=PrebleConfig.window,
+                     help="H: seconds of history behind load, prefix-use and TTFT figures.")
+    pre.add_argument("--preble-bal-threshold", type=float, default=PrebleConfig.bal_threshold,
+                     help="Th_bal: rebalance when the heaviest backend's load is this many times the lightest's.")
+    pre.add_argument("--preble-warmup", type=int, default=PrebleConfig.warmup_per_backend,
+                     help="Requests per backend before rebalancing starts.")
+    pre.add_argument("--preble-replicate-ttft-ratio", type=float, default=PrebleConfig.replicate_ttft_ratio,
+                     help="Replicate a prefix group when its mean TTFT over the newer half of H is this many "
+                          "times the older half's (and it dominates a heavy backend).")
+    pre.add_argument("--preble-replicate-share", type=float, default=PrebleConfig.replicate_share,
+                     help="Share of a heavy backend's load one prefix group must hold to be replicated.")
+    pre.add_argument("--preble-pd-hit-ratio", type=float, default=PrebleConfig.pd_hit_ratio,
+                     help="Recent cache-hit ratio above which a backend is decode-heavy and takes prefill-heavy "
+                          "requests.")
+    pre.add_argument("--preble-pd-window", type=float, default=PrebleConfig.pd_window,
+                     help="Seconds of history for that hit ratio.")
+    pre.add_argument("--preble-chain-tokens", type=int, default=PrebleConfig.chain_tokens,
+                     help="Prefix groups longer than this (multi-turn chains) are never moved by rebalancing.")
+    pre.add_argument("--time-profile", default="llama3-8b-h100",
+                     help=f"Prefill/decode time model: a built-in profile ({', '.join(PROFILES)}) or a JSON file "
+                          '{"prefill": {"a", "b", "d", "e"}, "decode_ms_per_token"}; refined online.')
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
     p.add_argument("--port", type=int, default=8080, help="Port to listen on.")
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="Larger requests get 413.")
@@ -63,10 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_policy(args: argparse.Namespace) -> Policy:
+    if args.policy != "preble":
+        return make_policy(args.policy)
+    config = PrebleConfig(window=args.preble_window, bal_threshold=args.preble_bal_threshold,
+                          warmup_per_backend=args.preble_warmup, replicate_ttft_ratio=args.preble_replicate_ttft_ratio,
+                          replicate_share=args.preble_replicate_share, pd_hit_ratio=args.preble_pd_hit_ratio,
+                          pd_window=args.preble_pd_window, chain_tokens=args.preble_chain_tokens)
+    return PreblePolicy(config, TimeModel.from_profile(args.time_profile))
+
+
 def build_proxy(args: argparse.Namespace) -> Proxy:
     tokenizer = PromptTokenizer(args.tokenizer or args.model)
     router = Router(model=args.served_model_name or args.model, tokenizer=tokenizer,
-                    policy=make_policy(args.policy), predicted_ttl=args.predicted_ttl)
+                    policy=build_policy(args), predicted_ttl=args.predicted_ttl)
     kv = {url: (endpoint, replay) for url, endpoint, replay in map(parse_kv_source, args.kv_events)}
     backends = _split_list(args.backends)
     unknown = set(kv) - {b.rstrip("/") for b in backends}
