@@ -154,6 +154,8 @@ class CacheIndex:
         entry.orphan_blocks = 0
         if entry.lru is not None:
             entry.lru.clear()
+        for key in [k for k, pred in self._predicted.items() if pred.pop(backend_id, None) is not None and not pred]:
+            del self._predicted[key]
 
     # ---- routing ----------------------------------------------------------------------------------
     def match(self, keys: Sequence[int], backend_ids: Iterable[int], now: float) -> dict[int, int]:

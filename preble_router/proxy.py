@@ -132,6 +132,7 @@ class Proxy:
                 Route("/metrics", self.metrics_endpoint, methods=["GET"]),
                 Route("/debug/route", self.debug_route, methods=["POST"]),
                 Route("/debug/backends", self.debug_backends, methods=["GET"]),
+                Route("/reset_prefix_cache", self.reset_prefix_cache, methods=["POST"]),
             ],
             lifespan=lifespan,
         )
@@ -180,6 +181,23 @@ class Proxy:
                     "last_seq": sub.stats.last_seq},
             })
         return JSONResponse({"policy": self.router.policy.name, "backends": out})
+
+    async def reset_prefix_cache(self, request: Request) -> Response:
+        """Empty every backend's prefix cache (vLLM's dev-mode endpoint) and the index with it: the engine's
+        AllBlocksCleared event is only published at its next step, so the index is cleared here at once."""
+        assert self.client is not None
+        results = {}
+        for backend in list(self.router.backends.values()):
+            try:
+                r = await self.client.post(f"{backend.url}/reset_prefix_cache", timeout=self.config.connect_timeout)
+                ok = r.status_code == 200
+                results[backend.url] = "ok" if ok else f"HTTP {r.status_code}"
+            except httpx.HTTPError as exc:
+                ok, results[backend.url] = False, f"failed: {type(exc).__name__}"
+            if ok:
+                self.router.index.apply_cleared(backend.backend_id)
+        status = 200 if all(v == "ok" for v in results.values()) else 502
+        return JSONResponse({"backends": results}, status_code=status)
 
     async def debug_route(self, request: Request) -> Response:
         """The decision and per-backend view for a request body, without sending it."""

@@ -104,3 +104,12 @@ def test_match_stops_per_backend():
     stored(index, 1, list(range(4)), [1])
     keys = hash_blocks(list(range(16)), BS, ROOT)
     assert index.match(keys, [0, 1], 0.0) == {0: 3, 1: 1}
+
+
+def test_cleared_drops_predictions_too():
+    index = make()
+    keys = hash_blocks(list(range(8)), BS, ROOT)
+    index.record_routed(0, keys, now=0.0)
+    index.record_routed(1, keys, now=0.0)
+    index.apply_cleared(0)
+    assert index.match(keys, [0, 1], now=0.5) == {0: 0, 1: 2}

@@ -132,6 +132,17 @@ def test_reset_prefix_cache_empties_that_backend(cluster):
     assert all(b["matched_tokens"] == 0 for b in route["backends"] if b["url"] == holder)
 
 
+def test_router_reset_clears_index_at_once(cluster):
+    url, replicas = cluster
+    completion(url, [9] * 300)
+    wait_for(lambda: sum(v["indexed_blocks"] for v in backends_view(url).values()) > 0, what="blocks indexed")
+    r = httpx.post(url + "/reset_prefix_cache", timeout=30)
+    assert r.status_code == 200 and set(r.json()["backends"]) == {rep.url for rep in replicas}
+    assert all(v["indexed_blocks"] == 0 for v in backends_view(url).values())
+    again = completion(url, [9] * 300)
+    assert int(again.headers["x-preble-matched-tokens"]) == observed_cached(again.json()["usage"]) == 0
+
+
 def test_bad_inputs_against_real_backends(cluster):
     url, _ = cluster
     r = httpx.post(url + "/v1/completions", content=b"{oops", headers={"content-type": "application/json"})

@@ -1,0 +1,10 @@
+"""GPU kernels for prefix-sharing attention (see kernels/README.md).
+
+Importing this package imports Triton.  On a machine without a GPU set
+``TRITON_INTERPRET=1`` *before* the import to run the kernels in Triton's CPU
+interpreter.  :mod:`kernels.reference` needs only PyTorch.
+"""
+
+from .prefix_attention import merge_attention_states, prefix_shared_decode_attention
+
+__all__ = ["prefix_shared_decode_attention", "merge_attention_states"]
