@@ -96,6 +96,7 @@ class Router:
                     await sub.stop()
                 self.index.remove_backend(backend_id)
                 self.load.remove_backend(backend_id)
+                self.policy.on_backend_removed(backend_id)
                 del self.backends[backend_id]
 
     def start_event_consumers(self) -> None:

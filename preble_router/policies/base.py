@@ -76,6 +76,10 @@ class Policy(Protocol):
         """The request ended (ok=False: it failed, and may be retried elsewhere as a new dispatch)."""
         ...
 
+    def on_backend_removed(self, backend_id: int) -> None:
+        """The backend left the fleet; its id may be reused by a new backend."""
+        ...
+
 
 class StatelessPolicy:
     """Base for policies that keep no history: the callbacks do nothing."""
@@ -90,4 +94,7 @@ class StatelessPolicy:
 
     def on_finished(self, request: RouteRequest, backend_id: int, now: float,
                     output_tokens: int | None = None, ok: bool = True) -> None:
+        pass
+
+    def on_backend_removed(self, backend_id: int) -> None:
         pass
