@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -80,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Backends tried per request when one fails before the first byte.")
     p.add_argument("--request-timeout", type=float, default=600.0, help="Seconds for a whole backend request.")
     p.add_argument("--health-interval", type=float, default=2.0, help="Seconds between backend health probes.")
+    p.add_argument("--api-key", default=os.environ.get("PREBLE_API_KEY"),
+                   help="Require `Authorization: Bearer KEY` on /v1/* (default: $PREBLE_API_KEY; none: open).")
+    p.add_argument("--admin-key", default=os.environ.get("PREBLE_ADMIN_KEY"),
+                   help="Require this key on /debug/* and /reset_prefix_cache (default: $PREBLE_ADMIN_KEY).")
+    p.add_argument("--backend-api-key", default=os.environ.get("PREBLE_BACKEND_API_KEY"),
+                   help="API key of the vLLM backends (their --api-key); replaces the client's Authorization.")
+    p.add_argument("--max-concurrency", type=int, default=0,
+                   help="Requests forwarded at once; more wait in a queue (0: unbounded).")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="Requests that may wait for a slot; beyond this they get 429.")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="On SIGTERM, seconds to let in-flight requests (streams included) finish.")
     p.add_argument("--startup-wait", type=float, default=10.0,
                    help="Seconds to wait at startup for every backend to pass a first health probe.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -110,7 +123,9 @@ def build_proxy(args: argparse.Namespace) -> Proxy:
         router.add_backend(url, endpoint, replay)
     return Proxy(router, ProxyConfig(max_body_bytes=args.max_body_bytes, max_attempts=args.max_attempts,
                                      request_timeout=args.request_timeout, health_interval=args.health_interval,
-                                     startup_wait=args.startup_wait))
+                                     startup_wait=args.startup_wait, api_key=args.api_key,
+                                     admin_key=args.admin_key, backend_api_key=args.backend_api_key,
+                                     max_concurrency=args.max_concurrency, max_queue=args.max_queue))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -118,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     proxy = build_proxy(args)
     uvicorn.run(proxy.app(), host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=args.drain_timeout)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ class RouterMetrics:
                                 ["backend", "endpoint", "status"], registry=r)
         self.errors = Counter("preble_request_errors", "Backend failures seen by the router, by kind",
                               ["backend", "kind"], registry=r)
+        self.rejected = Counter("preble_rejected", "Requests refused with 429 because the queue was full",
+                                registry=r)
         self.retries = Counter("preble_retries", "Requests re-sent to another backend before the first byte",
                                registry=r)
         self.decisions = Counter("preble_routing_decisions", "Routing decisions by policy and reason",

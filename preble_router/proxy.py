@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -18,6 +19,9 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -46,6 +50,11 @@ class ProxyConfig:
     request_timeout: float = 600.0  # a whole request, including generation
     health_interval: float = 2.0
     startup_wait: float = 10.0  # how long startup waits for every backend to answer a first probe
+    api_key: str | None = None  # clients must send `Authorization: Bearer <api_key>` to /v1/*
+    admin_key: str | None = None  # required for /debug/* and /reset_prefix_cache when set
+    backend_api_key: str | None = None  # replaces the client's Authorization towards the backends
+    max_concurrency: int = 0  # requests forwarded at once (0: unbounded)
+    max_queue: int = 1024  # requests waiting for a slot beyond max_concurrency; more get 429
 
 
 class _TooLarge(Exception):
@@ -79,6 +88,8 @@ class Proxy:
         self.metrics = RouterMetrics(router)
         self.client: httpx.AsyncClient | None = None
         self._health_task: asyncio.Task | None = None
+        self._slots = asyncio.Semaphore(self.config.max_concurrency) if self.config.max_concurrency > 0 else None
+        self._queued = 0
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -124,6 +135,7 @@ class Proxy:
                 await self.shutdown()
 
         return Starlette(
+            middleware=[Middleware(_AuthMiddleware, proxy=self)],
             routes=[
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -258,12 +270,30 @@ class Proxy:
         except PromptError as exc:
             return error_response(400, str(exc), "invalid_prompt")
         stream = bool(body.get("stream"))
-        return await self._forward(request, endpoint, path, prepared, stream, received)
+        if self._slots is None:
+            return await self._forward(request, endpoint, path, prepared, stream, received)
+        if self._slots.locked() and self._queued >= self.config.max_queue:
+            self.metrics.rejected.inc()
+            return error_response(429, "the router's queue is full; retry later", "queue_full")
+        self._queued += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._queued -= 1
+        response = await self._forward(request, endpoint, path, prepared, stream, received)
+        if isinstance(response, StreamingResponse):
+            response.background = BackgroundTask(self._slots.release)  # held until the stream ends
+        else:
+            self._slots.release()
+        return response
 
     async def _forward(self, request: Request, endpoint: str, path: str, prepared: PreparedRequest,
                        stream: bool, received: float) -> Response:
         assert self.client is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        if self.config.backend_api_key:
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            headers["authorization"] = f"Bearer {self.config.backend_api_key}"
         tried: set[int] = set()
         last_error = "no healthy backend"
         for attempt in range(self.config.max_attempts):
@@ -390,6 +420,28 @@ class Proxy:
         if decision.costs:
             headers["x-preble-cost"] = f"{decision.costs.get(decision.backend_id, 0.0):.4f}"
         return headers
+
+
+class _AuthMiddleware:
+    """API key for /v1/*, admin key for /debug/* and /reset_prefix_cache; /health and /metrics stay open
+    (probes and scrapers). Keys compare in constant time."""
+
+    def __init__(self, app: ASGIApp, proxy: Proxy) -> None:
+        self.app = app
+        self.proxy = proxy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            cfg = self.proxy.config
+            key = cfg.admin_key if (path.startswith("/debug/") or path == "/reset_prefix_cache") else \
+                cfg.api_key if path.startswith("/v1/") else None
+            if key is not None:
+                auth = dict(scope["headers"]).get(b"authorization", b"").decode(errors="replace")
+                if not hmac.compare_digest(auth.encode(), f"Bearer {key}".encode()):
+                    await error_response(401, "missing or invalid API key", "invalid_api_key")(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 def _usage_from_sse_tail(tail: bytes) -> dict | None:
