@@ -1,0 +1,57 @@
+"""Prompt tokenization: the same ids vLLM computes, and chunked encoding exactly equal to whole-text encoding."""
+
+from __future__ import annotations
+
+import glob
+import random
+
+import pytest
+
+from preble_router.tokens import PromptError, PromptTokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    return PromptTokenizer(str(tiny_model))
+
+
+def corpus() -> str:
+    return "\n".join(open(f, errors="replace").read() for f in sorted(glob.glob("/usr/share/common-licenses/*"))[:6])
+
+
+def test_chunked_encoding_is_exact(tok):
+    assert tok.chunked is not None and tok.chunked.enabled
+    text, rng = corpus(), random.Random(0)
+    alphabet = list("abc xyz  \n\t.,;:'\"!?-_()[]{}0123456789éü中🙂") + [" the", "  ", "\n\n", "'s", " 12345"]
+    for i in range(200):
+        start = rng.randrange(len(text) - 6000)
+        sample = text[start : start + rng.randrange(1000, 6000)]
+        if i % 2:  # and noise that is nothing like prose
+            sample += "".join(rng.choice(alphabet) for _ in range(rng.randrange(1500, 3000)))
+        for special in (True, False):
+            whole = tok.tokenizer(sample, add_special_tokens=special)["input_ids"]
+            assert tok.chunked._encode_chunked(sample, special) == whole, (i, special)
+    assert tok.chunked.enabled
+
+
+def test_completion_prompt_forms(tok):
+    assert tok.completion_tokens({"prompt": "hello world"}) == tok.tokenizer("hello world")["input_ids"]
+    assert tok.completion_tokens({"prompt": "hello", "add_special_tokens": False}) == \
+        tok.tokenizer("hello", add_special_tokens=False)["input_ids"]
+    assert tok.completion_tokens({"prompt": [5, 6, 7]}) == [5, 6, 7]
+    assert tok.completion_tokens({"prompt": ["first", "second"]}) == tok.completion_tokens({"prompt": "first"})
+    assert tok.completion_tokens({"prompt": [[1, 2], [3]]}) == [1, 2]
+    for bad in ({"prompt": {"a": 1}}, {"prompt": [1, "x"]}, {"prompt": [True, 2]}, {}):
+        with pytest.raises(PromptError):
+            tok.completion_tokens(bad)
+
+
+def test_chat_matches_the_template_as_vllm_applies_it(tok):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    expected = tok.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tok.chat_tokens({"messages": messages}) == tok.tokenizer(expected, add_special_tokens=False)["input_ids"]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    joined = [{"role": "user", "content": "a\nb"}]
+    assert tok.chat_tokens({"messages": parts}) == tok.chat_tokens({"messages": joined})
+    with pytest.raises(PromptError):
+        tok.chat_tokens({"messages": []})
