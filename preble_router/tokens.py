@@ -42,9 +42,10 @@ class ChunkedEncoder:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, *, chunk_chars: int = 512, cache_chunks: int = 16384,
-                 check_every: int = 64) -> None:
+                 check_first: int = 32, check_every: int = 1024) -> None:
         self.backend = tokenizer.backend_tokenizer
         self.chunk_chars = chunk_chars
+        self.check_first = check_first  # the first encodings are all checked, then a sample
         self.check_every = check_every
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
         self._cache_chunks = cache_chunks
@@ -64,7 +65,8 @@ class ChunkedEncoder:
             return self._encode_whole(text, add_special_tokens)
         ids = self._encode_chunked(text, add_special_tokens)
         self._encoded += 1
-        if self._encoded % self.check_every == 1 and ids != self._encode_whole(text, add_special_tokens):
+        checking = self._encoded <= self.check_first or self._encoded % self.check_every == 0
+        if checking and ids != self._encode_whole(text, add_special_tokens):
             self.enabled = False
             log.warning("tokenizer: chunked encoding disagreed with whole-text encoding; switched it off")
             return self._encode_whole(text, add_special_tokens)
