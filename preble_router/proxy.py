@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.requests import ClientDisconnect, Request
@@ -278,9 +278,13 @@ class Proxy:
             await self._slots.acquire()
         finally:
             self._queued -= 1
-        response = await self._forward(request, endpoint, path, prepared, stream, received)
-        if isinstance(response, StreamingResponse):
-            response.background = BackgroundTask(self._slots.release)  # held until the stream ends
+        try:
+            response = await self._forward(request, endpoint, path, prepared, stream, received)
+        except BaseException:
+            self._slots.release()
+            raise
+        if isinstance(response, _RelayResponse):
+            response.on_close.append(self._slots.release)  # the slot is held until the stream ends
         else:
             self._slots.release()
         return response
@@ -334,9 +338,18 @@ class Proxy:
             out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
             out_headers.update(self._decision_headers(backend, decision, attempt))
             if stream and resp.status_code == 200:
-                return StreamingResponse(
+                relay = _RelayResponse(
                     self._relay(resp, chunks, first, prepared, inflight, backend, decision, endpoint),
                     status_code=resp.status_code, headers=out_headers)
+
+                async def abandon(resp: httpx.Response = resp, inflight: InFlight = inflight,
+                                  backend: Backend = backend) -> None:
+                    # The client left before the relay started: the generator never ran, so end it here.
+                    await resp.aclose()
+                    self._end(prepared, inflight, backend, endpoint, 499, ok=False)
+
+                relay.on_close.append(abandon)
+                return relay
             try:
                 rest = b"".join([chunk async for chunk in chunks])
             except httpx.HTTPError as exc:
@@ -396,6 +409,9 @@ class Proxy:
 
     def _end(self, prepared: PreparedRequest, inflight: InFlight, backend: Backend, endpoint: str, status: int,
              *, ok: bool, output_tokens: int | None = None) -> None:
+        """Every dispatched request ends here exactly once, whatever path it took."""
+        if inflight.done:
+            return
         self.router.finish(prepared, inflight, ok=ok, output_tokens=output_tokens)
         self.metrics.requests.labels(backend.url, endpoint, str(status)).inc()
         if ok:
@@ -418,6 +434,23 @@ class Proxy:
         if decision.costs:
             headers["x-preble-cost"] = f"{decision.costs.get(decision.backend_id, 0.0):.4f}"
         return headers
+
+
+class _RelayResponse(StreamingResponse):
+    """A relayed stream whose cleanups run however the response ends, even if it never started streaming."""
+
+    def __init__(self, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close: list[Callable[[], Any]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for cleanup in self.on_close:
+                result = cleanup()
+                if inspect.isawaitable(result):
+                    await result
 
 
 class _AuthMiddleware:

@@ -85,3 +85,25 @@ def test_sigterm_drains_in_flight_streams(tiny_model):
         if proc.poll() is None:
             proc.kill()
         stop()
+
+
+def test_client_leaving_mid_stream_frees_its_load_and_slot(tiny_model):
+    url_b, stop = run_fake_backend_in_thread(model="tiny", tokens_per_response=50, inter_token_delay_s=0.05)
+    try:
+        argv = ["--backends", url_b, "--model", str(tiny_model), "--served-model-name", "tiny",
+                "--max-concurrency", "1", "--max-queue", "0"]
+        with serve_router(argv) as (url, _):
+            body = {"model": "tiny", "prompt": "hello", "stream": True, "max_tokens": 50}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+                for i, _ in enumerate(r.iter_lines()):
+                    if i == 3:
+                        break  # the client goes away mid-stream
+            deadline = time.monotonic() + 10
+            while httpx.get(url + "/debug/backends").json()["backends"][0]["in_flight"] != 0:
+                assert time.monotonic() < deadline, "the abandoned stream still counts as load"
+                time.sleep(0.1)
+            ok = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "again"}, timeout=30)
+            assert ok.status_code == 200  # the only slot was given back
+            assert 'status="499"' in httpx.get(url + "/metrics").text
+    finally:
+        stop()

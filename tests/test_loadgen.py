@@ -1,0 +1,131 @@
+"""The open-loop load generator against the fake OpenAI backend (and a mock transport for router headers)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import pytest
+
+from benchmarks.arrivals import poisson
+from benchmarks.cli import main
+from benchmarks.fake_backend import run_fake_backend_in_thread
+from benchmarks.loadgen import live_summary, run_load
+from benchmarks.workloads import Request, generate, with_arrivals
+
+
+@pytest.fixture
+def fake():
+    started = []
+
+    def start(**kw):
+        url, stop = run_fake_backend_in_thread(**kw)
+        started.append(stop)
+        return url
+
+    yield start
+    for stop in started:
+        stop()
+
+
+def small(n=12, rate=200.0, name="tool_use", **kw):
+    return with_arrivals(generate(name, n, seed=1, scale=0.02, vocab=1024, **kw), poisson(n, rate, 1))
+
+
+async def test_streams_record_ttft_tokens_usage_and_keep_order(fake):
+    url = fake(tokens_per_response=6)
+    reqs = small()
+    recs = await run_load(reqs, url, progress=False)
+    assert [r["id"] for r in recs] == [r.id for r in reqs]
+    for q, r in zip(reqs, recs):
+        assert r["error"] is None and r["status"] == 200
+        n = min(6, q.output_tokens)
+        assert r["output_tokens"] == n and len(r["token_times"]) == n
+        assert 0 < r["ttft"] <= r["token_times"][-1] <= r["latency"]
+        assert r["prompt_tokens"] == q.prompt_tokens  # token-id prompt: the fake counts ids
+        assert r["cached_tokens"] == 0
+        assert r["start"] >= q.arrival - 0.05  # open loop: not before its arrival time
+    s = live_summary(recs)
+    assert s["errors"] == 0 and s["hit_rate"] == 0.0 and s["throughput_rps"] > 0
+    assert s["latency_p99"] >= s["latency_p50"] > 0
+
+
+async def test_dependent_requests_wait_for_their_predecessor(fake):
+    url = fake(tokens_per_response=2, delay_s=0.05)
+    reqs = small(10, rate=1000.0, name="embodied_agent", concurrent=2)
+    recs = {r["id"]: r for r in await run_load(reqs, url, progress=False)}
+    chained = [q for q in reqs if q.depends_on]
+    assert chained
+    for q in chained:
+        assert recs[q.id]["start"] >= recs[q.depends_on]["end"] - 1e-6
+
+
+@pytest.mark.parametrize("mode, expect", [("500", "HTTP 500"), ("die_mid_stream", ""), ("hang", "timeout")])
+async def test_errors_are_recorded_never_lost(fake, mode, expect):
+    url = fake(fail_mode=mode, tokens_per_response=4)
+    reqs = small(4)
+    recs = await run_load(reqs, url, model="tiny", progress=False, timeout=0.5)
+    assert len(recs) == 4
+    for r in recs:
+        assert r["error"] and expect in r["error"]
+        assert r["latency"] is None and r["end"] is None
+    s = live_summary(recs)
+    assert s["errors"] == 4 and s["ok"] == 0 and s["latency_avg"] is None
+
+
+async def test_unreachable_server_is_an_error_per_request():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    recs = await run_load(small(3), f"http://127.0.0.1:{port}", model="m", progress=False, timeout=2)
+    assert [bool(r["error"]) for r in recs] == [True] * 3
+
+
+async def test_router_headers_and_cached_tokens_are_recorded():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        n = body["max_tokens"]
+        chunks = [{"choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]} for i in range(n)]
+        chunks.append({"choices": [], "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": n,
+                                                "prompt_tokens_details": {"cached_tokens": 32}}})
+        sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, content=sse.encode(), headers={
+            "content-type": "text/event-stream", "x-preble-backend": "http://b1",
+            "x-preble-matched-tokens": "32", "x-preble-decision": "exploit"})
+
+    reqs = [Request(id="r0", segments=(), output_tokens=3, token_ids=list(range(20, 84)))]
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        recs = await run_load(reqs, "http://router", model="m", client=client, progress=False)
+    r = recs[0]
+    assert (r["backend"], r["matched_tokens"], r["decision"]) == ("http://b1", 32, "exploit")
+    assert (r["prompt_tokens"], r["cached_tokens"], r["output_tokens"]) == (64, 32, 3)
+    assert live_summary(recs)["hit_rate"] == 0.5
+    body = seen[0]
+    assert body["prompt"] == list(range(20, 84)) and body["max_tokens"] == 3 and body["ignore_eos"] is True
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+def test_cli_live_against_the_fake(fake, tmp_path, capsys):
+    url = fake(tokens_per_response=3)
+    out = tmp_path / "live.jsonl"
+    assert main(["live", "--url", url, "-w", "doc", "--rate", "100", "-n", "8", "--scale", "0.01",
+                 "--out", str(out), "--no-progress"]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 8 and all(json.loads(x)["error"] is None for x in lines)
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["ok"] == 8 and summary["errors"] == 0
+
+
+def test_cli_compare_live_two_targets(fake, tmp_path):
+    a, b = fake(tokens_per_response=2), fake(tokens_per_response=2, delay_s=0.02)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--mode", "live", "--targets", f"fast={a},slow={b}", "-w", "tool", "-n", "6",
+                 "--rates", "200", "--scale", "0.02", "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["label"] for r in rows] == ["fast", "slow"] and all(r["ok"] == 6 for r in rows)
+    assert rows[1]["ttft_avg"] > rows[0]["ttft_avg"]
+    assert (out / "latency_cdf.png").exists() and (out / "records_slow_rate200.jsonl").exists()
