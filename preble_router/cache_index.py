@@ -18,9 +18,13 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from preble_router.block_hash import chain_root, hash_blocks
+from preble_router.block_table import U64Map
 
 _U64 = (1 << 64) - 1
+_WALK = 8  # blocks match() probes one by one before it looks up the rest of a prompt at once
 
 
 def engine_hash_to_int(h: int | bytes) -> int:
@@ -48,14 +52,21 @@ class _BackendEntry:
 
 
 class CacheIndex:
-    """Invariant: bit b of _holders[k] is set iff backend b holds block k (confirmed or estimated);
-    _blocks of a backend equals the number of keys whose holder mask has its bit."""
+    """Invariants:
+    - bit b % 64 of self._holders[b // 64][k] is set iff backend b holds block k (confirmed or estimated), and a
+      key is in a holder map iff some backend of that group holds it (a stored mask is never 0);
+    - _blocks of a backend equals the number of keys whose holder mask has its bit;
+    - _engine_to_own maps an engine hash to the own key it was stored under; mappings whose key no backend
+      holds any more are dead, and are swept out whenever the map would otherwise grow (and on apply_cleared).
+
+    Both maps are U64Maps (block_table.py), ~16 bytes a slot, so an event-fed block costs ~50-90 bytes.
+    """
 
     def __init__(self, *, predicted_ttl: float = 3.0) -> None:
         self.predicted_ttl = predicted_ttl
         self._backends: dict[int, _BackendEntry] = {}
-        self._holders: dict[int, int] = {}
-        self._engine_to_own: dict[int, int] = {}
+        self._holders: list[U64Map] = []  # [g]: own key -> mask of backends 64g..64g+63 holding it
+        self._engine_to_own = U64Map()
         self._extra_copies: dict[tuple[int, int], int] = {}  # (backend, key) -> copies beyond the first
         self._predicted: dict[int, dict[int, float]] = {}  # key -> {backend: expiry}
         self._predicted_queue: deque[tuple[float, int, tuple[int, ...]]] = deque()
@@ -66,6 +77,8 @@ class CacheIndex:
         if estimated:
             entry.lru = OrderedDict()
         self._backends[backend_id] = entry
+        while len(self._holders) <= backend_id >> 6:
+            self._holders.append(U64Map())
 
     def set_capacity(self, backend_id: int, capacity_blocks: int | None) -> None:
         entry = self._backends[backend_id]
@@ -86,7 +99,9 @@ class CacheIndex:
 
     def __len__(self) -> int:
         """Distinct keys held by any backend (confirmed or estimated)."""
-        return len(self._holders)
+        if len(self._holders) == 1:
+            return len(self._holders[0])
+        return len(np.unique(np.concatenate([np.zeros(0, np.uint64), *(h.items()[0] for h in self._holders)])))
 
     # ---- KV events (the KvEventSink protocol) ------------------------------------------------------
     def apply_stored(
@@ -113,42 +128,41 @@ class CacheIndex:
                 return
             parent = known
         own_keys = hash_blocks(token_ids, block_size, parent)
-        bit = 1 << backend_id
+        engine_to_own = self._engine_to_own
+        if len(engine_to_own) + len(own_keys) > engine_to_own.grow_at:
+            self._sweep_engine_hashes()  # before growing the map, drop its dead mappings
+        holders, bit = self._holders[backend_id >> 6], 1 << (backend_id & 63)
         for engine_hash, key in zip(block_hashes, own_keys):
-            self._engine_to_own[engine_hash_to_int(engine_hash)] = key
-            self._add(backend_id, bit, entry, key)
+            engine_to_own.put(engine_hash_to_int(engine_hash), key)
+            self._add(backend_id, holders, bit, entry, key)
 
     def apply_removed(self, backend_id: int, block_hashes: list[int | bytes]) -> None:
         entry = self._backends.get(backend_id)
         if entry is None:
             return
+        holders = self._holders[backend_id >> 6]
         for engine_hash in block_hashes:
             h = engine_hash_to_int(engine_hash)
             key = self._engine_to_own.get(h)
             if key is None:
                 continue
-            self._remove(backend_id, entry, key)
-            if key not in self._holders:
-                self._engine_to_own.pop(h, None)
+            self._remove(backend_id, holders, entry, key)
+            if not self._is_held(key):
+                self._engine_to_own.pop(h)
 
     def apply_cleared(self, backend_id: int) -> None:
         entry = self._backends.get(backend_id)
         if entry is None:
             return
-        bit = 1 << backend_id
-        emptied = []
-        for key, mask in self._holders.items():
-            if mask & bit:
-                mask &= ~bit
-                if mask:
-                    self._holders[key] = mask
-                else:
-                    emptied.append(key)
-        for key in emptied:
-            del self._holders[key]
-        if emptied:
-            dead = set(emptied)
-            self._engine_to_own = {h: k for h, k in self._engine_to_own.items() if k not in dead}
+        holders = self._holders[backend_id >> 6]
+        keys, masks = holders.items()
+        bit = np.uint64(1 << (backend_id & 63))
+        if (masks & bit).any():
+            masks &= ~bit
+            held = masks != 0
+            holders.replace(keys[held], masks[held])
+            if not held.all():
+                self._sweep_engine_hashes()
         self._extra_copies = {bk: n for bk, n in self._extra_copies.items() if bk[0] != backend_id}
         entry.blocks = 0
         entry.orphan_blocks = 0
@@ -165,23 +179,10 @@ class CacheIndex:
         for b in backend_ids:
             alive |= 1 << b
         result = dict.fromkeys(_bits(alive), 0)
-        holders, predicted = self._holders, self._predicted
-        for depth, key in enumerate(keys):
-            mask = holders.get(key, 0)
-            pred = predicted.get(key)
-            if pred:
-                for b, expiry in pred.items():
-                    if expiry > now:
-                        mask |= 1 << b
-            mask &= alive
-            if mask != alive:
-                for b in _bits(alive & ~mask):
-                    result[b] = depth
-                alive = mask
-                if not alive:
-                    return result
-        for b in _bits(alive):
-            result[b] = len(keys)
+        for g, holders in enumerate(self._holders):
+            group_alive = (alive >> (g << 6)) & _U64
+            if group_alive:
+                self._match_group(holders, g << 6, group_alive, keys, now, result)
         return result
 
     def record_routed(self, backend_id: int, keys: Sequence[int], now: float) -> None:
@@ -190,14 +191,14 @@ class CacheIndex:
         if entry is None or not keys:
             return
         if entry.estimated:
-            bit = 1 << backend_id
+            holders, bit = self._holders[backend_id >> 6], 1 << (backend_id & 63)
             assert entry.lru is not None
             for key in keys:
                 if key in entry.lru:
                     entry.lru.move_to_end(key)
                 else:
                     entry.lru[key] = None
-                    self._holders[key] = self._holders.get(key, 0) | bit
+                    holders.put(key, holders.get(key, 0) | bit)
                     entry.blocks += 1
             self._evict_to_capacity(backend_id, entry)
             return
@@ -207,19 +208,58 @@ class CacheIndex:
         self._predicted_queue.append((expiry, backend_id, tuple(keys)))
 
     # ---- internals ----------------------------------------------------------------------------------
-    def _add(self, backend_id: int, bit: int, entry: _BackendEntry, key: int) -> None:
-        mask = self._holders.get(key, 0)
+    def _match_group(self, holders: U64Map, base: int, alive: int, keys: Sequence[int], now: float,
+                     result: dict[int, int]) -> None:
+        """match() for the alive backends base..base+63 (alive: their mask, shifted down by base)."""
+        predicted = self._predicted
+        # Walk the first blocks one probe at a time: a prompt that diverges early (most of them) costs a few
+        # probes, where a batched lookup has a fixed cost of ~10 us. Past them, look the rest up at once.
+        depth, n = 0, len(keys)
+        for key in keys[:_WALK]:
+            mask = holders.get(key, 0)
+            pred = predicted.get(key)
+            if pred:
+                mask |= _live_mask(pred, now) >> base
+            mask &= alive
+            if mask != alive:
+                for b in _bits(alive & ~mask):
+                    result[base + b] = depth
+                alive = mask
+                if not alive:
+                    return
+            depth += 1
+        if depth < n:
+            rest = keys[depth:]
+            masks = holders.get_many(np.array(rest, np.uint64))
+            if predicted and not predicted.keys().isdisjoint(rest):
+                for i, key in enumerate(rest):
+                    pred = predicted.get(key)
+                    if pred:
+                        masks[i] |= np.uint64((_live_mask(pred, now) >> base) & _U64)
+            # held[i]: the alive backends holding every block up to depth + i. A backend's depth is where its
+            # bit leaves `held`, which changes at a few indices only.
+            held = np.bitwise_and.accumulate(masks & np.uint64(alive))
+            for i in [0, *(np.flatnonzero(held[1:] != held[:-1]) + 1).tolist()]:
+                mask = int(held[i])
+                for b in _bits(alive & ~mask):
+                    result[base + b] = depth + i
+                alive = mask
+        for b in _bits(alive):
+            result[base + b] = n
+
+    def _add(self, backend_id: int, holders: U64Map, bit: int, entry: _BackendEntry, key: int) -> None:
+        mask = holders.get(key, 0)
         if mask & bit:
             # vLLM does not deduplicate physical blocks: the same hash may be stored twice and removed twice.
             ck = (backend_id, key)
             self._extra_copies[ck] = self._extra_copies.get(ck, 0) + 1
             return
-        self._holders[key] = mask | bit
+        holders.put(key, mask | bit)
         entry.blocks += 1
 
-    def _remove(self, backend_id: int, entry: _BackendEntry, key: int) -> None:
-        bit = 1 << backend_id
-        mask = self._holders.get(key, 0)
+    def _remove(self, backend_id: int, holders: U64Map, entry: _BackendEntry, key: int) -> None:
+        bit = 1 << (backend_id & 63)
+        mask = holders.get(key, 0)
         if not mask & bit:
             return
         ck = (backend_id, key)
@@ -232,17 +272,35 @@ class CacheIndex:
             return
         mask &= ~bit
         if mask:
-            self._holders[key] = mask
+            holders.put(key, mask)
         else:
-            del self._holders[key]
+            holders.pop(key)
         entry.blocks -= 1
+
+    def _is_held(self, key: int) -> bool:
+        for holders in self._holders:
+            if key in holders:
+                return True
+        return False
+
+    def _sweep_engine_hashes(self) -> None:
+        """Drop the mappings of engine hashes whose own key no backend holds. They build up when backends hash a
+        shared block differently (each vLLM process seeds its own hashes) and only one of them is removed with
+        the key; the map would otherwise keep them forever."""
+        hashes, keys = self._engine_to_own.items()
+        held = np.zeros(len(keys), bool)
+        for holders in self._holders:
+            held |= holders.get_many(keys) != 0
+        # Rebuilt at a fitted size even if all are live: that is the growth the caller was about to cause.
+        self._engine_to_own.replace(hashes[held], keys[held])
 
     def _evict_to_capacity(self, backend_id: int, entry: _BackendEntry) -> None:
         if entry.lru is None or entry.capacity_blocks is None:
             return
+        holders = self._holders[backend_id >> 6]
         while len(entry.lru) > entry.capacity_blocks:
             key, _ = entry.lru.popitem(last=False)
-            self._remove(backend_id, entry, key)
+            self._remove(backend_id, holders, entry, key)
 
     def _expire(self, now: float) -> None:
         queue = self._predicted_queue
@@ -254,6 +312,15 @@ class CacheIndex:
                     del pred[backend_id]
                     if not pred:
                         del self._predicted[key]
+
+
+def _live_mask(pred: dict[int, float], now: float) -> int:
+    """Backends (as a bitmask) whose prediction of one block has not expired."""
+    mask = 0
+    for b, expiry in pred.items():
+        if expiry > now:
+            mask |= 1 << b
+    return mask
 
 
 def _salt_of(extra_keys: list | None, lora_name: str | None) -> str | None:

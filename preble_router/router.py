@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -21,7 +21,9 @@ from preble_router.cache_index import CacheIndex
 from preble_router.kv_events import KvEventSubscriber
 from preble_router.load import InFlight, LoadTracker
 from preble_router.policies import BackendState, ClusterSnapshot, Decision, Policy, RouteRequest
-from preble_router.tokens import PromptTokenizer
+
+if TYPE_CHECKING:  # transformers is heavy; the simulator routes token ids and never loads it
+    from preble_router.tokens import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class Router:
         self,
         *,
         model: str,
-        tokenizer: PromptTokenizer,
+        tokenizer: PromptTokenizer | None,
         policy: Policy,
         predicted_ttl: float = 3.0,
         clock: Callable[[], float] = time.monotonic,
@@ -125,6 +127,7 @@ class Router:
     # ---- the request path -------------------------------------------------------------------------
     def prepare(self, endpoint: str, body: dict[str, Any]) -> PreparedRequest:
         """Tokens and block keys of an OpenAI request body (raises tokens.PromptError on a bad prompt)."""
+        assert self.tokenizer is not None, "a router without a tokenizer routes token ids (prepare_tokens)"
         if endpoint == "chat":
             tokens = self.tokenizer.chat_tokens(body)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, Policy, RouteRequest
 from preble_router.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
@@ -10,7 +11,7 @@ from preble_router.policies.preble import PrebleConfig, PreblePolicy
 from preble_router.policies.simple import LeastLoadPolicy, RoundRobinPolicy
 from preble_router.policies.time_model import TimeModel
 
-POLICIES: dict[str, Callable[[], Policy]] = {
+POLICIES: dict[str, Callable[..., Policy]] = {
     "round_robin": RoundRobinPolicy,
     "least_load": LeastLoadPolicy,
     "cache_aware": CacheAwarePolicy,
@@ -18,11 +19,13 @@ POLICIES: dict[str, Callable[[], Policy]] = {
 }
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, **kwargs: Any) -> Policy:
+    """A policy by name; kwargs go to its constructor (e.g. config=PrebleConfig(...), time_model=...)."""
     try:
-        return POLICIES[name]()
+        factory = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(sorted(POLICIES))}") from None
+    return factory(**kwargs)
 
 
 __all__ = [

@@ -53,6 +53,7 @@ class _Flight:
     group: Node | None
     entry: list  # [time, cost] in the backend's load window
     est_output: int
+    first_token: float | None = None
 
 
 @dataclass
@@ -191,6 +192,7 @@ class PreblePolicy:
         if flight is None:
             return
         ttft = now - flight.dispatched
+        flight.first_token = now
         if flight.idle and flight.missed > 0:
             self.time.observe_prefill(flight.missed, flight.prompt, ttft * 1000.0)
         if flight.group is not None:
@@ -201,6 +203,8 @@ class PreblePolicy:
         flight = self._flights.pop(request.request_id, None)
         if flight is None or not ok or not output_tokens:
             return
+        if flight.first_token is not None and output_tokens > 1:
+            self.time.observe_decode(backend_id, (now - flight.first_token) * 1000.0 / (output_tokens - 1))
         delta = (output_tokens - flight.est_output) * self.time.decode_ms_per_token(backend_id)
         if self._load.get(backend_id) and flight.entry[0] >= now - self.config.window:
             flight.entry[1] += delta
