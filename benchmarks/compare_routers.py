@@ -55,11 +55,11 @@ def peer_command(name: str, replicas, model: Path, port: int) -> list[str]:
         return [_binary("smg") or "smg", "launch", "--host", "127.0.0.1", "--port", str(port), "--worker-urls",
                 *urls, "--policy", "cache_aware", *metrics, "--log-level", "warn"]
     if name == "vllm-router":
-        sources = [f"{r.url}={r.kv_endpoint}" for r in replicas]
-        replays = [f"{r.url}={r.replay_endpoint}" for r in replicas]
+        sources = [arg for r in replicas for arg in ("--kv-event-source", f"{r.url}={r.kv_endpoint}",
+                                                      "--kv-event-replay-source", f"{r.url}={r.replay_endpoint}")]
         return [_binary("vllm-router") or "vllm-router", "--host", "127.0.0.1", "--port", str(port), "--worker-urls",
-                *urls, "--policy", "kv_aware", "--kv-event-source", *sources, "--kv-event-replay-source", *replays,
-                "--kv-event-block-size", "32", "--kv-event-model", "tiny", *metrics, "--log-level", "warning"]
+                *urls, "--policy", "kv_aware", *sources, "--kv-event-block-size", "32", "--kv-event-model", "tiny",
+                *metrics, "--log-level", "warning"]
     raise ValueError(f"unknown router {name!r}")
 
 
@@ -125,9 +125,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 port = _free_port()
                 ctx = start_peer(peer_command(name, replicas, model, port), port, out / f"router-{name}.log")
-            with ctx as url:
-                print(f"\n== {name}: {url}")
-                records = run_load_sync(requests, url, model="tiny", prompt_format="text")
+            try:
+                with ctx as url:
+                    print(f"\n== {name}: {url}")
+                    records = run_load_sync(requests, url, model="tiny", prompt_format="text")
+            except (RuntimeError, TimeoutError) as exc:  # a router that cannot start is reported, not fatal
+                print(f"FAILED {name}: {exc}")
+                continue
             summary = live_summary(records)
             summary["label"] = name
             summaries[name], records_by[name] = summary, records

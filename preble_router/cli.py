@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Seconds of history for that hit ratio.")
     pre.add_argument("--preble-chain-tokens", type=int, default=PrebleConfig.chain_tokens,
                      help="Prefix groups longer than this (multi-turn chains) are never moved by rebalancing.")
+    pre.add_argument("--preble-load-signal", default=PrebleConfig.load_signal, choices=["window", "both", "outstanding"],
+                     help="L: compute sent within H (the paper's), plus the work still outstanding (both), or the "
+                          "outstanding work alone.")
+    pre.add_argument("--preble-exploit-ratio", type=float, default=PrebleConfig.exploit_ratio,
+                     help="Exploit when the best match covers more than this share of the prompt (0.5: cached > missed).")
     pre.add_argument("--time-profile", default="llama3-8b-h100",
                      help=f"Prefill/decode time model: a built-in profile ({', '.join(PROFILES)}) or a JSON file "
                           '{"prefill": {"a", "b", "d", "e"}, "decode_ms_per_token"}; refined online.')
@@ -105,7 +110,8 @@ def build_policy(args: argparse.Namespace) -> Policy:
     config = PrebleConfig(window=args.preble_window, bal_threshold=args.preble_bal_threshold,
                           warmup_per_backend=args.preble_warmup, replicate_ttft_ratio=args.preble_replicate_ttft_ratio,
                           replicate_share=args.preble_replicate_share, pd_hit_ratio=args.preble_pd_hit_ratio,
-                          pd_window=args.preble_pd_window, chain_tokens=args.preble_chain_tokens)
+                          pd_window=args.preble_pd_window, chain_tokens=args.preble_chain_tokens,
+                          load_signal=args.preble_load_signal, exploit_ratio=args.preble_exploit_ratio)
     return PreblePolicy(config, TimeModel.from_profile(args.time_profile))
 
 

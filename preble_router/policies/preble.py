@@ -32,6 +32,11 @@ from preble_router.policies.time_model import TimeModel
 @dataclass
 class PrebleConfig:
     window: float = 180.0  # H, seconds
+    # L: "window" is the spec's (compute sent within H); "both" adds the work still outstanding there (prefill
+    # not yet done, decodes running), which reacts to queues at once; "outstanding" uses that alone.
+    # Simulated tool use at 160 req/s on 4 GPUs: avg / p99 latency 1.21 / 4.15 s (window), 0.91 / 2.73 s (both).
+    load_signal: str = "both"
+    exploit_ratio: float = 0.5  # exploit when cached tokens exceed this share of the prompt (0.5: cached > missed)
     bal_threshold: float = 1.5  # Th_bal: heaviest/lightest load ratio that triggers rebalancing
     warmup_per_backend: int = 50  # requests per backend before rebalancing starts
     replicate_ttft_ratio: float = 2.0  # newer-half / older-half mean TTFT that marks a prefix hot
@@ -85,23 +90,24 @@ class PreblePolicy:
     def choose(self, request: RouteRequest, snapshot: ClusterSnapshot) -> Decision:
         now = snapshot.now
         backends = {b.backend_id: b for b in snapshot.backends}
-        loads = {i: self.load_ms(i, now) for i in backends}
+        loads = {i: self._load_term(b, now) for i, b in backends.items()}
         keys = request.block_hashes
         group = self.tree.deepest_shared(keys) if keys else None
         best = max(snapshot.backends, key=lambda b: b.matched_tokens)
-        cached, missed = best.matched_tokens, request.prompt_tokens - best.matched_tokens
+        cached = best.matched_tokens
+        exploit = cached > self.config.exploit_ratio * request.prompt_tokens
 
         for node in self._ancestors(group):
             replica = self._replicas.get(id(node))
-            if replica and len(replica[1] & backends.keys()) > 1 and cached > missed:
+            if replica and len(replica[1] & backends.keys()) > 1 and exploit:
                 costs = {i: loads[i] + self._prefill(request, backends[i]) for i in replica[1] & backends.keys()}
                 chosen = min(costs, key=costs.__getitem__)
                 return Decision(chosen, "replica", backends[chosen].matched_tokens, costs)
             moved = self._moved.get(id(node))
-            if moved and moved[1] in backends and moved[2] > now and cached > missed:
+            if moved and moved[1] in backends and moved[2] > now and exploit:
                 return Decision(moved[1], "rebalance", backends[moved[1]].matched_tokens, {moved[1]: loads[moved[1]]})
 
-        if cached > missed:
+        if exploit:
             holders = [b for b in snapshot.backends if b.matched_tokens == cached]
             chosen = min(holders, key=lambda b: (loads[b.backend_id], b.in_flight, b.backend_id))
             return Decision(chosen.backend_id, "exploit", cached,
@@ -118,6 +124,15 @@ class PreblePolicy:
         return Decision(chosen_id, "explore", backends[chosen_id].matched_tokens, costs)
 
     # ---- cost terms ---------------------------------------------------------------------------------
+    def _load_term(self, b: BackendState, now: float) -> float:
+        if self.config.load_signal == "window":
+            return self.load_ms(b.backend_id, now)
+        outstanding = (self.time.prefill_ms(b.pending_prefill_tokens, b.pending_prefill_tokens)
+                       + b.running_decode * self.time.decode_ms_per_token(b.backend_id) * self.config.default_output_tokens / 2)
+        if self.config.load_signal == "outstanding":
+            return outstanding
+        return self.load_ms(b.backend_id, now) + outstanding
+
     def load_ms(self, backend_id: int, now: float) -> float:
         """L: compute time of the requests sent to backend_id within the window."""
         q = self._load.get(backend_id)
