@@ -172,3 +172,13 @@ def _decision(backend_id, matched):
     from preble_router.policies import Decision
 
     return Decision(backend_id, "test", matched)
+
+
+def test_outstanding_work_counts_in_load():
+    p = policy()
+    busy = BackendState(0, "gpu0", 0, 3, 3000, 2, None, 0)  # 3000 prompt tokens still to prefill
+    d = p.choose(request(1, range(100, 110)), snap(0, busy, backend(1)))
+    assert (d.backend_id, d.reason) == (1, "explore") and d.costs[0] > d.costs[1]
+    window_only = policy(load_signal="window")
+    d = window_only.choose(request(1, range(100, 110)), snap(0, busy, backend(1)))
+    assert d.costs[0] == d.costs[1]  # the paper's L sees only what was sent within H
