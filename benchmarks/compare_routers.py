@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     routers = [name.strip() for name in args.routers.split(",") if name.strip()]
     summaries, records_by = {}, {}
     with start_replicas(model, 2, block_size=32, num_gpu_blocks=args.num_gpu_blocks, max_model_len=max_len,
-                        log_dir=out) as replicas:
+                        log_dir=out, kv_transport="tcp") as replicas:
         for name in routers:
             if name not in OURS and _binary(name if name != "smg" else "smg") is None:
                 print(f"SKIP {name}: not installed (pip install '.[peers]')")

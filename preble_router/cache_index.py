@@ -278,7 +278,7 @@ class CacheIndex:
         if not mask & bit:
             return mask
         ck = (backend_id, key)
-        extra = self._extra_copies.get(ck)
+        extra = self._extra_copies.get(ck) if self._extra_copies else None
         if extra:
             if extra == 1:
                 del self._extra_copies[ck]

@@ -182,3 +182,13 @@ def test_outstanding_work_counts_in_load():
     window_only = policy(load_signal="window")
     d = window_only.choose(request(1, range(100, 110)), snap(0, busy, backend(1)))
     assert d.costs[0] == d.costs[1]  # the paper's L sees only what was sent within H
+
+
+def test_prefill_decode_balance_never_evicts_hot_prefixes():
+    p = policy()
+    for i in range(4):  # backend 1 is decode-heavy and full of a prefix used 4 times recently
+        p.on_dispatched(request(f"d{i}", range(10)), _decision(1, 150), snap(i, backend(0), backend(1)))
+        p.on_dispatched(request(f"p{i}", range(100 + 10 * i, 110 + 10 * i)), _decision(0, 0), snap(i, backend(0), backend(1)))
+    full = dict(capacity=10, cached=10)
+    d = p.choose(request("new", range(900, 910)), snap(5, backend(0), backend(1, **full)))
+    assert d.reason == "explore"

@@ -118,7 +118,10 @@ class PreblePolicy:
         ratios = {i: self._hit_ratio(i, now) for i in backends}
         decode_heavy = max(ratios, key=ratios.__getitem__)
         mean_load = sum(loads.values()) / len(loads)
-        if len(backends) > 1 and ratios[decode_heavy] >= self.config.pd_hit_ratio and loads[decode_heavy] <= mean_load:
+        # Prefill-heavy work to a decode-heavy backend, if that evicts nothing of value there (our gate: with
+        # tight KV capacity the paper's rule would trade that backend's hot prefixes for compute).
+        if (len(backends) > 1 and ratios[decode_heavy] >= self.config.pd_hit_ratio and loads[decode_heavy] <= mean_load
+                and self._eviction(request, backends[decode_heavy], now) == 0.0):
             return Decision(decode_heavy, "pd_balance", backends[decode_heavy].matched_tokens, costs)
         chosen_id = min(costs, key=lambda i: (costs[i], backends[i].in_flight, i))
         return Decision(chosen_id, "explore", backends[chosen_id].matched_tokens, costs)
