@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from preble_router.discovery import add_discovery_args, check_discovery_args, start_discovery
 from preble_router.policies import POLICIES, Policy, PrebleConfig, PreblePolicy, TimeModel, make_policy
 from preble_router.policies.time_model import PROFILES
 from preble_router.proxy import Proxy, ProxyConfig
@@ -37,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prefix-aware OpenAI-compatible router in front of vLLM replicas.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--backends", nargs="+", required=True, metavar="URL",
-                   help="vLLM OpenAI server base URLs (space- or comma-separated), e.g. http://10.0.0.5:8000")
+    p.add_argument("--backends", nargs="*", default=[], metavar="URL",
+                   help="vLLM OpenAI server base URLs (space- or comma-separated), e.g. http://10.0.0.5:8000. "
+                        "Required with --discovery static (the default); with --discovery k8s, fixed extras.")
     p.add_argument("--model", required=True, help="The served model: a local directory or a model name. Its "
                    "tokenizer (and chat template) is loaded from here unless --tokenizer is given.")
     p.add_argument("--tokenizer", default=None, help="Tokenizer directory or name, if not the model's.")
@@ -101,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-wait", type=float, default=10.0,
                    help="Seconds to wait at startup for every backend to pass a first health probe.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_discovery_args(p)
     return p
 
 
@@ -131,11 +134,14 @@ def build_proxy(args: argparse.Namespace) -> Proxy:
                                      request_timeout=args.request_timeout, health_interval=args.health_interval,
                                      startup_wait=args.startup_wait, api_key=args.api_key,
                                      admin_key=args.admin_key, backend_api_key=args.backend_api_key,
-                                     max_concurrency=args.max_concurrency, max_queue=args.max_queue))
+                                     max_concurrency=args.max_concurrency, max_queue=args.max_queue),
+                 discovery=lambda r: start_discovery(args, r))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_discovery_args(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     proxy = build_proxy(args)
     uvicorn.run(proxy.app(), host=args.host, port=args.port, log_level=args.log_level, access_log=False,

@@ -30,9 +30,11 @@ class InFlight:
     backend_id: int
     uncached_tokens: int
     started: float
+    load: BackendLoad  # the entry it was counted in (still right if the backend leaves and its id is reused)
     first_token_at: float | None = None
     done: bool = False
     route: Any = None  # the policy's view of the request (RouteRequest), for its callbacks
+    backend: Any = None  # the Backend it was sent to, to tell a departed backend from a reused id
 
 
 class LoadTracker:
@@ -40,7 +42,7 @@ class LoadTracker:
         self._loads: dict[int, BackendLoad] = {}
 
     def add_backend(self, backend_id: int) -> None:
-        self._loads.setdefault(backend_id, BackendLoad())
+        self._loads[backend_id] = BackendLoad()  # a reused id starts from zero
 
     def remove_backend(self, backend_id: int) -> None:
         self._loads.pop(backend_id, None)
@@ -52,13 +54,13 @@ class LoadTracker:
         load = self.get(backend_id)
         load.in_flight += 1
         load.pending_prefill_tokens += uncached_tokens
-        return InFlight(backend_id, uncached_tokens, now)
+        return InFlight(backend_id, uncached_tokens, now, load)
 
     def first_token(self, req: InFlight, now: float) -> None:
         if req.first_token_at is not None or req.done:
             return
         req.first_token_at = now
-        load = self.get(req.backend_id)
+        load = req.load
         load.pending_prefill_tokens -= req.uncached_tokens
         load.running_decode += 1
         load.ttft_samples.append((req.uncached_tokens, now - req.started))
@@ -67,7 +69,7 @@ class LoadTracker:
         if req.done:
             return
         req.done = True
-        load = self.get(req.backend_id)
+        load = req.load
         load.in_flight -= 1
         if req.first_token_at is None:
             load.pending_prefill_tokens -= req.uncached_tokens

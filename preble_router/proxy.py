@@ -14,7 +14,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from preble_router.backends import Backend, mark_failure, probe_backend
+from preble_router.discovery import Discovery
 from preble_router.errors import error_response, sse_error_event
 from preble_router.load import InFlight
 from preble_router.metrics import RouterMetrics
@@ -82,8 +83,11 @@ def _cached_tokens_from_usage(usage: Any) -> int | None:
 
 
 class Proxy:
-    def __init__(self, router: Router, config: ProxyConfig | None = None) -> None:
+    def __init__(self, router: Router, config: ProxyConfig | None = None, *,
+                 discovery: Callable[[Router], Awaitable[Discovery]] | None = None) -> None:
         self.router = router
+        self._start_discovery = discovery  # called at startup, on the serving loop
+        self.discovery: Discovery | None = None
         self.config = config or ProxyConfig()
         self.metrics = RouterMetrics(router)
         self.client: httpx.AsyncClient | None = None
@@ -97,6 +101,8 @@ class Proxy:
             timeout=httpx.Timeout(self.config.request_timeout, connect=self.config.connect_timeout),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
         )
+        if self._start_discovery is not None:  # before the first probe, so discovered backends are probed too
+            self.discovery = await self._start_discovery(self.router)
         self.router.start_event_consumers()
         deadline = time.monotonic() + self.config.startup_wait
         while True:
@@ -111,6 +117,8 @@ class Proxy:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
+        if self.discovery is not None:
+            await self.discovery.stop()
         await self.router.stop()
         if self.client:
             await self.client.aclose()

@@ -204,16 +204,21 @@ class Router:
         self.index.record_routed(decision.backend_id, keys, now)
         inflight = self.load.begin(decision.backend_id, len(prepared.tokens) - decision.matched_tokens, now)
         inflight.route = route
+        inflight.backend = backend
         return inflight
+
+    def _still_there(self, inflight: InFlight) -> bool:
+        """False once the request's backend left (its id may now name another backend)."""
+        return self.backends.get(inflight.backend_id) is inflight.backend
 
     def first_token(self, inflight: InFlight) -> None:
         now = self.clock()
-        if inflight.first_token_at is None and not inflight.done:
+        if inflight.first_token_at is None and not inflight.done and self._still_there(inflight):
             self.policy.on_first_token(inflight.route, inflight.backend_id, now)
         self.load.first_token(inflight, now)
 
     def finish(self, prepared: PreparedRequest, inflight: InFlight, *, ok: bool, output_tokens: int | None) -> None:
         now = self.clock()
-        if not inflight.done:
+        if not inflight.done and self._still_there(inflight):
             self.policy.on_finished(inflight.route, inflight.backend_id, now, output_tokens, ok)
         self.load.finish(inflight, now, ok=ok, output_tokens=output_tokens)

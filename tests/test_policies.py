@@ -49,3 +49,24 @@ def test_cache_aware_imbalance_overrides_affinity():
     snap = ClusterSnapshot(0.0, (state(0, matched=900, in_flight=100), state(1, in_flight=10)))
     d = p.choose(req(), snap)
     assert (d.backend_id, d.reason) == (1, "imbalanced")
+
+
+def test_backend_leaving_mid_request_keeps_load_exact():
+    from preble_router.router import Router
+
+    router = Router(model="m", tokenizer=None, policy=LeastLoadPolicy(), clock=lambda: 0.0)
+    for url in ("http://a", "http://b"):
+        b = router.add_backend(url)
+        b.healthy, b.block_size = True, 4
+    prepared = router.prepare_tokens(list(range(12)))
+    decision = router.decide(prepared)
+    inflight = router.dispatch(prepared, decision)
+    gone = router.backends[decision.backend_id].url
+    import asyncio
+
+    asyncio.run(router.remove_backend(gone))
+    newcomer = router.add_backend("http://c")  # reuses the departed backend's id
+    assert newcomer.backend_id == decision.backend_id
+    router.finish(prepared, inflight, ok=True, output_tokens=3)
+    load = router.load.get(newcomer.backend_id)
+    assert (load.in_flight, load.pending_prefill_tokens, load.running_decode) == (0, 0, 0)
