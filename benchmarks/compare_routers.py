@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             reset_caches(replicas)
             if name in OURS:
-                argv_ = router_argv(replicas, model, policy=name, extra=["--time-profile", "tiny-cpu"])
+                argv_ = router_argv(replicas, model, policy=name, extra=["--time-profile", f"{args.model_size}-cpu"])
                 ctx = start_router(argv_, log_path=out / f"router-{name}.log")
             else:
                 port = _free_port()

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                         log_dir=out) as replicas:
         for policy in [p.strip() for p in args.policies.split(",") if p.strip()]:
             reset_caches(replicas)
-            argv_ = router_argv(replicas, model, policy=policy, extra=["--time-profile", "tiny-cpu"])
+            argv_ = router_argv(replicas, model, policy=policy, extra=["--time-profile", f"{args.model_size}-cpu"])
             with start_router(argv_, log_path=out / f"router-{policy}.log") as url:
                 print(f"\n== {policy}: {url}")
                 started = time.perf_counter()

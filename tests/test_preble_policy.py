@@ -192,3 +192,9 @@ def test_prefill_decode_balance_never_evicts_hot_prefixes():
     full = dict(capacity=10, cached=10)
     d = p.choose(request("new", range(900, 910)), snap(5, backend(0), backend(1, **full)))
     assert d.reason == "explore"
+
+
+def test_time_model_calibrates_from_the_first_idle_prefill():
+    tm = TimeModel(a=0.0, b=0.01, d=0.0, e=0.0)  # a profile 10x too fast
+    tm.observe_prefill(1000, 1000, 100.0)
+    assert tm.prefill_ms(2000, 2000) == pytest.approx(200.0)

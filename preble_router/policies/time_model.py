@@ -22,6 +22,9 @@ PROFILES: dict[str, tuple[float, float, float, float, float]] = {
     "llama3-8b-h100": (10.0, 0.04, 0.0005, 2e-7, 12.0),
     "llama3-70b-2xh100": (18.7, 0.0799, 0.00269, 7.4e-7, 30.0),
     "tiny-cpu": (15.0, 0.05, 0.002, 1e-6, 4.0),
+    # - small-cpu: the demo's 6-layer 512-wide model on one loaded CPU core, fitted to time-to-first-token
+    #   lower envelopes of a compare_routers run (506 tokens 0.15 s, 4296 tokens 2.5 s, 6437 tokens 5.0 s).
+    "small-cpu": (5.0, 0.25, 0.0, 8e-5, 15.0),
 }
 
 
@@ -36,6 +39,7 @@ class TimeModel:
     _xtx: list[list[float]] = field(default_factory=lambda: [[0.0] * 4 for _ in range(4)], repr=False)
     _xty: list[float] = field(default_factory=lambda: [0.0] * 4, repr=False)
     _fit_samples: int = 0
+    _scale: float = 1.0  # observed / profiled prefill time, until enough samples for a full fit
     _decode: dict[int, deque[float]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -51,7 +55,7 @@ class TimeModel:
         if new_tokens <= 0:
             return 0.0
         n, c = new_tokens, context_tokens
-        return self.a + self.b * n + self.d * c + self.e * n * c
+        return (self.a + self.b * n + self.d * c + self.e * n * c) * self._scale
 
     def decode_ms_per_token(self, backend_id: int) -> float:
         samples = self._decode.get(backend_id)
@@ -59,6 +63,13 @@ class TimeModel:
 
     def observe_prefill(self, new_tokens: int, context_tokens: int, ms: float) -> None:
         """An idle backend's time to first token for n new tokens on c context: refit by least squares."""
+        if self._fit_samples < self.min_fit_samples:
+            # Calibrate from the first sample on: a wrong profile (another model, another machine) is off by a
+            # roughly constant factor, which one idle prefill already reveals.
+            predicted = self.prefill_ms(new_tokens, context_tokens) / self._scale
+            if predicted > 0:
+                ratio = ms / predicted
+                self._scale = ratio if self._fit_samples == 0 else 0.7 * self._scale + 0.3 * ratio
         x = (1.0, float(new_tokens), float(context_tokens), float(new_tokens) * context_tokens)
         decay = 0.995  # old samples fade, so the fit follows the backend
         for i in range(4):
@@ -70,6 +81,7 @@ class TimeModel:
             coef = _solve(self._xtx, self._xty)
             if coef is not None and all(v >= 0 for v in coef) and coef[1] > 0:
                 self.a, self.b, self.d, self.e = coef
+                self._scale = 1.0
 
     def observe_decode(self, backend_id: int, ms_per_token: float) -> None:
         self._decode.setdefault(backend_id, deque(maxlen=64)).append(ms_per_token)
