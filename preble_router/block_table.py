@@ -16,8 +16,8 @@ arrays:
 - the capacity about doubles when the load would pass _MAX_LOAD, and is re-fitted (to a load of about
   _FIT_LOAD) when it falls below _MAX_LOAD / 4 or on replace();
 - key 0 marks an empty slot (whose value is 0 too); a real key 0 is kept aside in self._zero.
-Scalar operations read the arrays through memoryviews (Python ints, ~3x cheaper than numpy scalars);
-get_many() probes many keys at once and is what the hot path (CacheIndex.match) uses.
+Scalar operations read the arrays through memoryviews (Python ints, ~3x cheaper than numpy scalars), and hot
+loops can inline the probe (probe_view()); get_many() probes many keys at once, for long prompts and sweeps.
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ class U64Map:
     # ---- bulk operations ---------------------------------------------------------------------------------------
     def get_many(self, keys: np.ndarray) -> np.ndarray:
         """Values of `keys` (a uint64 array), 0 where absent: meant for maps that never store 0 as a value."""
+        keys = np.asarray(keys, np.uint64)
         if len(keys) > _CHUNK:
             return np.concatenate([self.get_many(keys[i:i + _CHUNK]) for i in range(0, len(keys), _CHUNK)])
         out = self._probe(keys, (keys % np.uint64(self._capacity)).astype(np.intp))
