@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-gpu-blocks", type=int, default=384, help="KV-cache cap per replica, in 32-token blocks")
     ap.add_argument("--model-size", default="small", choices=["tiny", "small"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--router-log-level", default="info", help="our routers' log level (debug logs every decision)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "compare"))
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             reset_caches(replicas)
             if name in OURS:
-                argv_ = router_argv(replicas, model, policy=name, extra=["--time-profile", f"{args.model_size}-cpu"])
+                argv_ = router_argv(replicas, model, policy=name, extra=["--time-profile", f"{args.model_size}-cpu",
+                                                                    "--log-level", args.router_log_level])
                 ctx = start_router(argv_, log_path=out / f"router-{name}.log")
             else:
                 port = _free_port()

@@ -143,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_discovery_args(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: on a proxy that is one line per forwarded request and health probe.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     proxy = build_proxy(args)
     uvicorn.run(proxy.app(), host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 timeout_graceful_shutdown=args.drain_timeout)

@@ -313,6 +313,12 @@ class Proxy:
             tried.add(decision.backend_id)
             backend = self.router.backends[decision.backend_id]
             inflight = self.router.dispatch(prepared, decision)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("route %s -> %s (%s, %d/%d tokens cached) costs=%s loads=%s", prepared.request_id,
+                          backend.url, decision.reason, decision.matched_tokens, len(prepared.tokens),
+                          {self.router.backends[i].url: round(c, 1) for i, c in decision.costs.items()},
+                          {s.url: (s.in_flight, s.pending_prefill_tokens, s.cached_blocks)
+                           for s in (prepared.snapshot.backends if prepared.snapshot else ())})
             if attempt == 0:
                 self.metrics.overhead.observe(time.perf_counter() - received)
                 self.metrics.decisions.labels(self.router.policy.name, decision.reason).inc()
