@@ -100,6 +100,7 @@ class KvEventSubscriber:
         self._decoder = msgspec.msgpack.Decoder()
         self._dealer: zmq.asyncio.Socket | None = None
         self._last_payload: bytes | None = None  # lets a replay prove it comes from the same engine
+        self._synced_upto: int | None = None  # live batches up to this seq were applied by the initial replay
         self._task: asyncio.Task | None = None
 
     def start(self) -> asyncio.Task:
@@ -125,6 +126,7 @@ class KvEventSubscriber:
         watcher = asyncio.create_task(self._watch(monitor))
         sub.connect(self.endpoint)  # vLLM binds (tcp://*:port or ipc://); ZMQ reconnects on its own
         try:
+            await self._initial_sync()
             while True:
                 try:
                     frames = await sub.recv_multipart()
@@ -148,6 +150,14 @@ class KvEventSubscriber:
 
     # ---- live stream -------------------------------------------------------------------------------
 
+    async def _initial_sync(self) -> None:
+        """Learn what the engine already caches before any new event: another router that started earlier,
+        or an idle engine, must not leave this index empty until the engine's next step."""
+        got = await self._replay(0, 1 << 63)
+        if got:
+            await self._apply_replayed(got, sorted(got))
+            self._synced_upto = self.stats.last_seq
+
     async def _on_live(self, frames: list[bytes]) -> None:
         if len(frames) != 3 or len(frames[1]) != 8:
             self.stats.decode_errors += 1
@@ -156,6 +166,10 @@ class KvEventSubscriber:
         if self.topic and topic != self.topic:  # SUBSCRIBE matches prefixes only
             return
         seq = int.from_bytes(seq_bytes, "big")
+        if self._synced_upto is not None:
+            if seq <= self._synced_upto:
+                return  # queued while the initial replay ran: already applied from it
+            self._synced_upto = None
         await self._catch_up(seq)
         self._apply_batch(seq, payload, replayed=False)
 

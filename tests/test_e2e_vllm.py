@@ -164,3 +164,29 @@ def test_metrics_export_predicted_and_observed(cluster):
     predicted = sum(float(line.split()[-1]) for line in lines if 'source="predicted"' in line)
     observed = sum(float(line.split()[-1]) for line in lines if 'source="observed"' in line)
     assert observed > 0 and predicted == observed
+
+
+def test_two_routers_agree_from_the_same_events(cluster, tiny_model):
+    """A second router that never saw the traffic builds the same index from the engines' KV events."""
+    url, replicas = cluster
+    argv = router_argv(replicas, tiny_model, policy="cache_aware", extra=["--health-interval", "0.5"])
+    with start_router(argv) as other:
+        prompts = [[(g * 131 + j) % 800 + 7 for j in range(300)] for g in range(3)]
+        for p in prompts:
+            completion(url, p)  # through the first router only
+
+        def agree():
+            a, b = backends_view(url), backends_view(other)
+            return all(a[u]["indexed_blocks"] == b[u]["indexed_blocks"] > 0 or a[u]["indexed_blocks"] ==
+                       b[u]["indexed_blocks"] for u in a) and sum(b[u]["indexed_blocks"] for u in b) > 0
+
+        try:
+            wait_for(agree, what="both routers' indexes to match")
+        except AssertionError:
+            raise AssertionError(f"indexes differ: {backends_view(url)} vs {backends_view(other)}") from None
+        time.sleep(3.2)  # let the first router's own predictions expire: only event-fed state remains
+        for p in prompts:
+            body = {"model": "tiny", "prompt": p + [3] * 10}
+            mine = {b["url"]: b["matched_tokens"] for b in httpx.post(url + "/debug/route", json=body).json()["backends"]}
+            theirs = {b["url"]: b["matched_tokens"] for b in httpx.post(other + "/debug/route", json=body).json()["backends"]}
+            assert mine == theirs and max(mine.values()) >= 288

@@ -122,7 +122,8 @@ async def test_gap_repaired_by_replay(publishers, subscribe):
     await until(lambda: sub.stats.last_seq == 3)
     assert sink.kinds() == [("stored", [0]), ("stored", [1]), ("removed", [0]), ("stored", [3])]
     s = sub.stats
-    assert (s.gaps, s.replays, s.replayed_batches, s.resets, s.batches) == (1, 1, 2, 0, 4)
+    # Replays: the initial sync at start (nothing buffered yet) and the gap repair.
+    assert (s.gaps, s.replays, s.replayed_batches, s.resets, s.batches) == (1, 2, 2, 0, 4)
 
 
 async def test_gap_without_replay_clears(publishers, subscribe):
@@ -144,12 +145,13 @@ async def test_gap_replay_timeout_clears(publishers, subscribe, tmp_path):
     pub.publish(block(pub, 2))
     await until(lambda: sub.stats.last_seq == 2)
     assert sink.kinds() == [("stored", [0]), ("cleared",), ("stored", [2])]
-    assert (sub.stats.replay_failures, sub.stats.resets) == (1, 1)
+    # Failures: the initial sync at start, then the gap's replay.
+    assert (sub.stats.replay_failures, sub.stats.resets) == (2, 1)
     # The next gap gets a fresh replay socket (no stale state) and fails the same way.
     pub.publish(block(pub, 3), drop=True)
     pub.publish(block(pub, 4))
     await until(lambda: sub.stats.last_seq == 4)
-    assert (sub.stats.replay_failures, sub.stats.resets) == (2, 2)
+    assert (sub.stats.replay_failures, sub.stats.resets) == (3, 2)
 
 
 async def test_gap_longer_than_replay_buffer_clears_then_applies_tail(publishers, subscribe):
@@ -313,3 +315,16 @@ async def test_stop_closes_sockets(publishers, ctx):
     assert task.done() and not sub.stats.connected and sub._dealer is None
     # With every socket closed, terminating the context returns at once.
     await asyncio.wait_for(asyncio.to_thread(ctx.term), 2)
+
+
+async def test_late_subscriber_learns_an_idle_engine_from_replay(publishers, subscribe):
+    """A router started after the engine stored blocks, with no new event coming, still knows them."""
+    pub, sink = publishers(), RecordingSink()
+    pub.publish(block(pub, 0), drop=True)  # nobody listening yet: only the replay buffer has these
+    pub.publish(block(pub, 1), drop=True)
+    sub = await subscribe(pub, sink)
+    await until(lambda: sub.stats.last_seq == 1)
+    assert sink.kinds() == [("stored", [0]), ("stored", [1])]
+    pub.publish(block(pub, 2))  # live batches continue the sequence without a gap or a reset
+    await until(lambda: sub.stats.last_seq == 2)
+    assert (sub.stats.gaps, sub.stats.resets) == (0, 0)
