@@ -17,6 +17,7 @@ import httpx
 log = logging.getLogger(__name__)
 
 _CACHE_CONFIG = re.compile(r"^vllm:cache_config_info\{([^}]*)\}", re.MULTILINE)
+_GAUGE = re.compile(r"^(vllm:num_requests_running|vllm:num_requests_waiting)\{[^}]*\} ([0-9.eE+-]+)$", re.MULTILINE)
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -32,6 +33,12 @@ class Backend:
     models: tuple[str, ...] = ()
     lora_models: frozenset[str] = frozenset()  # entries of /v1/models with a parent: LoRA adapters
     consecutive_failures: int = 0
+    # What the engine says it is doing: from the Preble plugin's GET /preble/load when the replica runs it
+    # (load_source "preble"), else from vLLM's own gauges in /metrics (load_source "metrics").
+    engine_running: int | None = None
+    engine_waiting: int | None = None
+    engine_pending_prefill_tokens: int | None = None
+    load_source: str | None = None
     last_error: str | None = None
     probed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -67,6 +74,7 @@ async def probe_backend(client: httpx.AsyncClient, backend: Backend, timeout: fl
             block_size, capacity = parse_cache_config(metrics.text)
             backend.block_size = block_size or backend.block_size
             backend.capacity_blocks = capacity or backend.capacity_blocks
+        await _probe_engine_load(client, backend, metrics.text if metrics.status_code == 200 else "", timeout)
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         if backend.healthy:
             log.warning("backend %s is down: %s", backend.url, exc)
@@ -80,6 +88,34 @@ async def probe_backend(client: httpx.AsyncClient, backend: Backend, timeout: fl
         backend.consecutive_failures = 0
     finally:
         backend.probed.set()
+
+
+def parse_engine_gauges(metrics_text: str) -> tuple[int | None, int | None]:
+    """(running, waiting) requests from vLLM's gauges, summed over engines."""
+    found: dict[str, float] = {}
+    for name, value in _GAUGE.findall(metrics_text):
+        found[name] = found.get(name, 0.0) + float(value)
+    running, waiting = found.get("vllm:num_requests_running"), found.get("vllm:num_requests_waiting")
+    return (None if running is None else int(running)), (None if waiting is None else int(waiting))
+
+
+async def _probe_engine_load(client: httpx.AsyncClient, backend: Backend, metrics_text: str, timeout: float) -> None:
+    """Prefer the plugin's load report (exact pending prefill tokens); fall back to vLLM's gauges."""
+    if backend.load_source != "metrics":  # once a replica is known not to run the plugin, stop asking
+        try:
+            r = await client.get(f"{backend.url}/preble/load", timeout=timeout)
+            if r.status_code == 200:
+                report = r.json()
+                backend.engine_running = int(report["running"])
+                backend.engine_waiting = int(report["waiting"])
+                backend.engine_pending_prefill_tokens = int(report["pending_prefill_tokens"])
+                backend.load_source = "preble"
+                return
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            pass
+    backend.engine_running, backend.engine_waiting = parse_engine_gauges(metrics_text)
+    backend.engine_pending_prefill_tokens = None
+    backend.load_source = "metrics" if backend.engine_running is not None else None
 
 
 def mark_failure(backend: Backend, error: str) -> None:

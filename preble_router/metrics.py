@@ -57,6 +57,9 @@ class _StateCollector:
         blocks = GaugeMetricFamily("preble_cache_index_blocks", "Blocks the index records per backend", labels=["backend"])
         orphans = GaugeMetricFamily("preble_cache_index_orphan_blocks", "Stored blocks with an unknown parent",
                                     labels=["backend"])
+        engine_waiting = GaugeMetricFamily("preble_backend_engine_waiting", "Requests waiting in the engine, as it "
+                                           "reports (Preble plugin's /preble/load, else vLLM gauges)",
+                                           labels=["backend", "source"])
         events = CounterMetricFamily("preble_kv_events", "KV events applied", labels=["backend"])
         gaps = CounterMetricFamily("preble_kv_event_gaps", "Sequence gaps in a KV-event stream", labels=["backend"])
         resets = CounterMetricFamily("preble_kv_event_resets", "Index resets (engine restart / unrepairable gap)",
@@ -68,9 +71,11 @@ class _StateCollector:
             prefill.add_metric([b.url], load.pending_prefill_tokens)
             blocks.add_metric([b.url], self.router.index.blocks_held(b.backend_id))
             orphans.add_metric([b.url], self.router.index.orphan_blocks(b.backend_id))
+            if b.engine_waiting is not None:
+                engine_waiting.add_metric([b.url, b.load_source or ""], b.engine_waiting)
             sub = self.router.subscriber(b.backend_id)
             if sub is not None:
                 events.add_metric([b.url], sub.stats.events)
                 gaps.add_metric([b.url], sub.stats.gaps)
                 resets.add_metric([b.url], sub.stats.resets)
-        yield from (healthy, in_flight, prefill, blocks, orphans, events, gaps, resets)
+        yield from (healthy, in_flight, prefill, blocks, orphans, engine_waiting, events, gaps, resets)

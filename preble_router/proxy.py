@@ -196,6 +196,8 @@ class Proxy:
                 "capacity_blocks": b.capacity_blocks, "models": list(b.models), "last_error": b.last_error,
                 "in_flight": load.in_flight, "pending_prefill_tokens": load.pending_prefill_tokens,
                 "indexed_blocks": self.router.index.blocks_held(b.backend_id),
+                "engine_load": {"source": b.load_source, "running": b.engine_running, "waiting": b.engine_waiting,
+                                "pending_prefill_tokens": b.engine_pending_prefill_tokens},
                 "kv_events": None if sub is None else {
                     "events": sub.stats.events, "gaps": sub.stats.gaps, "resets": sub.stats.resets,
                     "last_seq": sub.stats.last_seq},

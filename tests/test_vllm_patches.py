@@ -8,6 +8,7 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
+import httpx
 import pytest
 
 from vllm_patches.group_queue import AGED, PrebleRequestQueue, hit_group
@@ -411,6 +412,12 @@ def test_real_replica_admits_high_hit_first_bounds_waits_and_reports(tmp_path, t
         out = asyncio.run(scenario(rep.url))
         print(f"scenario took {time.monotonic() - t0:.1f}s")
         log = rep.log_path.read_text(errors="replace")
+        # The router reads the plugin's load report from this replica (not vLLM's coarser gauges).
+        from benchmarks.router_process import router_argv, start_router
+
+        with start_router(router_argv([rep], tiny_model, policy="preble")) as router_url:
+            view = httpx.get(router_url + "/debug/backends", timeout=10).json()["backends"][0]["engine_load"]
+        assert view["source"] == "preble" and view["pending_prefill_tokens"] == 0
     assert "Preble scheduler: 10 groups" in log
 
     p1, p2 = out["phase1"], out["phase2"]

@@ -1,0 +1,60 @@
+"""Backend probing: block size and capacity from vLLM's metrics; engine load from the Preble plugin's report
+when the replica runs it, else from vLLM's gauges. Against FAKE HTTP transports (httpx.MockTransport)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from preble_router.backends import Backend, parse_cache_config, parse_engine_gauges, probe_backend
+
+METRICS = """# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="tiny"} 3.0
+vllm:num_requests_waiting{engine="0",model_name="tiny"} 5.0
+vllm:cache_config_info{block_size="32",enable_prefix_caching="True",num_gpu_blocks="384",engine="0"} 1.0
+"""
+
+
+def fake_vllm(with_plugin: bool) -> httpx.MockTransport:
+    def handle(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/health":
+            return httpx.Response(200)
+        if path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "tiny"}, {"id": "adapter", "parent": "tiny"}]})
+        if path == "/metrics":
+            return httpx.Response(200, text=METRICS)
+        if path == "/preble/load" and with_plugin:
+            return httpx.Response(200, json={"running": 2, "waiting": 7, "pending_prefill_tokens": 4096})
+        return httpx.Response(404)
+
+    return httpx.MockTransport(handle)
+
+
+def probe(with_plugin: bool) -> Backend:
+    backend = Backend(0, "http://fake")
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=fake_vllm(with_plugin)) as client:
+            await probe_backend(client, backend)
+
+    asyncio.run(go())
+    return backend
+
+
+def test_parsers():
+    assert parse_cache_config(METRICS) == (32, 384)
+    assert parse_engine_gauges(METRICS) == (3, 5)
+    assert parse_engine_gauges("") == (None, None)
+
+
+def test_probe_reads_plugin_report_when_present():
+    b = probe(with_plugin=True)
+    assert b.healthy and (b.block_size, b.capacity_blocks) == (32, 384) and b.lora_models == {"adapter"}
+    assert (b.load_source, b.engine_running, b.engine_waiting, b.engine_pending_prefill_tokens) == ("preble", 2, 7, 4096)
+
+
+def test_probe_falls_back_to_vllm_gauges():
+    b = probe(with_plugin=False)
+    assert (b.load_source, b.engine_running, b.engine_waiting, b.engine_pending_prefill_tokens) == ("metrics", 3, 5, None)
