@@ -14,33 +14,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 from transformers import AutoTokenizer
 
-from benchmarks.demo import ROOT, demo_workload, reset_caches
+from benchmarks.demo import ROOT, prepare_run, reset_caches
 from benchmarks.loadgen import live_summary, run_load_sync
 from benchmarks.report import plot_latency_cdf, print_table
-from benchmarks.router_process import router_argv, start_router
-from benchmarks.tiny_model import build_tiny_model
+from benchmarks.router_process import free_port, router_argv, start_router, start_server
 from benchmarks.vllm_replicas import start_replicas
 
 OURS = {"preble", "cache_aware", "least_load", "round_robin"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _binary(name: str) -> str | None:
@@ -50,7 +38,7 @@ def _binary(name: str) -> str | None:
 
 def peer_command(name: str, replicas, model: Path, port: int) -> list[str]:
     urls = [r.url for r in replicas]
-    metrics = ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(_free_port())]
+    metrics = ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
     if name == "smg":
         return [_binary("smg") or "smg", "launch", "--host", "127.0.0.1", "--port", str(port), "--worker-urls",
                 *urls, "--policy", "cache_aware", *metrics, "--log-level", "warn"]
@@ -63,33 +51,13 @@ def peer_command(name: str, replicas, model: Path, port: int) -> list[str]:
     raise ValueError(f"unknown router {name!r}")
 
 
-@contextlib.contextmanager
-def start_peer(cmd: Sequence[str], port: int, log_path: Path, ready_timeout: float = 90.0) -> Iterator[str]:
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                probe = httpx.post(url + "/v1/completions", timeout=30,
-                                   json={"model": "tiny", "prompt": "warm up", "max_tokens": 1})
-                if probe.status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{cmd[0]} not ready: {log_path.read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def start_peer(cmd: Sequence[str], port: int, log_path: Path) -> contextlib.AbstractContextManager[str]:
+    """A peer router is ready when it serves a completion (its health endpoints differ)."""
+    def serves(url: str) -> bool:
+        return httpx.post(url + "/v1/completions", timeout=30,
+                          json={"model": "tiny", "prompt": "warm up", "max_tokens": 1}).status_code == 200
+
+    return start_server(cmd, f"http://127.0.0.1:{port}", serves, ready_timeout=90.0, log_path=log_path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,11 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--router-log-level", default="info", help="our routers' log level (debug logs every decision)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "compare"))
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = build_tiny_model(ROOT / ".cache" / "models" / args.model_size, size=args.model_size)
-    max_len = 8192 if args.model_size == "small" else 4096
-    requests = demo_workload(args.requests, args.rate, max_prompt=max_len - 200, seed=args.seed)
+    out, model, max_len, requests = prepare_run(args.out, args.model_size, args.requests, args.rate, args.seed,
+                                                headroom=200)  # re-tokenized text may run a little longer
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     for r in requests:  # text that re-tokenizes to (about) the same ids: shared prefixes stay shared
         r.text = tokenizer.decode(r.tokens[1:] if r.tokens and r.tokens[0] == tokenizer.bos_token_id else r.tokens)
@@ -125,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                     "--log-level", args.router_log_level])
                 ctx = start_router(argv_, log_path=out / f"router-{name}.log")
             else:
-                port = _free_port()
+                port = free_port()
                 ctx = start_peer(peer_command(name, replicas, model, port), port, out / f"router-{name}.log")
             try:
                 with ctx as url:

@@ -40,6 +40,19 @@ def demo_workload(n: int, rate: float, *, max_prompt: int, seed: int = 0, vocab:
     return with_arrivals(requests, poisson(len(requests), rate, seed=seed))
 
 
+def prepare_run(out_dir: str, model_size: str, n: int, rate: float, seed: int, *, headroom: int = 64):
+    """The live benchmarks' common setup: output folder, model (built offline), workload that fits it.
+    Returns (out, model, max_model_len, requests); `headroom` tokens are left for the output."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_tiny_model(ROOT / ".cache" / "models" / model_size, size=model_size)
+    max_len = 8192 if model_size == "small" else 4096
+    requests = demo_workload(n, rate, max_prompt=max_len - headroom, seed=seed)
+    print(f"workload: {len(requests)} requests, {sum(r.prompt_tokens for r in requests)} prompt tokens, "
+          f"rate {rate}/s; model {model}")
+    return out, model, max_len, requests
+
+
 def reset_caches(replicas) -> None:
     """Empty each replica's prefix cache; a 1-token request makes the engine step and publish the event."""
     for rep in replicas:
@@ -59,13 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "runs" / "demo"))
     args = ap.parse_args(argv)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = build_tiny_model(ROOT / ".cache" / "models" / args.model_size, size=args.model_size)
-    max_len = 8192 if args.model_size == "small" else 4096
-    requests = demo_workload(args.requests, args.rate, max_prompt=max_len - 64, seed=args.seed)
-    print(f"workload: {len(requests)} requests, {sum(r.prompt_tokens for r in requests)} prompt tokens, "
-          f"rate {args.rate}/s; model {model}")
+    out, model, max_len, requests = prepare_run(args.out, args.model_size, args.requests, args.rate, args.seed)
     results: dict[str, dict] = {}
     with start_replicas(model, 2, block_size=32, num_gpu_blocks=args.num_gpu_blocks, max_model_len=max_len,
                         log_dir=out) as replicas:

@@ -30,11 +30,10 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.demo import demo_workload
+from benchmarks.demo import prepare_run
 from benchmarks.loadgen import live_summary, run_load, run_load_sync
 from benchmarks.report import print_table
 from benchmarks.router_process import router_argv, start_router
-from benchmarks.tiny_model import build_tiny_model
 from benchmarks.vllm_replicas import start_replicas
 from vllm_patches.launch import plugin_args, plugin_env
 
@@ -121,13 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "runs" / "plugin_compare"))
     args = ap.parse_args(argv)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = build_tiny_model(ROOT / ".cache" / "models" / args.model_size, size=args.model_size)
-    max_len = 8192 if args.model_size == "small" else 4096
-    requests = demo_workload(args.requests, args.rate, max_prompt=max_len - 64, seed=args.seed)
-    print(f"workload: {len(requests)} requests, {sum(r.prompt_tokens for r in requests)} prompt tokens, "
-          f"rate {args.rate}/s; model {model}")
+    out, model, max_len, requests = prepare_run(args.out, args.model_size, args.requests, args.rate, args.seed)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     results = []
     if args.mode == "together":

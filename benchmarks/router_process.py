@@ -10,13 +10,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -36,25 +36,22 @@ def router_argv(backends: Sequence, model_dir: str | os.PathLike, *, policy: str
 
 
 @contextlib.contextmanager
-def start_router(argv: Sequence[str], *, python: str = sys.executable, ready_timeout: float = 60.0,
+def start_server(cmd: Sequence[str], url: str, is_ready: Callable[[str], bool], *, ready_timeout: float = 60.0,
                  log_path: Path | None = None) -> Iterator[str]:
-    """Run `python -m preble_router.cli ARGV --port P`; yield its URL once /health answers 200."""
-    port = _free_port()
-    log_path = log_path or Path(tempfile.mkstemp(prefix="preble-router-", suffix=".log")[1])
+    """Run cmd in its own process group; yield url once is_ready(url); stop the whole group on exit."""
+    log_path = log_path or Path(tempfile.mkstemp(prefix="server-", suffix=".log")[1])
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([python, "-m", "preble_router.cli", *argv, "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"router exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                if is_ready(url):
                     break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"router not healthy in {ready_timeout}s:\n{log_path.read_text()[-3000:]}")
+                raise TimeoutError(f"{cmd[0]} not ready in {ready_timeout}s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.2)
         yield url
     finally:
@@ -65,3 +62,12 @@ def start_router(argv: Sequence[str], *, python: str = sys.executable, ready_tim
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def start_router(argv: Sequence[str], *, python: str = sys.executable, ready_timeout: float = 60.0,
+                 log_path: Path | None = None) -> contextlib.AbstractContextManager[str]:
+    """Run `python -m preble_router.cli ARGV --port P`; yields its URL once /health answers 200."""
+    port = free_port()
+    return start_server([python, "-m", "preble_router.cli", *argv, "--port", str(port)], f"http://127.0.0.1:{port}",
+                        lambda url: httpx.get(url + "/health", timeout=2).status_code == 200,
+                        ready_timeout=ready_timeout, log_path=log_path)

@@ -8,7 +8,6 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-import httpx
 import pytest
 
 from vllm_patches.group_queue import AGED, PrebleRequestQueue, hit_group
