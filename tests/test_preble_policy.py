@@ -198,3 +198,19 @@ def test_time_model_calibrates_from_the_first_idle_prefill():
     tm = TimeModel(a=0.0, b=0.01, d=0.0, e=0.0)  # a profile 10x too fast
     tm.observe_prefill(1000, 1000, 100.0)
     assert tm.prefill_ms(2000, 2000) == pytest.approx(200.0)
+
+
+def test_a_long_running_prefill_counts_only_what_is_left():
+    p = policy(load_signal="outstanding")
+    big = request("big", range(1000, 1100))  # 1601 tokens: 161 ms of prefill at 0.1 ms/token
+    s0 = snap(0.0, backend(0), backend(1))
+    p.on_dispatched(big, _decision(0, 0), s0)
+    busy = BackendState(0, "gpu0", 0, 1, big.prompt_tokens, 0, None, 0)
+    early = p._remaining_prefill_ms(busy, 0.0)
+    late = p._remaining_prefill_ms(busy, 0.1)  # 100 ms later
+    assert early == pytest.approx(p.time.prefill_ms(big.prompt_tokens, big.prompt_tokens))
+    assert late == pytest.approx(early - 100.0)
+    assert p._remaining_prefill_ms(busy, 5.0) == 0.0
+    p.on_first_token(big, 0, 0.2)
+    done = BackendState(0, "gpu0", 0, 1, 0, 1, None, 0)
+    assert p._remaining_prefill_ms(done, 0.2) == 0.0

@@ -58,6 +58,7 @@ class _Flight:
     group: Node | None
     entry: list  # [time, cost] in the backend's load window
     est_output: int
+    prefill_ms: float = 0.0  # estimated at dispatch
     first_token: float | None = None
 
 
@@ -79,6 +80,7 @@ class PreblePolicy:
         self._group_load: dict[int, dict[int, list]] = {}  # backend -> id(group) -> [ms, node]
         self._hits: dict[int, deque[tuple[float, int, int]]] = {}  # backend -> (time, cached, prompt)
         self._flights: dict[str, _Flight] = {}
+        self._prefilling: dict[int, dict[str, _Flight]] = {}  # backend -> flights before their first token
         self._moved: dict[int, tuple[Node, int, float]] = {}  # id(group) -> (group, target, until)
         self._replicas: dict[int, tuple[Node, set[int]]] = {}  # id(group) -> (group, holders)
         self._routed = 0
@@ -130,11 +132,24 @@ class PreblePolicy:
     def _load_term(self, b: BackendState, now: float) -> float:
         if self.config.load_signal == "window":
             return self.load_ms(b.backend_id, now)
-        outstanding = (self.time.prefill_ms(b.pending_prefill_tokens, b.pending_prefill_tokens)
+        outstanding = (self._remaining_prefill_ms(b, now)
                        + b.running_decode * self.time.decode_ms_per_token(b.backend_id) * self.config.default_output_tokens / 2)
         if self.config.load_signal == "outstanding":
             return outstanding
         return self.load_ms(b.backend_id, now) + outstanding
+
+    def _remaining_prefill_ms(self, b: BackendState, now: float) -> float:
+        """Prefill work still ahead of a new request on b: the backend works through what we sent it since the
+        oldest request still waiting for its first token, so subtract the time since then; prefill we did not
+        send (another router's) counts whole."""
+        pending = self._prefilling.get(b.backend_id)
+        own_ms, own_tokens, since = 0.0, 0, now
+        for f in (pending or {}).values():
+            own_ms += f.prefill_ms
+            own_tokens += f.missed
+            since = min(since, f.dispatched)
+        other = max(0, b.pending_prefill_tokens - own_tokens)
+        return max(0.0, own_ms - (now - since) * 1000.0) + self.time.prefill_ms(other, other)
 
     def load_ms(self, backend_id: int, now: float) -> float:
         """L: compute time of the requests sent to backend_id within the window."""
@@ -190,7 +205,8 @@ class PreblePolicy:
         gstate = _group_state(group) if group else None
         est_output = request.max_tokens or (int(statistics.median(gstate.outputs)) if gstate and gstate.outputs
                                             else self.config.default_output_tokens)
-        cost = self.time.prefill_ms(missed, request.prompt_tokens) + est_output * self.time.decode_ms_per_token(b)
+        prefill_ms = self.time.prefill_ms(missed, request.prompt_tokens)
+        cost = prefill_ms + est_output * self.time.decode_ms_per_token(b)
         entry = [now, cost]
         self._load.setdefault(b, deque()).append(entry)
         self._load_sum[b] = self._load_sum.get(b, 0.0) + cost
@@ -198,8 +214,10 @@ class PreblePolicy:
             slot = self._group_load.setdefault(b, {}).setdefault(id(group), [0.0, group])
             slot[0] += cost
         self._hits.setdefault(b, deque()).append((now, decision.matched_tokens, request.prompt_tokens))
-        self._flights[request.request_id] = _Flight(b, now, missed, request.prompt_tokens,
-                                                    state.in_flight == 0, group, entry, est_output)
+        flight = _Flight(b, now, missed, request.prompt_tokens, state.in_flight == 0, group, entry, est_output,
+                         prefill_ms)
+        self._flights[request.request_id] = flight
+        self._prefilling.setdefault(b, {})[request.request_id] = flight
         self._routed += 1
         if now - self._last_rebalance >= self.config.rebalance_interval:
             self._last_rebalance = now
@@ -211,6 +229,7 @@ class PreblePolicy:
             return
         ttft = now - flight.dispatched
         flight.first_token = now
+        self._prefilling.get(flight.backend_id, {}).pop(request.request_id, None)
         if flight.idle and flight.missed > 0:
             self.time.observe_prefill(flight.missed, flight.prompt, ttft * 1000.0)
         if flight.group is not None:
@@ -219,6 +238,8 @@ class PreblePolicy:
     def on_finished(self, request: RouteRequest, backend_id: int, now: float,
                     output_tokens: int | None = None, ok: bool = True) -> None:
         flight = self._flights.pop(request.request_id, None)
+        if flight is not None:
+            self._prefilling.get(flight.backend_id, {}).pop(request.request_id, None)
         if flight is None or not ok or not output_tokens:
             return
         if flight.first_token is not None and output_tokens > 1:
@@ -232,7 +253,7 @@ class PreblePolicy:
 
     def on_backend_removed(self, backend_id: int) -> None:
         self.tree.forget_backend(backend_id)
-        for table in (self._load, self._load_sum, self._group_load, self._hits):
+        for table in (self._load, self._load_sum, self._group_load, self._hits, self._prefilling):
             table.pop(backend_id, None)
 
     # ---- rebalancing and replication ------------------------------------------------------------------
