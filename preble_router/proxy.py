@@ -231,10 +231,10 @@ class Proxy:
             prepared = self.router.prepare(endpoint, parsed)
         except PromptError as exc:
             return error_response(400, str(exc), "invalid_prompt")
-        snapshot = self.router.snapshot(prepared)
-        if not snapshot.backends:
+        decision = self.router.decide(prepared)  # deciding changes nothing until dispatch()
+        if decision is None or prepared.snapshot is None:
             return error_response(503, "no healthy backend", "no_healthy_backend")
-        decision = self.router.policy.choose(self.router.route_request(prepared), snapshot)
+        snapshot = prepared.snapshot
         return JSONResponse({
             "backend": self.router.backends[decision.backend_id].url,
             "reason": decision.reason,

@@ -37,6 +37,7 @@ class PreparedRequest:
     max_tokens: int | None
     keys_by_block_size: dict[int, list[int]] = field(default_factory=dict)
     snapshot: ClusterSnapshot | None = None  # what the latest decision saw
+    route: RouteRequest | None = None  # the policy's view, built once (keys do not change after prepare)
 
 
 def cacheable_tokens(matched_blocks: int, block_size: int, prompt_tokens: int) -> int:
@@ -137,9 +138,9 @@ class Router:
         lora = requested if any(requested in b.lora_models for b in self.backends.values()) else None
         salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        # The router numbers requests itself: a client's request_id may repeat, and policies key state by id.
         return self.prepare_tokens(tokens, lora=lora, cache_salt=salt,
-                                   max_tokens=max_tokens if isinstance(max_tokens, int) else None,
-                                   request_id=body.get("request_id") if isinstance(body.get("request_id"), str) else None)
+                                   max_tokens=max_tokens if isinstance(max_tokens, int) else None)
 
     def prepare_tokens(self, tokens: list[int], *, lora: str | None = None, cache_salt: str | None = None,
                        max_tokens: int | None = None, request_id: str | None = None) -> PreparedRequest:
@@ -176,14 +177,16 @@ class Router:
         return ClusterSnapshot(now=now, backends=tuple(states))
 
     def route_request(self, prepared: PreparedRequest) -> RouteRequest:
-        block_size = next(iter(prepared.keys_by_block_size), 0)
-        return RouteRequest(
-            request_id=prepared.request_id,
-            prompt_tokens=len(prepared.tokens),
-            block_hashes=tuple(prepared.keys_by_block_size.get(block_size, ())),
-            block_size=block_size,
-            max_tokens=prepared.max_tokens,
-        )
+        if prepared.route is None:
+            block_size = next(iter(prepared.keys_by_block_size), 0)
+            prepared.route = RouteRequest(
+                request_id=prepared.request_id,
+                prompt_tokens=len(prepared.tokens),
+                block_hashes=tuple(prepared.keys_by_block_size.get(block_size, ())),
+                block_size=block_size,
+                max_tokens=prepared.max_tokens,
+            )
+        return prepared.route
 
     def decide(self, prepared: PreparedRequest, exclude: set[int] = frozenset()) -> Decision | None:
         """The policy's pick among healthy backends not in `exclude`; None when there is none."""

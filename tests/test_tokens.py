@@ -55,3 +55,12 @@ def test_chat_matches_the_template_as_vllm_applies_it(tok):
     assert tok.chat_tokens({"messages": parts}) == tok.chat_tokens({"messages": joined})
     with pytest.raises(PromptError):
         tok.chat_tokens({"messages": []})
+
+
+def test_router_numbers_requests_itself(tok):
+    from preble_router.policies import LeastLoadPolicy
+    from preble_router.router import Router
+
+    router = Router(model="tiny", tokenizer=tok, policy=LeastLoadPolicy())
+    body = {"prompt": "hello", "request_id": "same"}  # clients may repeat ids; policies key state by them
+    assert router.prepare("completions", body).request_id != router.prepare("completions", body).request_id
