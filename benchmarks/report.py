@@ -161,6 +161,15 @@ def _plt():
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_latency_cdf(runs: dict[str, Sequence[dict[str, Any]]], path: str | Path, *, title: str = "",
                      key: str = "latency") -> Path:
     """One CDF curve per label (e.g. per policy) of the records' `key` (latency or ttft)."""
@@ -177,12 +186,7 @@ def plot_latency_cdf(runs: dict[str, Sequence[dict[str, Any]]], path: str | Path
     ax.set_title(title or f"{key} CDF")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_latency_vs_rate(summaries: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
@@ -205,12 +209,7 @@ def plot_latency_vs_rate(summaries: Sequence[dict[str, Any]], path: str | Path, 
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(title or "latency vs rate")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def write_report(out_dir: str | Path, summaries: Sequence[dict[str, Any]],
