@@ -9,14 +9,20 @@
   its own, services select the right pods and name existing ports, probes hit /health, RBAC lets the router's
   ServiceAccount list + watch pods, and the KV endpoints the router derives for a vLLM pod (by the discovery
   code itself) are the ones vLLM's --kv-events-config binds.
+- NetworkPolicies, evaluated by a small model of their ingress semantics (`ingress_allowed`): the router's pods
+  reach every port of the vLLM pods it uses (HTTP, KV events, replay: taken from the container ports, the
+  annotations and what discovery derives), and nothing else reaches those ports; clients reach the router's
+  HTTP port.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import helm_python as helm
 import kubernetes_validate
@@ -31,6 +37,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 CHART = DEPLOY / "helm" / "preble-router"
 K8S_VERSIONS = ["1.29.0", kubernetes_validate.utils.latest_version()]
 POD_IP = "10.0.0.5"  # only ever a string here: nothing connects anywhere
+NAMESPACE = "llm"  # where the manifests are applied and the chart installed
 
 
 # ---- loading and validating ---------------------------------------------------------------------------
@@ -79,7 +86,7 @@ def validate(doc: dict[str, Any]) -> None:
 def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     with helm.Chart.load(str(CHART)) as chart:
         chart.validate_schema(values or {})
-        manifests = chart.render(values, name="qwen", namespace="llm")
+        manifests = chart.render(values, name="qwen", namespace=NAMESPACE)
     docs = [doc for path, text in sorted(manifests.items()) if path.endswith(".yaml") for doc in load_docs(text)]
     for doc in docs:
         validate(doc)
@@ -175,14 +182,153 @@ def as_ready_pod(deployment: dict) -> Any:
     """The V1Pod a vLLM Deployment's template becomes once Running and Ready at POD_IP."""
     template = deployment["spec"]["template"]
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {**template["metadata"], "name": "vllm-0",
-                                                           "namespace": "llm", "uid": "u"},
+                                                           "namespace": NAMESPACE, "uid": "u"},
            "spec": template["spec"], "status": {"phase": "Running", "podIP": POD_IP,
                                                 "conditions": [{"type": "Ready", "status": "True"}]}}
     return k8s_client.ApiClient().deserialize(json.dumps(_canonical_quantities(pod)), "V1Pod", "application/json")
 
 
+# ---- NetworkPolicy semantics (ingress), enough to say who reaches which port -----------------------------
+
+@dataclass
+class PodRef:
+    """A pod as a NetworkPolicy sees it: its labels, its namespace and its named container ports."""
+    labels: dict[str, str]
+    namespace: str = NAMESPACE
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def namespace_labels(self) -> dict[str, str]:
+        return {"kubernetes.io/metadata.name": self.namespace}
+
+
+def label_selector_matches(sel: dict | None, labels: dict[str, str]) -> bool:
+    """A metav1.LabelSelector: matchLabels AND matchExpressions; {} selects everything."""
+    sel = sel or {}
+    if not selects(sel.get("matchLabels") or {}, labels):
+        return False
+    for e in sel.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values") or []
+        ok = {"In": key in labels and labels.get(key) in values,
+              "NotIn": labels.get(key) not in values,
+              "Exists": key in labels,
+              "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _port_matches(ports: list[dict] | None, dst: PodRef, port: int, protocol: str) -> bool:
+    if not ports:  # no ports: every port
+        return True
+    for p in ports:
+        if p.get("protocol", "TCP") != protocol:
+            continue
+        want = p.get("port")
+        if want is None:
+            return True
+        if isinstance(want, str):  # a named port: the destination pod's container port of that name
+            if dst.ports.get(want) == port:
+                return True
+        elif want <= port <= p.get("endPort", want):
+            return True
+    return False
+
+
+def _peer_matches(peers: list[dict] | None, src: PodRef, policy_namespace: str) -> bool:
+    if not peers:  # no from: every source
+        return True
+    for peer in peers:
+        if "ipBlock" in peer:  # could be any pod's IP: count it as letting everyone in (the safe side here)
+            return True
+        if "namespaceSelector" in peer:
+            ns_ok = label_selector_matches(peer["namespaceSelector"], src.namespace_labels)
+        else:
+            ns_ok = src.namespace == policy_namespace
+        if ns_ok and label_selector_matches(peer.get("podSelector"), src.labels):
+            return True
+    return False
+
+
+def ingress_allowed(policies: list[dict], src: PodRef, dst: PodRef, port: int, protocol: str = "TCP") -> bool:
+    """Whether `src` may connect to `dst`:`port`. A pod no ingress policy selects takes everything; one that
+    some policy selects takes what the union of those policies' rules allows. (Traffic from the pod's own
+    node, e.g. the kubelet's probes, always passes; it is not modelled.)"""
+    applying = []
+    for pol in policies:
+        spec, ns = pol["spec"], pol["metadata"].get("namespace", NAMESPACE)
+        types = spec.get("policyTypes") or ["Ingress"]
+        if ns == dst.namespace and "Ingress" in types and label_selector_matches(spec["podSelector"], dst.labels):
+            applying.append((ns, spec.get("ingress") or []))
+    if not applying:
+        return True
+    return any(_port_matches(rule.get("ports"), dst, port, protocol) and _peer_matches(rule.get("from"), src, ns)
+               for ns, rules in applying for rule in rules)
+
+
+def pod_ref(deployment: dict, container_name: str, namespace: str = NAMESPACE) -> PodRef:
+    return PodRef(deployment["spec"]["template"]["metadata"]["labels"], namespace,
+                  port_names(container(deployment, container_name)))
+
+
+def endpoint_port(url: str) -> int:
+    return urlsplit(url).port
+
+
+# sources that must not reach the vLLM pods: a client pod, a vLLM replica, a pod in another namespace, and a
+# pod there wearing the router's labels (a podSelector without namespaceSelector is this namespace only)
+def strangers(router: PodRef, vllm: PodRef) -> list[PodRef]:
+    return [PodRef({"app": "client"}), PodRef(dict(vllm.labels)), PodRef({"app": "client"}, "other"),
+            PodRef(dict(router.labels), "other")]
+
+
+ANY_CLIENT = PodRef({"app": "client"}, "other")
+
+
+def check_network_policies(docs: list[dict], router_d: dict, vllm_d: dict | None, vllm_ports: set[int],
+                           client: PodRef = ANY_CLIENT) -> None:
+    """The vLLM pods take the router's pods on exactly `vllm_ports` and nobody else on any of them; the
+    router's pods take `client` on the router's HTTP port (the Service's target) and on nothing else."""
+    policies = objects(docs, "NetworkPolicy")
+    router = pod_ref(router_d, "router")
+    router_http = router.ports["http"]
+    (svc,) = objects(docs, "Service")
+    assert {router.ports.get(p["targetPort"], p["targetPort"]) for p in svc["spec"]["ports"]} == {router_http}
+    router_pols = [p for p in policies if label_selector_matches(p["spec"]["podSelector"], router.labels)]
+    assert len(router_pols) == 1
+    assert ingress_allowed(policies, client, router, router_http)
+    assert not ingress_allowed(policies, client, router, 9090)
+    if vllm_d is None:
+        assert len(policies) == 1
+        return
+    vllm = pod_ref(vllm_d, "vllm")
+    # the vLLM pods' policy selects them (and not the router's pods), is ingress-only, and on the KV ports lets
+    # in nothing but podSelectors (this namespace) that select the router's pods
+    vllm_pols = [p for p in policies if label_selector_matches(p["spec"]["podSelector"], vllm.labels)]
+    assert len(vllm_pols) == 1, vllm_pols
+    (vllm_pol,) = vllm_pols
+    assert not label_selector_matches(vllm_pol["spec"]["podSelector"], router.labels)
+    assert vllm_pol["spec"]["policyTypes"] == ["Ingress"]
+    kv_ports = vllm_ports - {vllm.ports["http"]}
+    for rule in vllm_pol["spec"]["ingress"]:
+        if any(_port_matches(rule.get("ports"), vllm, p, "TCP") for p in kv_ports):
+            assert rule.get("from"), rule
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, peer
+                assert label_selector_matches(peer["podSelector"], router.labels), peer
+    # the container ports are exactly the ports the router uses, and what the policies let through
+    assert set(vllm.ports.values()) == vllm_ports
+    candidates = vllm_ports | {22, 5557, 5558, 8000, 8080, 9000}
+    assert {p for p in candidates if ingress_allowed(policies, router, vllm, p)} == vllm_ports
+    for other in strangers(router, vllm):
+        for port in candidates:
+            assert not ingress_allowed(policies, other, vllm, port), (other, port)
+    assert not ingress_allowed(policies, router, vllm, 5557, "UDP")
+
+
 def check_deployment_mode(docs: list[dict], *, kv: bool = True, replay: bool = True,
-                          vllm_deployed: bool = True) -> argparse.Namespace:
+                          vllm_deployed: bool = True, network_policy: bool = True,
+                          client: PodRef = ANY_CLIENT) -> argparse.Namespace:
     router_d = deployment_with(docs, "router")
     router = container(router_d, "router")
     args = parse_router_args(router["args"])
@@ -201,9 +347,13 @@ def check_deployment_mode(docs: list[dict], *, kv: bool = True, replay: bool = T
                for rule in role["rules"])
 
     (svc,) = objects(docs, "Service")
+    if not network_policy:
+        assert not objects(docs, "NetworkPolicy")
     if not vllm_deployed:
         assert len(objects(docs, "Deployment")) == 1
         check_service(svc, router_d, [])
+        if network_policy:
+            check_network_policies(docs, router_d, None, set(), client)
         return args
     vllm_d = deployment_with(docs, "vllm")
     check_deployment(vllm_d)
@@ -231,6 +381,10 @@ def check_deployment_mode(docs: list[dict], *, kv: bool = True, replay: bool = T
         assert int(config["replay_endpoint"].rsplit(":", 1)[1]) == port_names(vllm)["kv-replay"]
     else:
         assert spec.replay_endpoint is None and "replay_endpoint" not in (config or {})
+    # the NetworkPolicies: exactly the ports the router connects to (as discovery derives them) are open to it
+    if network_policy:
+        used = {endpoint_port(e) for e in (spec.url, spec.kv_endpoint, spec.replay_endpoint) if e}
+        check_network_policies(docs, router_d, vllm_d, used, client)
     return args
 
 
@@ -241,17 +395,24 @@ def test_every_yaml_under_deploy_is_valid_kubernetes():
     assert [f.name for f in files] == ["router-deployment.yaml", "router-sidecar.yaml"]
     for f in files:
         assert manifest(f.name)
+        assert objects(manifest(f.name), "NetworkPolicy")
 
 
 def test_deployment_mode_manifest():
     docs = manifest("router-deployment.yaml")
-    assert sorted(d["kind"] for d in docs) == ["Deployment", "Deployment", "Role", "RoleBinding", "Service",
-                                               "ServiceAccount"]
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy", "Role",
+                                               "RoleBinding", "Service", "ServiceAccount"]
     args = check_deployment_mode(docs)
     assert args.policy == "preble" and args.k8s_kv_port is None  # KV endpoints from the pod annotations
     vllm_d = deployment_with(docs, "vllm")
     annotations = vllm_d["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"preble.io/kv-events": "tcp://{podIP}:5557", "preble.io/kv-replay": "tcp://{podIP}:5558"}
+    # the annotated KV ports are router-only
+    policies, router = objects(docs, "NetworkPolicy"), pod_ref(deployment_with(docs, "router"), "router")
+    vllm = pod_ref(vllm_d, "vllm")
+    for port in (endpoint_port(a.replace("{podIP}", POD_IP)) for a in annotations.values()):
+        assert ingress_allowed(policies, router, vllm, port)
+        assert not any(ingress_allowed(policies, other, vllm, port) for other in strangers(router, vllm))
     assert kv_events_config(container(vllm_d, "vllm")) == {
         "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:5557",
         "replay_endpoint": "tcp://*:5558"}
@@ -260,7 +421,7 @@ def test_deployment_mode_manifest():
 
 def test_sidecar_manifest():
     docs = manifest("router-sidecar.yaml")
-    assert sorted(d["kind"] for d in docs) == ["Deployment", "Service"]
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "NetworkPolicy", "Service"]
     (d,) = objects(docs, "Deployment")
     check_deployment(d)
     router, vllm = container(d, "router"), container(d, "vllm")
@@ -275,6 +436,13 @@ def test_sidecar_manifest():
     assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
     check_service(objects(docs, "Service")[0], d, [])
     assert not objects(docs, "Role")  # a static backend needs no API access
+    # clients reach the router's port; vLLM's (bound on 0.0.0.0 for the kubelet's probes) only over loopback
+    pod = PodRef(d["spec"]["template"]["metadata"]["labels"], ports={**port_names(vllm), **port_names(router)})
+    policies = objects(docs, "NetworkPolicy")
+    for client in (PodRef({"app": "client"}), PodRef({}, "other")):
+        assert ingress_allowed(policies, client, pod, port_names(router)["http"])
+        for port in (port_names(vllm)["vllm"], 5557, 5558):
+            assert not ingress_allowed(policies, client, pod, port)
 
 
 # ---- the Helm chart ------------------------------------------------------------------------------------------
@@ -286,8 +454,8 @@ def test_chart_lints_clean():
 
 def test_chart_defaults_render_the_deployment_mode():
     docs = render()
-    assert sorted(d["kind"] for d in docs) == ["Deployment", "Deployment", "Role", "RoleBinding", "Service",
-                                               "ServiceAccount"]
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy", "Role",
+                                               "RoleBinding", "Service", "ServiceAccount"]
     args = check_deployment_mode(docs)
     assert (args.k8s_namespace, args.k8s_kv_port, args.k8s_replay_port) == ("llm", 5557, 5558)
     assert args.policy == "preble" and args.model == "Qwen/Qwen2.5-7B-Instruct"
@@ -332,6 +500,55 @@ def test_chart_routes_to_vllm_deployed_elsewhere():
     docs = render({"vllm": {"enabled": False}, "selector": {"app": "my-vllm"}})
     args = check_deployment_mode(docs, vllm_deployed=False)
     assert args.k8s_selector == "app=my-vllm"
+    # pods deployed elsewhere are not isolated by this chart; the router's own policy is there
+    assert ingress_allowed(objects(docs, "NetworkPolicy"), PodRef({"app": "client"}), PodRef({"app": "my-vllm"}), 8000)
+
+
+def test_chart_network_policy_values():
+    check_deployment_mode(render({"networkPolicy": {"enabled": False}}), network_policy=False)
+    check_deployment_mode(render({"networkPolicy": {"enabled": False}, "vllm": {"enabled": False},
+                                  "selector": {"app": "my-vllm"}}), vllm_deployed=False, network_policy=False)
+    gateway = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                  "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    docs = render({"networkPolicy": {"clientFrom": [gateway], "vllmHttpFrom": [prometheus]}})
+    check_deployment_mode(docs, client=PodRef({"app": "gw"}, "gateway"))
+    policies = objects(docs, "NetworkPolicy")
+    router, vllm = pod_ref(deployment_with(docs, "router"), "router"), pod_ref(deployment_with(docs, "vllm"), "vllm")
+    assert not ingress_allowed(policies, PodRef({"app": "client"}), router, 8080)
+    assert not ingress_allowed(policies, ANY_CLIENT, router, 8080)
+    scraper = PodRef({"app.kubernetes.io/name": "prometheus"}, "monitoring")
+    assert ingress_allowed(policies, scraper, vllm, 8000)
+    assert not ingress_allowed(policies, scraper, vllm, 5557) and not ingress_allowed(policies, scraper, vllm, 5558)
+    assert not ingress_allowed(policies, PodRef({"app": "other"}, "monitoring"), vllm, 8000)
+
+
+def test_network_policy_checks_catch_leaks():
+    """check_network_policies is not vacuous: a policy that lets a stranger in, or keeps the router out, fails."""
+    docs = manifest("router-deployment.yaml")
+    check_deployment_mode(docs)
+
+    def broken(edit) -> list[dict]:
+        copy = json.loads(json.dumps(docs))
+        edit(next(d for d in copy if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "vllm-from-router"))
+        return copy
+
+    rule = lambda pol: pol["spec"]["ingress"][0]  # noqa: E731
+    edits = [
+        lambda pol: rule(pol)["from"][0]["podSelector"]["matchLabels"].update({"app.kubernetes.io/name": "x"}),
+        lambda pol: rule(pol)["from"].append({"namespaceSelector": {}}),  # every namespace, any pod
+        lambda pol: rule(pol).pop("from"),  # every source
+        lambda pol: rule(pol)["from"][0].update({"namespaceSelector": {}}),  # router labels in any namespace
+        lambda pol: rule(pol).pop("ports"),  # every port
+        lambda pol: rule(pol)["ports"].pop(),  # the replay port closed to the router
+        lambda pol: pol["spec"]["ingress"].append({"ports": [{"port": 5557}]}),  # KV events from anywhere
+        lambda pol: pol["spec"]["podSelector"]["matchLabels"].update({"app.kubernetes.io/instance": "x"}),
+    ]
+    for edit in edits:
+        with pytest.raises(AssertionError):
+            check_deployment_mode(broken(edit))
+    with pytest.raises(AssertionError):  # no policy for the vLLM pods at all
+        check_deployment_mode([d for d in docs if d.get("metadata", {}).get("name") != "vllm-from-router"])
 
 
 @pytest.mark.parametrize("values", [{"policy": "fastest"}, {"replicas": -1}, {"vllm": {"port": "http"}},
