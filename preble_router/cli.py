@@ -75,9 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Prefix groups longer than this (multi-turn chains) are never moved by rebalancing.")
     pre.add_argument("--preble-load-signal", default=PrebleConfig.load_signal, choices=["window", "both", "outstanding"],
                      help="L: compute sent within H (the paper's), plus the work still outstanding (both), or the "
-                          "outstanding work alone.")
+                          "outstanding work alone (prefill not yet done and decode still ahead of what was sent; "
+                          "reacts to queues, not history). Rebalancing always compares the window loads.")
     pre.add_argument("--preble-exploit-ratio", type=float, default=PrebleConfig.exploit_ratio,
                      help="Exploit when the best match covers more than this share of the prompt (0.5: cached > missed).")
+    pre.add_argument("--preble-exploit-overflow", type=float, default=PrebleConfig.exploit_overflow,
+                     help="Leave the longest match when its L + P is more than this many times the best other "
+                          "backend's L + M + P (recomputing there, evictions included, beats its queue); "
+                          "inf: the paper's exploit, which never looks at load.")
     pre.add_argument("--time-profile", default="llama3-8b-h100",
                      help=f"Prefill/decode time model: a built-in profile ({', '.join(PROFILES)}) or a JSON file "
                           '{"prefill": {"a", "b", "d", "e"}, "decode_ms_per_token"}; refined online.')
@@ -114,7 +119,8 @@ def build_policy(args: argparse.Namespace) -> Policy:
                           warmup_per_backend=args.preble_warmup, replicate_ttft_ratio=args.preble_replicate_ttft_ratio,
                           replicate_share=args.preble_replicate_share, pd_hit_ratio=args.preble_pd_hit_ratio,
                           pd_window=args.preble_pd_window, chain_tokens=args.preble_chain_tokens,
-                          load_signal=args.preble_load_signal, exploit_ratio=args.preble_exploit_ratio)
+                          load_signal=args.preble_load_signal, exploit_ratio=args.preble_exploit_ratio,
+                          exploit_overflow=args.preble_exploit_overflow)
     return PreblePolicy(config, TimeModel.from_profile(args.time_profile))
 
 

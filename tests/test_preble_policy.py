@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from preble_router.policies import BackendState, ClusterSnapshot, PrebleConfig, PreblePolicy, RouteRequest, TimeModel
@@ -42,14 +44,14 @@ def test_exploit_when_cached_outweighs_missed():
 
 
 def test_exploit_ties_go_to_least_load():
-    p = policy()
+    p = policy(load_signal="window")  # the paper's L: what was sent within H
     send(p, request("warm", range(100, 120)), snap(0, backend(0), backend(1)))  # loads backend 0 (explore tie -> 0)
     d = p.choose(request(1, range(10)), snap(1, backend(0, matched=144), backend(1, matched=144)))
     assert (d.backend_id, d.reason) == (1, "exploit")
 
 
 def test_explore_load_term_avoids_busy_backend():
-    p = policy()
+    p = policy(load_signal="window")  # the paper's L (the default, outstanding work: test_outstanding_*)
     first = send(p, request("a", range(50)), snap(0, backend(0), backend(1)))
     d = p.choose(request("b", range(100, 150)), snap(1, backend(0), backend(1)))
     assert d.reason == "explore" and d.backend_id != first.backend_id
@@ -65,7 +67,7 @@ def test_explore_prefill_term_prefers_partial_match():
 
 
 def test_eviction_term_values_hot_prefixes():
-    p = policy()
+    p = policy(load_signal="window")  # costs minus load_ms() isolate M
     # Backend 0 caches a hot prefix (used 5 times recently), backend 1 a cold one (used once).
     for t in range(5):
         p.on_dispatched(request(f"h{t}", range(20)), _decision(0, 0), snap(t, backend(0), backend(1)))
@@ -80,7 +82,7 @@ def test_eviction_term_values_hot_prefixes():
 
 
 def test_no_eviction_cost_when_it_fits():
-    p = policy()
+    p = policy(load_signal="window")  # costs minus load_ms() isolate M
     p.on_dispatched(request("h", range(20)), _decision(0, 0), snap(0, backend(0), backend(1)))
     d = p.choose(request("n", range(500, 510)), snap(1, backend(0, capacity=100, cached=20), backend(1)))
     assert d.costs[0] - p.load_ms(0, 1) == pytest.approx(d.costs[1] - p.load_ms(1, 1))
@@ -214,3 +216,85 @@ def test_a_long_running_prefill_counts_only_what_is_left():
     p.on_first_token(big, 0, 0.2)
     done = BackendState(0, "gpu0", 0, 1, 0, 1, None, 0)
     assert p._remaining_prefill_ms(done, 0.2) == 0.0
+
+
+def test_default_load_is_outstanding_work_not_history():
+    p = policy()
+    assert p.config.load_signal == "outstanding"
+    # Backend 0 served a lot within H, all finished; backend 1 got one big request that is still prefilling.
+    for i in range(20):
+        r = request(f"old{i}", range(1000 * i, 1000 * i + 50))
+        p.on_dispatched(r, _decision(0, 0), snap(i, backend(0), backend(1)))
+        p.on_first_token(r, 0, i + 0.5)
+        p.on_finished(r, 0, i + 0.6, output_tokens=10)
+    big = request("big", range(90_000, 90_300))  # 4801 tokens: 481 ms of prefill
+    p.on_dispatched(big, _decision(1, 0), snap(30, backend(0), backend(1)))
+    busy = BackendState(1, "gpu1", 0, 1, big.prompt_tokens, 0, None, 0)
+    d = p.choose(request("new", range(5000, 5010)), snap(30.1, backend(0), busy))
+    assert p.load_ms(0, 30.1) > p.load_ms(1, 30.1)  # the paper's window L would pick backend 1
+    assert (d.backend_id, d.reason) == (0, "explore")
+
+
+def test_outstanding_decode_counts_only_what_is_left():
+    p = policy()  # decode 1 ms per token
+    r = request("r", range(50), max_tokens=100)
+    p.on_dispatched(r, _decision(0, 0), snap(0, backend(0), backend(1)))
+    p.on_first_token(r, 0, 1.0)
+    running = BackendState(0, "gpu0", 0, 1, 0, 1, None, 0)
+    assert p._remaining_decode_ms(running, 1.0) == pytest.approx(100.0)
+    assert p._remaining_decode_ms(running, 1.06) == pytest.approx(40.0)
+    assert p._remaining_decode_ms(running, 2.0) == 0.0
+    other = BackendState(0, "gpu0", 0, 2, 0, 2, None, 0)  # plus one request another router sent
+    assert p._remaining_decode_ms(other, 2.0) == pytest.approx(p.config.default_output_tokens / 2)
+    p.on_finished(r, 0, 2.0, output_tokens=100)
+    assert p._remaining_decode_ms(BackendState(0, "gpu0", 0, 0, 0, 0, None, 0), 2.0) == 0.0
+
+
+def _backed_up(p, backend_id, tokens, now):
+    """Send backend_id an uncached prompt of `tokens` tokens; return its state while that prefill is pending."""
+    big = request(f"big{backend_id}", range(70_000, 70_000 + tokens // BS), prompt_tokens=tokens)
+    p.on_dispatched(big, _decision(backend_id, 0), snap(now, backend(0), backend(1)))
+    return big
+
+
+def test_overflow_leaves_a_backed_up_holder():
+    hot = list(range(30))
+    r = request("q", hot + [999], prompt_tokens=31 * BS + 1)  # 480 of 497 tokens cached on backend 0
+    p = policy()
+    _backed_up(p, 0, 20_000, 0.0)  # ~2 s of prefill queued on backend 0
+    busy = BackendState(0, "gpu0", 30 * BS, 1, 20_000, 0, None, 0)
+    d = p.choose(r, snap(0.1, busy, backend(1)))
+    assert (d.backend_id, d.reason) == (1, "overflow")
+    assert d.costs[0] > d.costs[1]
+    paper = policy(exploit_overflow=math.inf)  # the paper's exploit: the longest match whatever its queue
+    _backed_up(paper, 0, 20_000, 0.0)
+    assert paper.choose(r, snap(0.1, busy, backend(1))).reason == "exploit"
+    # A short backlog: recomputing 497 tokens elsewhere costs more than waiting; stay.
+    q = policy()
+    _backed_up(q, 0, 400, 0.0)
+    d = q.choose(r, snap(0.0, BackendState(0, "gpu0", 30 * BS, 1, 400, 0, None, 0), backend(1)))
+    assert (d.backend_id, d.reason) == (0, "exploit")
+
+
+def test_overflow_counts_what_it_would_evict():
+    hot = list(range(30))
+    r = request("q", hot + [999], prompt_tokens=31 * BS + 1)
+    p = policy()
+    for i in range(50):  # backend 1 is full of a prefix used 50 times within H
+        p.on_dispatched(request(f"h{i}", range(500, 540)), _decision(1, 0), snap(i * 0.01, backend(0), backend(1)))
+    _backed_up(p, 0, 20_000, 0.5)
+    busy = BackendState(0, "gpu0", 30 * BS, 1, 20_000, 0, None, 0)
+    d = p.choose(r, snap(0.6, busy, backend(1, capacity=40, cached=40)))
+    assert (d.backend_id, d.reason) == (0, "exploit")
+
+
+def test_eviction_charges_only_the_part_of_a_node_that_must_go():
+    p = policy(load_signal="window")  # costs minus load_ms() isolate M
+    for t in range(5):  # a 40-block prefix used 5 times on backend 0
+        p.on_dispatched(request(f"h{t}", range(40)), _decision(0, 0), snap(t, backend(0), backend(1)))
+    for need in (4, 40):
+        d = p.choose(request(f"n{need}", range(500, 500 + need), prompt_tokens=need * BS),
+                     snap(6, backend(0, capacity=40, cached=40), backend(1)))
+        evict = d.costs[0] - p.load_ms(0, 6) - (d.costs[1] - p.load_ms(1, 6))
+        # tail `need` blocks of the hot node, recomputed on a 40-block context, times its 5 uses
+        assert evict == pytest.approx(5 * p.time.prefill_ms(need * BS, 40 * BS))

@@ -2,10 +2,13 @@
 
 Per request:
 - exploit: when the best backend's cached prompt tokens outnumber its missed ones, send to the longest
-  match (least load L among ties), unless the prefix group was moved (rebalance) or replicated (replica);
+  match (least load L among ties), unless the prefix group was moved (rebalance) or replicated (replica),
+  or (ours, `exploit_overflow`) the holder's L + P exceeds another backend's L + M + P: its queue is longer
+  than recomputing the prompt elsewhere (overflow; that backend then holds the prefix too);
 - explore: otherwise the backend with the least L + M + P:
   L = compute time of the requests it received within the window H (prefill of their missed tokens plus
-      decode of their outputs), M = value of what the new request's missed blocks would evict there (each
+      decode of their outputs; `load_signal="window"`), or by default the work still outstanding there (what
+      is left of the prefill and decode of what was sent), M = value of what the new request's missed blocks would evict there (each
       evicted prefix's prefill time x its uses within H, walking the backend's LRU), P = this request's
       prefill time there;
   prefill/decode balance: a backend whose recent hit ratio shows decode-heavy work (>= pd_hit_ratio) takes
@@ -33,10 +36,19 @@ from preble_router.policies.time_model import TimeModel
 class PrebleConfig:
     window: float = 180.0  # H, seconds
     # L: "window" is the spec's (compute sent within H); "both" adds the work still outstanding there (prefill
-    # not yet done, decodes running), which reacts to queues at once; "outstanding" uses that alone.
+    # not yet done, decodes not yet done), which reacts to queues at once; "outstanding" uses that alone.
     # Simulated tool use at 160 req/s on 4 GPUs: avg / p99 latency 1.21 / 4.15 s (window), 0.91 / 2.73 s (both).
-    load_signal: str = "both"
+    # Default "outstanding": at a few requests per second per backend the H-window sum is the backends' history
+    # (tens of seconds, growing all run), not their queues, and it outweighed P and the queue itself: live on 2
+    # vLLM CPU replicas it sent a cold 6.4k-token document behind another one (12k tokens queued) while the
+    # other replica had 59 tokens queued. Rebalancing still compares the window loads, as the paper does.
+    load_signal: str = "outstanding"
     exploit_ratio: float = 0.5  # exploit when cached tokens exceed this share of the prompt (0.5: cached > missed)
+    # Exploit overflow (ours): leave the longest match when its L + P exceeds this many times the best other
+    # backend's L + M + P, i.e. when recomputing elsewhere (eviction there included) beats queueing behind the
+    # holder's backlog; the other backend then holds the prefix too and later exploits pick the less loaded
+    # holder. The paper's exploit ignores load until rebalancing or replication react (inf: never overflow).
+    exploit_overflow: float = 1.0
     bal_threshold: float = 1.5  # Th_bal: heaviest/lightest load ratio that triggers rebalancing
     warmup_per_backend: int = 50  # requests per backend before rebalancing starts
     replicate_ttft_ratio: float = 2.0  # newer-half / older-half mean TTFT that marks a prefix hot
@@ -81,6 +93,7 @@ class PreblePolicy:
         self._hits: dict[int, deque[tuple[float, int, int]]] = {}  # backend -> (time, cached, prompt)
         self._flights: dict[str, _Flight] = {}
         self._prefilling: dict[int, dict[str, _Flight]] = {}  # backend -> flights before their first token
+        self._decoding: dict[int, dict[str, _Flight]] = {}  # backend -> flights past their first token
         self._moved: dict[int, tuple[Node, int, float]] = {}  # id(group) -> (group, target, until)
         self._replicas: dict[int, tuple[Node, set[int]]] = {}  # id(group) -> (group, holders)
         self._routed = 0
@@ -112,6 +125,9 @@ class PreblePolicy:
         if exploit:
             holders = [b for b in snapshot.backends if b.matched_tokens == cached]
             chosen = min(holders, key=lambda b: (loads[b.backend_id], b.in_flight, b.backend_id))
+            overflow = self._overflow(request, chosen, snapshot, loads)
+            if overflow is not None:
+                return overflow
             return Decision(chosen.backend_id, "exploit", cached,
                             {b.backend_id: loads[b.backend_id] for b in holders})
 
@@ -128,15 +144,43 @@ class PreblePolicy:
         chosen_id = min(costs, key=lambda i: (costs[i], backends[i].in_flight, i))
         return Decision(chosen_id, "explore", backends[chosen_id].matched_tokens, costs)
 
+    def _overflow(self, request: RouteRequest, holder: BackendState, snapshot: ClusterSnapshot,
+                  loads: dict[int, float]) -> Decision | None:
+        """The exploit target is backed up: another backend serves the request sooner even recomputing it there."""
+        factor = self.config.exploit_overflow
+        others = [b for b in snapshot.backends if b.backend_id != holder.backend_id]
+        if not others or not math.isfinite(factor):
+            return None
+        now = snapshot.now
+        stay = loads[holder.backend_id] + self._prefill(request, holder)
+        costs = {b.backend_id: loads[b.backend_id] + self._eviction(request, b, now) + self._prefill(request, b)
+                 for b in others}
+        best = min(costs, key=lambda i: (costs[i], snapshot.by_id(i).in_flight, i))
+        if stay <= factor * costs[best]:
+            return None
+        costs[holder.backend_id] = stay
+        return Decision(best, "overflow", snapshot.by_id(best).matched_tokens, costs)
+
     # ---- cost terms ---------------------------------------------------------------------------------
     def _load_term(self, b: BackendState, now: float) -> float:
         if self.config.load_signal == "window":
             return self.load_ms(b.backend_id, now)
-        outstanding = (self._remaining_prefill_ms(b, now)
-                       + b.running_decode * self.time.decode_ms_per_token(b.backend_id) * self.config.default_output_tokens / 2)
+        outstanding = self._remaining_prefill_ms(b, now) + self._remaining_decode_ms(b, now)
         if self.config.load_signal == "outstanding":
             return outstanding
         return self.load_ms(b.backend_id, now) + outstanding
+
+    def _remaining_decode_ms(self, b: BackendState, now: float) -> float:
+        """Decode work still ahead on b: for what we sent, each request's expected output (max_tokens or its
+        group's median) minus the tokens its time since the first token has produced; another router's running
+        requests count half the default output."""
+        per_token = self.time.decode_ms_per_token(b.backend_id)
+        decoding = self._decoding.get(b.backend_id) or {}
+        own = 0.0
+        for f in decoding.values():
+            own += max(0.0, f.est_output * per_token - (now - (f.first_token or now)) * 1000.0)
+        other = max(0, b.running_decode - len(decoding))
+        return own + other * per_token * self.config.default_output_tokens / 2
 
     def _remaining_prefill_ms(self, b: BackendState, now: float) -> float:
         """Prefill work still ahead of a new request on b: the backend works through what we sent it since the
@@ -175,11 +219,14 @@ class PreblePolicy:
             return 0.0
         to_free, cost, horizon = need - free, 0.0, now - self.config.window
         for node in self.tree.lru_oldest_first(b.backend_id):
+            # The engine evicts block by block: when only part of this node must go, only its tail does, and
+            # only that part is recomputed later (charging the whole node made a backend holding one hot long
+            # document look ruinous to evict from, so every new document went to the other backend).
+            take = min(len(node.keys), to_free)
             hits = node.hits(b.backend_id, horizon)
             if hits:
-                tokens = len(node.keys) * request.block_size
-                cost += self.time.prefill_ms(tokens, node.end_blocks * request.block_size) * hits
-            to_free -= len(node.keys)
+                cost += self.time.prefill_ms(take * request.block_size, node.end_blocks * request.block_size) * hits
+            to_free -= take
             if to_free <= 0:
                 break
         return cost
@@ -230,6 +277,7 @@ class PreblePolicy:
         ttft = now - flight.dispatched
         flight.first_token = now
         self._prefilling.get(flight.backend_id, {}).pop(request.request_id, None)
+        self._decoding.setdefault(flight.backend_id, {})[request.request_id] = flight
         if flight.idle and flight.missed > 0:
             self.time.observe_prefill(flight.missed, flight.prompt, ttft * 1000.0)
         if flight.group is not None:
@@ -240,6 +288,7 @@ class PreblePolicy:
         flight = self._flights.pop(request.request_id, None)
         if flight is not None:
             self._prefilling.get(flight.backend_id, {}).pop(request.request_id, None)
+            self._decoding.get(flight.backend_id, {}).pop(request.request_id, None)
         if flight is None or not ok or not output_tokens:
             return
         if flight.first_token is not None and output_tokens > 1:
@@ -253,7 +302,7 @@ class PreblePolicy:
 
     def on_backend_removed(self, backend_id: int) -> None:
         self.tree.forget_backend(backend_id)
-        for table in (self._load, self._load_sum, self._group_load, self._hits, self._prefilling):
+        for table in (self._load, self._load_sum, self._group_load, self._hits, self._prefilling, self._decoding):
             table.pop(backend_id, None)
 
     # ---- rebalancing and replication ------------------------------------------------------------------
