@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in requests:  # text that re-tokenizes to (about) the same ids: shared prefixes stay shared
         r.text = tokenizer.decode(r.tokens[1:] if r.tokens and r.tokens[0] == tokenizer.bos_token_id else r.tokens)
     routers = [name.strip() for name in args.routers.split(",") if name.strip()]
+    (out / "params.json").write_text(json.dumps({  # what benchmarks.sim_vs_live needs to rebuild this run
+        "requests": args.requests, "rate": args.rate, "seed": args.seed, "model_size": args.model_size,
+        "num_gpu_blocks": args.num_gpu_blocks, "block_size": 32, "headroom": 200, "prompt_format": "text",
+        "time_profile": f"{args.model_size}-cpu", "routers": routers}, indent=2))
     summaries, records_by = {}, {}
     with start_replicas(model, 2, block_size=32, num_gpu_blocks=args.num_gpu_blocks, max_model_len=max_len,
                         log_dir=out, kv_transport="tcp") as replicas:
