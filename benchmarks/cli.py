@@ -9,6 +9,7 @@
                           --rates 20,40,60 --requests 5000 --out runs/cmp-video
     preble-bench compare  --mode live --targets rr=http://127.0.0.1:8081,ca=http://127.0.0.1:8082 \\
                           --workload tool_use --rates 1,2 --requests 200 --scale 0.1 --vocab 1024
+    preble-bench sim-vs-live runs/compare [runs/compare_rr]   # a compare_routers run, replayed in the simulator
 
 Rates are requests per second for the whole cluster (the paper gives its rates per 2 GPUs).
 """
@@ -186,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "VLLM_SERVER_DEV_MODE=1 on them), so every run starts cold.")
     c.add_argument("--pause", type=float, default=0.0, help="--mode live: seconds to wait between runs.")
     add_common_out(c, "Output directory (default: runs/compare-<mode>-<workload>-<time>).")
+
+    from benchmarks import sim_vs_live
+
+    sub.add_parser("sim-vs-live", parents=[sim_vs_live.build_parser(add_help=False)], formatter_class=fmt,
+                   help="Replay a live compare_routers run in the simulator (profile fitted from it); table.",
+                   description="Fit a step-time profile to a `python -m benchmarks.compare_routers --out DIR` run, "
+                   "simulate the same workload (same ids, arrivals, re-tokenized prompts) on 2 engines with the "
+                   "same KV capacity for each of our policies in the run, and print sim vs live hit rate and "
+                   "latency, and whether the policies rank the same way (benchmarks/sim_vs_live.py).")
     return p
 
 
@@ -370,7 +380,14 @@ def _compare_live(args: argparse.Namespace, requests: list[wl.Request], name: st
     return 0
 
 
-COMMANDS = {"workload": cmd_workload, "sim": cmd_sim, "live": cmd_live, "compare": cmd_compare}
+def cmd_sim_vs_live(args: argparse.Namespace) -> int:
+    from benchmarks import sim_vs_live
+
+    return sim_vs_live.run(args)
+
+
+COMMANDS = {"workload": cmd_workload, "sim": cmd_sim, "live": cmd_live, "compare": cmd_compare,
+            "sim-vs-live": cmd_sim_vs_live}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,7 +27,12 @@ Step time (the time model, ``TimeProfile``)::
 
 where prefill_attention_pairs is, over the step's prefill chunks, sum of n * (p + (n + 1) / 2) for a chunk
 of n tokens after p computed ones (causal attention), and decode_context_tokens the sum of the decoding
-requests' context lengths. Decode bookkeeping is per step, not per token: a decoding request is an entry
+requests' context lengths. A request reaches its engine ``overhead`` seconds after the router dispatched it
+(HTTP, the server's own tokenization, IPC: time that is not engine time; 0 in the GPU profiles below, ~40 ms
+on the vLLM CPU replicas fitted by ``benchmarks/sim_vs_live.py``). ``contention`` (0 for GPUs) models
+replicas that share a machine's cores: a step, and a request's overhead, take (1 + contention x the share of
+the other engines busy at its start) times as long (two one-core vLLM CPU replicas on two cores, next to
+their API servers, the router and the client, fit 0.2-0.8, but see ``sim_vs_live --apply-contention``). Decode bookkeeping is per step, not per token: a decoding request is an entry
 in a heap keyed by the step at which it finishes, and the batch's context sum is kept incrementally.
 
 Default profile, "llama3-8b-h100": Llama-3-8B in bf16 on one H100 SXM. These are ESTIMATES from first
@@ -74,6 +79,8 @@ class TimeProfile:
     c: float = 5.0e-8
     d: float = 2.7e-5
     capacity_blocks: int = 25_000  # at block_size 16
+    overhead: float = 0.0  # seconds from dispatch to the engine's queue (not engine time)
+    contention: float = 0.0  # slowdown per unit share of the other engines busy (replicas sharing CPU cores)
 
     def step_time(self, prefill_tokens: int, prefill_pairs: float, decode_context: int, decode_batch: int) -> float:
         return (self.a + self.b * prefill_tokens + self.e * prefill_pairs + self.c * decode_context
@@ -101,7 +108,7 @@ def parse_profile(spec: str | None) -> TimeProfile:
     kw: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in overrides.split(","))):
         k, _, v = part.partition("=")
-        if k not in ("a", "b", "c", "d", "e", "capacity_blocks"):
+        if k not in ("a", "b", "c", "d", "e", "capacity_blocks", "overhead", "contention"):
             raise ValueError(f"unknown profile field {k!r}")
         kw[k] = int(v) if k == "capacity_blocks" else float(v)
     return replace(prof, **kw) if kw else prof
@@ -382,6 +389,8 @@ class SimEngine:
             return
         dec_ctx = self.dec_base + self.n_dec * self.step_idx
         dt = self.sim.profile.step_time(prefill_tokens, pairs, dec_ctx, self.n_dec)
+        if self.sim.profile.contention:
+            dt *= self.sim.slowdown(self)
         self.batch = batch
         self.busy = True
         self.step_start = now
@@ -485,8 +494,12 @@ class Simulator:
             self.now = t
             if kind == 0:
                 obj.step_end(t)
-            else:
+            elif kind == 1:
                 self._arrive(obj, t)
+            else:  # kind 2: a dispatched request reaches its engine after the per-request overhead
+                eng = self.engines[obj.engine]
+                eng.enqueue(obj)
+                eng.maybe_start(t)
             if bar is not None and self.completed - last_done >= 200:
                 bar.update(self.completed - last_done)
                 last_done = self.completed
@@ -527,8 +540,21 @@ class Simulator:
             router.finish(prepared, s.inflight, ok=False, output_tokens=None)
             self._mark_done(s, now)
             return
+        if self.profile.overhead > 0:
+            delay = self.profile.overhead * (self.slowdown(eng) if self.profile.contention else 1.0)
+            self._seq += 1
+            heapq.heappush(self._events, (now + delay, 2, self._seq, s))
+            return
         eng.enqueue(s)
         eng.maybe_start(now)
+
+    def slowdown(self, eng: SimEngine) -> float:
+        """1 + contention x the share of the engines other than `eng` that are running a step now."""
+        others = len(self.engines) - 1
+        if others <= 0:
+            return 1.0
+        busy = sum(1 for e in self.engines if e is not eng and e.busy)
+        return 1.0 + self.profile.contention * busy / others
 
     def complete(self, s: _SimReq, now: float) -> None:
         self.router.finish(s.prepared, s.inflight, ok=True, output_tokens=s.output)
