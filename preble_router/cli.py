@@ -152,8 +152,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # httpx logs every request at INFO: on a proxy that is one line per forwarded request and health probe.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     proxy = build_proxy(args)
+    # No Server/Date headers of our own: relayed responses carry the backend's.
     uvicorn.run(proxy.app(), host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=args.drain_timeout)
+                timeout_graceful_shutdown=args.drain_timeout, server_header=False, date_header=False)
 
 
 if __name__ == "__main__":

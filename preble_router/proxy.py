@@ -324,6 +324,8 @@ class Proxy:
         if self.config.backend_api_key:
             headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             headers["authorization"] = f"Bearer {self.config.backend_api_key}"
+        # The body parsed as JSON; say so, or aiohttp would label bytes application/octet-stream.
+        headers.setdefault("content-type", "application/json")
         tried: set[int] = set()
         last_error = "no healthy backend"
         for attempt in range(self.config.max_attempts):
