@@ -20,7 +20,7 @@ holder map of group g (one map for up to 64 backends).
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +75,10 @@ class CacheIndex:
         self._extra_copies: dict[tuple[int, int], int] = {}  # (backend, key) -> copies beyond the first
         self._predicted: dict[int, dict[int, float]] = {}  # key -> {backend: expiry}
         self._predicted_queue: deque[tuple[float, int, tuple[int, ...]]] = deque()
+        # Called with (backend, own keys) whenever a backend stops holding blocks: BlockRemoved events,
+        # AllBlocksCleared (and gaps/removal, which clear), estimated-LRU evictions. The router forwards it to
+        # its policy (Policy.on_blocks_evicted), so the policy's usage history forgets what the engine dropped.
+        self.on_evicted: Callable[[int, list[int]], None] | None = None
 
     # ---- backends -------------------------------------------------------------------------------
     def add_backend(self, backend_id: int, *, model: str, estimated: bool, capacity_blocks: int | None) -> None:
@@ -146,13 +150,21 @@ class CacheIndex:
         if entry is None:
             return
         holders = self._holders[backend_id >> 6]
+        bit = 1 << (backend_id & 63)
+        dropped: list[int] = []
         for engine_hash in block_hashes:
             h = engine_hash_to_int(engine_hash)
             key = self._engine_to_own.get(h)
             if key is None:
                 continue
-            if not self._remove(backend_id, holders, entry, key) and not self._held_elsewhere(key, backend_id >> 6):
+            held = holders.get(key, 0) & bit
+            mask = self._remove(backend_id, holders, entry, key)
+            if held and not mask & bit:
+                dropped.append(key)
+            if not mask and not self._held_elsewhere(key, backend_id >> 6):
                 self._engine_to_own.pop(h)
+        if dropped and self.on_evicted is not None:
+            self.on_evicted(backend_id, dropped)
 
     def apply_cleared(self, backend_id: int) -> None:
         entry = self._backends.get(backend_id)
@@ -161,7 +173,10 @@ class CacheIndex:
         holders = self._holders[backend_id >> 6]
         keys, masks = holders.items()
         bit = np.uint64(1 << (backend_id & 63))
+        dropped: list[int] = []
         if (masks & bit).any():
+            if self.on_evicted is not None:
+                dropped = keys[(masks & bit) != 0].tolist()
             masks &= ~bit
             held = masks != 0
             holders.replace(keys[held], masks[held])
@@ -174,6 +189,8 @@ class CacheIndex:
             entry.lru.clear()
         for key in [k for k, pred in self._predicted.items() if pred.pop(backend_id, None) is not None and not pred]:
             del self._predicted[key]
+        if dropped and self.on_evicted is not None:
+            self.on_evicted(backend_id, dropped)
 
     # ---- routing ----------------------------------------------------------------------------------
     def match(self, keys: Sequence[int], backend_ids: Iterable[int], now: float) -> dict[int, int]:
@@ -318,9 +335,13 @@ class CacheIndex:
         if entry.lru is None or entry.capacity_blocks is None:
             return
         holders = self._holders[backend_id >> 6]
+        dropped: list[int] = []
         while len(entry.lru) > entry.capacity_blocks:
             key, _ = entry.lru.popitem(last=False)
             self._remove(backend_id, holders, entry, key)
+            dropped.append(key)
+        if dropped and self.on_evicted is not None:
+            self.on_evicted(backend_id, dropped)
 
     def _expire(self, now: float) -> None:
         queue = self._predicted_queue

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Seconds of history for that hit ratio.")
     pre.add_argument("--preble-chain-tokens", type=int, default=PrebleConfig.chain_tokens,
                      help="Prefix groups longer than this (multi-turn chains) are never moved by rebalancing.")
+    pre.add_argument("--preble-rebalance-recompute", type=float, default=PrebleConfig.rebalance_recompute,
+                     help="Rebalancing moves a prefix group only when this many times the prefill of its prefix on "
+                          "the light backend (what it lacks there) is at most the group's recurring load on the "
+                          "heavy one, and counts that recompute on the light side; inf: the paper's rule.")
     pre.add_argument("--preble-load-signal", default=PrebleConfig.load_signal, choices=["window", "both", "outstanding"],
                      help="L: compute sent within H (the paper's), plus the work still outstanding (both), or the "
                           "outstanding work alone (prefill not yet done and decode still ahead of what was sent; "
@@ -120,7 +124,8 @@ def build_policy(args: argparse.Namespace) -> Policy:
                           replicate_share=args.preble_replicate_share, pd_hit_ratio=args.preble_pd_hit_ratio,
                           pd_window=args.preble_pd_window, chain_tokens=args.preble_chain_tokens,
                           load_signal=args.preble_load_signal, exploit_ratio=args.preble_exploit_ratio,
-                          exploit_overflow=args.preble_exploit_overflow)
+                          exploit_overflow=args.preble_exploit_overflow,
+                          rebalance_recompute=args.preble_rebalance_recompute)
     return PreblePolicy(config, TimeModel.from_profile(args.time_profile))
 
 

@@ -62,6 +62,7 @@ class Router:
         self.policy = policy
         self.clock = clock
         self.index = CacheIndex(predicted_ttl=predicted_ttl)
+        self.index.on_evicted = self._blocks_evicted
         self.load = LoadTracker()
         self.backends: dict[int, Backend] = {}
         self._subscribers: dict[int, KvEventSubscriber] = {}
@@ -101,6 +102,12 @@ class Router:
                 self.load.remove_backend(backend_id)
                 self.policy.on_backend_removed(backend_id)
                 del self.backends[backend_id]
+
+    def _blocks_evicted(self, backend_id: int, keys: list[int]) -> None:
+        """The index dropped blocks of backend_id (events, clears, estimated LRU): tell the policy."""
+        callback = getattr(self.policy, "on_blocks_evicted", None)  # a policy written before the callback
+        if callback is not None and backend_id in self.backends:
+            callback(backend_id, keys)
 
     def start_event_consumers(self) -> None:
         for sub in self._subscribers.values():

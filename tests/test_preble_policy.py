@@ -96,7 +96,8 @@ def test_load_window_expires():
 
 
 def test_rebalancing_moves_cheapest_group_after_warmup():
-    p = policy(warmup_per_backend=5, bal_threshold=1.5, rebalance_interval=0.0)
+    # The paper's rule (moves ignore the recompute; the default gate: test_rebalancing_*recompute*).
+    p = policy(warmup_per_backend=5, bal_threshold=1.5, rebalance_interval=0.0, rebalance_recompute=math.inf)
     groups = {g: [10_000 * g + j for j in range(40)] for g in range(4)}
     t, reasons, targets = 0.0, [], {}
     # Four prefix groups all cached on backend 0 keep exploiting it; backend 1 idles.

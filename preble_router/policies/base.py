@@ -80,6 +80,12 @@ class Policy(Protocol):
         """The backend left the fleet; its id may be reused by a new backend."""
         ...
 
+    def on_blocks_evicted(self, backend_id: int, keys: list[int]) -> None:
+        """The backend no longer holds these blocks (router block keys, as in RouteRequest.block_hashes): the
+        engine evicted them (KV events), cleared its cache, or the router's estimate aged them out. Called by the
+        Router whenever its CacheIndex drops a backend's blocks, live and in the simulator alike."""
+        ...
+
 
 class StatelessPolicy:
     """Base for policies that keep no history: the callbacks do nothing."""
@@ -97,4 +103,7 @@ class StatelessPolicy:
         pass
 
     def on_backend_removed(self, backend_id: int) -> None:
+        pass
+
+    def on_blocks_evicted(self, backend_id: int, keys: list[int]) -> None:
         pass

@@ -56,6 +56,15 @@ class PrebleConfig:
     pd_hit_ratio: float = 0.7  # recent hit ratio above which a backend counts as decode-heavy
     pd_window: float = 30.0  # seconds of history for that ratio
     chain_tokens: int = 8192  # groups whose shared prefix is longer than this are never moved (long chains)
+    # Rebalancing pays for its moves (ours): a moved group's prefix is recomputed on the light backend (the spec:
+    # "its KV is recomputed, nothing is copied"), a one-off cost the paper's rule ignores. With this factor f
+    # finite, a group moves only when f x that recompute (prefill of the part the light backend lacks) is at
+    # most the recurring load the move takes off the heavy backend (the group's window load less the prefill of
+    # its own prefix, which was paid once and is not saved by moving), and the recompute counts on the light
+    # side in the "keeps the heavy side above the light side" check. inf: the paper's rule (moves
+    # ignore recompute). Live on 2 vLLM CPU replicas the paper's rule moved ~5k-token document groups (4-9 s of
+    # prefill each) to save ~1 s of queue, and the recompute pushed the other replica's documents out.
+    rebalance_recompute: float = 1.0
     default_output_tokens: int = 128  # until max_tokens or the group's median says otherwise
     rebalance_interval: float = 1.0  # seconds between rebalancing checks
 
@@ -89,7 +98,7 @@ class PreblePolicy:
         self.tree = PrefixTree(self.config.window)
         self._load: dict[int, deque[list]] = {}  # backend -> [time, cost ms] within H
         self._load_sum: dict[int, float] = {}
-        self._group_load: dict[int, dict[int, list]] = {}  # backend -> id(group) -> [ms, node]
+        self._group_load: dict[int, dict[int, list]] = {}  # backend -> id(group) -> [ms, node, recurring ms]
         self._hits: dict[int, deque[tuple[float, int, int]]] = {}  # backend -> (time, cached, prompt)
         self._flights: dict[str, _Flight] = {}
         self._prefilling: dict[int, dict[str, _Flight]] = {}  # backend -> flights before their first token
@@ -221,11 +230,16 @@ class PreblePolicy:
         for node in self.tree.lru_oldest_first(b.backend_id):
             # The engine evicts block by block: when only part of this node must go, only its tail does, and
             # only that part is recomputed later (charging the whole node made a backend holding one hot long
-            # document look ruinous to evict from, so every new document went to the other backend).
-            take = min(len(node.keys), to_free)
+            # document look ruinous to evict from, so every new document went to the other backend). A node the
+            # engine already evicted in part (KV events, on_blocks_evicted) holds only its leading blocks.
+            held = node.held_keys(b.backend_id)
+            take = min(held, to_free)
+            if take <= 0:
+                continue
             hits = node.hits(b.backend_id, horizon)
             if hits:
-                cost += self.time.prefill_ms(take * request.block_size, node.end_blocks * request.block_size) * hits
+                end = (node.start_blocks + held) * request.block_size
+                cost += self.time.prefill_ms(take * request.block_size, end) * hits
             to_free -= take
             if to_free <= 0:
                 break
@@ -258,8 +272,13 @@ class PreblePolicy:
         self._load.setdefault(b, deque()).append(entry)
         self._load_sum[b] = self._load_sum.get(b, 0.0) + cost
         if group is not None:
-            slot = self._group_load.setdefault(b, {}).setdefault(id(group), [0.0, group])
+            slot = self._group_load.setdefault(b, {}).setdefault(id(group), [0.0, group, 0.0])
             slot[0] += cost
+            # Recurring work: what the request costs beyond (re)computing the group's own prefix, which a move
+            # would not save (it was paid once here and would be paid once more on the new backend).
+            group_tokens = min(group.end_blocks * (request.block_size or self._block_size), request.prompt_tokens)
+            prefix_missed = max(0, group_tokens - decision.matched_tokens)
+            slot[2] += max(0.0, cost - self.time.prefill_ms(prefix_missed, group_tokens))
         self._hits.setdefault(b, deque()).append((now, decision.matched_tokens, request.prompt_tokens))
         flight = _Flight(b, now, missed, request.prompt_tokens, state.in_flight == 0, group, entry, est_output,
                          prefill_ms)
@@ -300,6 +319,11 @@ class PreblePolicy:
         if flight.group is not None:
             _group_state(flight.group).outputs.append(output_tokens)
 
+    def on_blocks_evicted(self, backend_id: int, keys: list[int]) -> None:
+        """The engine no longer holds these blocks there: the tree forgets them, so M stops charging for them and
+        rebalancing sees what moving a group would really recompute."""
+        self.tree.evict(backend_id, keys)
+
     def on_backend_removed(self, backend_id: int) -> None:
         self.tree.forget_backend(backend_id)
         for table in (self._load, self._load_sum, self._group_load, self._hits, self._prefilling, self._decoding):
@@ -320,23 +344,40 @@ class PreblePolicy:
         if loads[heavy] < cfg.bal_threshold * max(loads[light], 1e-9) or loads[heavy] <= 0:
             return
         groups = sorted(self._group_load.get(heavy, {}).values(), key=lambda s: s[0])
-        for load, node in groups:
+        for load, node, _ in groups:
             if self._hot(node, now) and load >= cfg.replicate_share * loads[heavy]:
                 holders = self._replicas.setdefault(id(node), (node, {heavy}))[1]
                 holders.add(light)
                 return
         if self._routed < cfg.warmup_per_backend * len(ids):
             return
-        moved = 0.0
-        for load, node in groups:
+        moved, added = 0.0, 0.0  # load taken off heavy; load (plus recompute) put on light
+        for load, node, recurring in groups:
             if load <= 0 or node.end_blocks * self._block_size > cfg.chain_tokens or id(node) in self._moved:
                 continue
-            if loads[heavy] - moved - load <= loads[light] + moved + load:
+            recompute = self.recompute_ms(node, light) if math.isfinite(cfg.rebalance_recompute) else 0.0
+            if cfg.rebalance_recompute * recompute > recurring:
+                continue  # recomputing its prefix there costs more than the group's recurring work on heavy
+            if loads[heavy] - moved - load <= loads[light] + added + load + recompute:
                 break  # moving it would just swap the imbalance
             self._moved[id(node)] = (node, light, now + cfg.window)
             moved += load
-            if loads[heavy] - moved < cfg.bal_threshold * (loads[light] + moved):
+            added += load + recompute
+            if loads[heavy] - moved < cfg.bal_threshold * (loads[light] + added):
                 break
+
+    def recompute_ms(self, node: Node, backend_id: int) -> float:
+        """Prefill time of the part of node's prefix (root to node) that backend_id does not hold."""
+        held_blocks = 0
+        path = list(self._ancestors(node))[::-1]  # root side first
+        for n in path:
+            if backend_id not in n.last_use:
+                break
+            held_blocks = n.start_blocks + n.held_keys(backend_id)
+            if n.held_keys(backend_id) < len(n.keys):
+                break
+        bs = self._block_size
+        return self.time.prefill_ms((node.end_blocks - held_blocks) * bs, node.end_blocks * bs)
 
     def _hot(self, node: Node, now: float) -> bool:
         state = node.stats
@@ -369,6 +410,7 @@ class PreblePolicy:
         for table in self._group_load.values():
             for key in list(table):
                 table[key][0] *= keep
+                table[key][2] *= keep
                 if table[key][0] < 1e-3:
                     del table[key]
 

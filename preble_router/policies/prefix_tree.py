@@ -5,6 +5,11 @@ records its last use and its uses within the window H; per backend an LRU list o
 the engine would evict first. Presence itself comes from the cache index (engine events): this tree only
 supplies the usage history the cost model needs. Nodes unused for H are pruned, so memory follows the
 window, not the traffic's history.
+
+The tree learns placement from routing, so on its own it would keep listing blocks the engine already evicted.
+`evict(backend, keys)` (fed from the cache index, i.e. the engine's KV events) forgets them: a node whose first
+evicted block is at offset i keeps only its first i blocks on that backend (`Node.held`), or loses the backend
+at i = 0, and every node below it loses the backend (prefix matching stops at the first missing block).
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ class Node:
     last_use: dict[int, float] = field(default_factory=dict)  # backend -> time
     uses: dict[int, deque[float]] = field(default_factory=dict)  # backend -> use times within the window
     stats: Any = None  # the policy's per-group state; lives and dies with the node
+    held: dict[int, int] = field(default_factory=dict)  # backend -> leading keys still held there, when not all
+
+    def held_keys(self, backend_id: int) -> int:
+        """Leading keys of this node that backend_id still holds (as far as eviction reports say)."""
+        return self.held.get(backend_id, len(self.keys))
 
     @property
     def end_blocks(self) -> int:
@@ -43,6 +53,7 @@ class PrefixTree:
         self.window = window
         self.root = Node([], None, 0)
         self._lru: dict[int, OrderedDict[int, Node]] = {}  # backend -> id(node) -> node, oldest first
+        self._by_key: dict[int, Node] = {}  # block key -> the node whose run contains it
         self.nodes = 0
 
     def path(self, keys: Sequence[int]) -> list[Node]:
@@ -77,6 +88,8 @@ class PrefixTree:
                 child = Node(keys[pos:], node, pos)
                 node.children[keys[pos]] = child
                 self.nodes += 1
+                for k in child.keys:
+                    self._by_key[k] = child
                 path.append(child)
                 break
             run = child.keys
@@ -88,6 +101,7 @@ class PrefixTree:
             node = child
         lru = self._lru.setdefault(backend_id, OrderedDict())
         for n in reversed(path):  # leaf first, so the root ends most recent and leaves are evicted first
+            n.held.pop(backend_id, None)  # routed there again: the engine recomputes what it had evicted
             n.last_use[backend_id] = now
             n.uses.setdefault(backend_id, deque()).append(now)
             lru[id(n)] = n
@@ -108,12 +122,48 @@ class PrefixTree:
                 lru.popitem(last=False)
                 node.last_use.pop(backend_id, None)
                 node.uses.pop(backend_id, None)
+                node.held.pop(backend_id, None)
                 self._maybe_delete(node)
+
+    def evict(self, backend_id: int, keys: Sequence[int]) -> int:
+        """backend_id no longer holds these blocks: forget it there, from each block's position on down.
+        Returns how many nodes lost the backend entirely."""
+        lru = self._lru.get(backend_id)
+        if not lru:
+            return 0
+        dropped = 0
+        for key in keys:
+            node = self._by_key.get(key)
+            if node is None or backend_id not in node.last_use:
+                continue
+            at = node.keys.index(key)
+            if at >= node.held_keys(backend_id):
+                continue  # already cut below this block
+            stack = list(node.children.values())
+            while stack:
+                n = stack.pop()
+                if backend_id in n.last_use:
+                    dropped += self._drop(n, backend_id, lru)
+                    stack.extend(n.children.values())
+            if at == 0:
+                dropped += self._drop(node, backend_id, lru)
+            else:
+                node.held[backend_id] = at
+        return dropped
+
+    def _drop(self, node: Node, backend_id: int, lru: OrderedDict[int, Node]) -> int:
+        lru.pop(id(node), None)
+        node.last_use.pop(backend_id, None)
+        node.uses.pop(backend_id, None)
+        node.held.pop(backend_id, None)
+        self._maybe_delete(node)
+        return 1
 
     def forget_backend(self, backend_id: int) -> None:
         for node in list(self._lru.pop(backend_id, {}).values()):
             node.last_use.pop(backend_id, None)
             node.uses.pop(backend_id, None)
+            node.held.pop(backend_id, None)
             self._maybe_delete(node)
 
     def _maybe_delete(self, node: Node) -> None:
@@ -121,6 +171,9 @@ class PrefixTree:
             parent = node.parent
             del parent.children[node.keys[0]]
             self.nodes -= 1
+            for k in node.keys:
+                if self._by_key.get(k) is node:
+                    del self._by_key[k]
             node = parent
 
     def _split(self, node: Node, at: int) -> Node:
@@ -134,6 +187,28 @@ class PrefixTree:
         upper.children[node.keys[0]] = node
         upper.last_use = dict(node.last_use)
         upper.uses = {b: deque(q) for b, q in node.uses.items()}
+        for k in upper.keys:
+            self._by_key[k] = upper
+        for b, held in list(node.held.items()):  # a cut inside the upper run: the lower part is gone there
+            if held < at:
+                upper.held[b] = held
+                del node.held[b]
+                node.last_use.pop(b, None)
+                node.uses.pop(b, None)
+                self._lru.get(b, OrderedDict()).pop(id(node), None)
+            elif held == at:
+                del node.held[b]
+                node.last_use.pop(b, None)
+                node.uses.pop(b, None)
+                self._lru.get(b, OrderedDict()).pop(id(node), None)
+            else:
+                node.held[b] = held - at
+        if not node.last_use and not node.children:  # the lower part is held nowhere any more
+            del upper.children[node.keys[0]]
+            self.nodes -= 1
+            for k in node.keys:
+                if self._by_key.get(k) is node:
+                    del self._by_key[k]
         for b in upper.last_use:
             # Approximation: the upper half joins the LRU list as recent (an OrderedDict cannot insert in the
             # middle); it holds the shared part, which is the most likely to be used again anyway.
