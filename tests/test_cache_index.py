@@ -264,3 +264,49 @@ def test_key_zero_and_many_backends():
     index.remove_backend(0)
     assert index.match([0, 5, 7], [0, 63, 200], 1.0) == {0: 0, 63: 1, 200: 2}
     assert len(index) == 2
+
+
+# ---- on_evicted: what the router forwards to Policy.on_blocks_evicted --------------------------------------------
+
+def _listen(index):
+    calls = []
+    index.on_evicted = lambda backend, keys: calls.append((backend, list(keys)))
+    return calls
+
+
+def test_on_evicted_reports_removed_blocks_once_they_are_gone():
+    index = make()
+    calls = _listen(index)
+    keys = hash_blocks(list(range(12)), BS, ROOT)
+    stored(index, 0, list(range(12)), [1, 2, 3])
+    stored(index, 0, list(range(12)), [1, 2, 3])  # a second copy of each block
+    stored(index, 1, list(range(12)), [11, 12, 13])
+    index.apply_removed(0, [3])
+    assert calls == []  # one copy of block 3 is still there
+    index.apply_removed(0, [3, 2, 999])  # 999: unknown hash
+    assert calls == [(0, [keys[2]])]
+    index.apply_removed(1, [13])
+    assert calls[-1] == (1, [keys[2]])
+
+
+def test_on_evicted_reports_everything_on_clear():
+    index = make()
+    calls = _listen(index)
+    keys = hash_blocks(list(range(12)), BS, ROOT)
+    stored(index, 0, list(range(12)), [1, 2, 3])
+    stored(index, 1, list(range(8)), [11, 12])
+    index.apply_cleared(0)
+    assert len(calls) == 1 and calls[0][0] == 0 and sorted(calls[0][1]) == sorted(keys)
+    index.apply_cleared(0)  # nothing left: no call
+    assert len(calls) == 1
+
+
+def test_on_evicted_reports_estimated_lru_evictions():
+    index = make(estimated=True, capacity=3)
+    calls = _listen(index)
+    a = hash_blocks(list(range(12)), BS, ROOT)
+    b = hash_blocks(list(range(100, 108)), BS, ROOT)
+    index.record_routed(0, a, 0.0)
+    assert calls == []
+    index.record_routed(0, b, 1.0)  # 5 blocks for 3 slots: the two oldest go
+    assert calls == [(0, a[:2])]

@@ -299,3 +299,127 @@ def test_eviction_charges_only_the_part_of_a_node_that_must_go():
         evict = d.costs[0] - p.load_ms(0, 6) - (d.costs[1] - p.load_ms(1, 6))
         # tail `need` blocks of the hot node, recomputed on a 40-block context, times its 5 uses
         assert evict == pytest.approx(5 * p.time.prefill_ms(need * BS, 40 * BS))
+
+
+# ---- rebalancing pays for its moves (rebalance_recompute) ------------------------------------------------------
+
+def _rebalance_workload(p, doc_blocks=200, steps=60):
+    """Backend 0 holds a long document group (one cold prefill, then a few cheap questions) and four tool groups
+    (cheap, frequent); backend 1 idles. Returns the backends each group was last sent to."""
+    doc = [90_000 + j for j in range(doc_blocks)]
+    tools = {g: [10_000 * (g + 1) + j for j in range(20)] for g in range(4)}
+    last, t = {}, 0.0
+    for i in range(steps):
+        t += 0.1
+        if i % 6 == 5:
+            name, keys = "doc", doc
+        else:
+            name, keys = i % 4, tools[i % 4]
+        r = request(i, keys + [1000 + i], prompt_tokens=(len(keys) + 1) * BS + 1, max_tokens=20)
+        d = send(p, r, snap(t, backend(0, matched=len(keys) * BS if i >= 6 else 0), backend(1)))
+        last[name] = d.backend_id
+    return last
+
+
+def test_rebalancing_never_moves_a_group_whose_recompute_exceeds_its_recurring_load():
+    p = policy(warmup_per_backend=5, rebalance_interval=0.0)  # default rebalance_recompute=1
+    last = _rebalance_workload(p)
+    assert last["doc"] == 0  # 200 blocks to recompute on backend 1 for a few short questions: stays
+    assert any(last[g] == 1 for g in range(4))  # cheap tool groups still move
+    for node, target, _ in p._moved.values():
+        assert p.config.rebalance_recompute * p.recompute_ms(node, target) <= p._group_load[0][id(node)][2] + 1e-9
+
+
+def test_paper_rebalancing_moves_the_long_group_too():
+    p = policy(warmup_per_backend=5, rebalance_interval=0.0, rebalance_recompute=math.inf)
+    last = _rebalance_workload(p)
+    assert last["doc"] == 1  # the paper's rule: any group under chain_tokens moves, whatever its recompute
+
+
+def test_recurring_load_excludes_the_groups_own_cold_prefill():
+    p = policy()
+    doc = list(range(100))
+    send(p, request("cold", doc + [5000], prompt_tokens=101 * BS + 1, max_tokens=10), snap(0, backend(0), backend(1)))
+    slot = next(iter(p._group_load[0].values()))
+    assert slot[0] > p.time.prefill_ms(100 * BS, 100 * BS)  # the window load counts the cold prefill
+    assert slot[2] < slot[0] / 10  # the recurring load does not: a move would not save it
+
+
+def test_recompute_counts_only_what_the_light_backend_lacks():
+    p = policy()
+    sysp = list(range(30))
+    send(p, request("a", sysp + list(range(100, 110))), snap(0, backend(0), backend(1)))
+    send(p, request("b", sysp + list(range(200, 210))), snap(1, backend(0, matched=30 * BS), backend(1)))
+    p.on_dispatched(request("c", sysp + list(range(300, 310))), _decision(1, 0), snap(2, backend(0), backend(1)))
+    group = p.tree.deepest_shared(sysp + list(range(100, 110)))  # the 40-block path of "a"
+    assert group.end_blocks == 40
+    # backend 1 holds the shared 30-block system prompt: only the 10-block tail is recomputed there
+    assert p.recompute_ms(group, 1) == pytest.approx(p.time.prefill_ms(10 * BS, 40 * BS))
+    assert p.recompute_ms(group, 0) == 0.0
+
+
+# ---- the tree learns evictions (on_blocks_evicted) -----------------------------------------------------------------
+
+def test_evicted_blocks_leave_the_tree_and_m():
+    p = policy(load_signal="window")  # costs minus load_ms() isolate M
+    for t in range(5):  # a hot 40-block prefix on backend 0
+        p.on_dispatched(request(f"h{t}", range(40)), _decision(0, 0), snap(t, backend(0), backend(1)))
+    full = dict(capacity=40, cached=40)
+
+    def evict_cost(now):
+        d = p.choose(request(f"n{now}", range(500, 540), prompt_tokens=40 * BS), snap(now, backend(0, **full), backend(1)))
+        return d.costs[0] - p.load_ms(0, now) - (d.costs[1] - p.load_ms(1, now))
+
+    assert evict_cost(6) == pytest.approx(5 * p.time.prefill_ms(40 * BS, 40 * BS))
+    p.on_blocks_evicted(0, list(range(30, 40)))  # the engine evicted the tail (its LRU end): 30 blocks left
+    node = p.tree.deepest_shared(range(40))
+    assert node.held_keys(0) == 30
+    assert evict_cost(7) == pytest.approx(5 * p.time.prefill_ms(30 * BS, 30 * BS))
+    p.on_blocks_evicted(0, [0])  # the first block: nothing of the prefix is usable there any more
+    assert list(p.tree.lru_oldest_first(0)) == []
+    assert evict_cost(8) == 0.0
+
+
+def test_eviction_of_a_parent_block_drops_the_subtree_and_routing_restores_it():
+    from preble_router.policies.prefix_tree import PrefixTree
+
+    tree = PrefixTree(window=100.0)
+    tree.insert(list(range(10)) + [100, 101], 0, 0.0)
+    tree.insert(list(range(10)) + [200, 201], 0, 1.0)
+    tree.insert(list(range(10)) + [200, 201], 1, 1.0)
+    shared = tree.deepest_shared(list(range(10)))
+    assert shared.end_blocks == 10 and len(shared.children) == 2
+    assert tree.evict(0, [5]) == 2  # both tails lose backend 0; the shared node keeps blocks 0-4 there
+    assert shared.held_keys(0) == 5 and shared.held_keys(1) == 10
+    assert {id(n) for n in tree.lru_oldest_first(0)} == {id(shared)}
+    assert tree.deepest_shared(list(range(10)) + [100, 101]).end_blocks == 10  # tail 100 was held by 0 only: gone
+    tree.evict(0, [7, 8])  # already cut below: no change
+    assert shared.held_keys(0) == 5
+    tree.insert(list(range(10)) + [100, 101], 0, 2.0)  # routed there again: the engine recomputes it
+    assert shared.held_keys(0) == 10 and len(list(tree.lru_oldest_first(0))) == 2
+    tree.evict(1, list(range(10)))
+    assert all(1 not in n.last_use for n in tree.lru_oldest_first(0))
+    tree.evict(0, [0])
+    assert tree.nodes == 0 and not tree._by_key
+
+
+def test_split_keeps_a_partial_hold_on_the_right_side():
+    from preble_router.policies.prefix_tree import PrefixTree
+
+    tree = PrefixTree(window=100.0)
+    tree.insert(list(range(10)), 0, 0.0)
+    tree.insert(list(range(10)), 1, 0.0)
+    tree.evict(0, [3])  # backend 0 keeps blocks 0-2
+    tree.insert(list(range(6)) + [50], 1, 1.0)  # splits the node after block 6
+    upper = tree.deepest_shared(list(range(6)))
+    lower = tree.deepest_shared(list(range(10)))
+    assert upper.end_blocks == 6 and lower.start_blocks == 6
+    assert upper.held_keys(0) == 3 and 0 not in lower.last_use and lower.held_keys(1) == 4
+    assert tree._by_key[2] is upper and tree._by_key[8] is lower
+
+
+def test_stateless_policies_accept_evictions():
+    from preble_router.policies import make_policy
+
+    for name in ("cache_aware", "least_load", "round_robin"):
+        make_policy(name).on_blocks_evicted(0, [1, 2, 3])
