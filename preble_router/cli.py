@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Rebalancing moves a prefix group only when this many times the prefill of its prefix on "
                           "the light backend (what it lacks there) is at most the group's recurring load on the "
                           "heavy one, and counts that recompute on the light side; inf: the paper's rule.")
+    pre.add_argument("--preble-eviction-pending", type=int, default=int(PrebleConfig.eviction_pending), choices=[0, 1],
+                     help="1: M counts the KV blocks our in-flight prefills on a backend are about to store (they "
+                          "evict its least recently used blocks first); 0: free = what the KV events report.")
     pre.add_argument("--preble-load-signal", default=PrebleConfig.load_signal, choices=["window", "both", "outstanding"],
                      help="L: compute sent within H (the paper's), plus the work still outstanding (both), or the "
                           "outstanding work alone (prefill not yet done and decode still ahead of what was sent; "
@@ -125,7 +128,8 @@ def build_policy(args: argparse.Namespace) -> Policy:
                           pd_window=args.preble_pd_window, chain_tokens=args.preble_chain_tokens,
                           load_signal=args.preble_load_signal, exploit_ratio=args.preble_exploit_ratio,
                           exploit_overflow=args.preble_exploit_overflow,
-                          rebalance_recompute=args.preble_rebalance_recompute)
+                          rebalance_recompute=args.preble_rebalance_recompute,
+                          eviction_pending=bool(args.preble_eviction_pending))
     return PreblePolicy(config, TimeModel.from_profile(args.time_profile))
 
 

@@ -67,7 +67,7 @@ def test_explore_prefill_term_prefers_partial_match():
 
 
 def test_eviction_term_values_hot_prefixes():
-    p = policy(load_signal="window")  # costs minus load_ms() isolate M
+    p = policy(load_signal="window", eviction_pending=False)  # M as the events report it (these dispatches stay queued)
     # Backend 0 caches a hot prefix (used 5 times recently), backend 1 a cold one (used once).
     for t in range(5):
         p.on_dispatched(request(f"h{t}", range(20)), _decision(0, 0), snap(t, backend(0), backend(1)))
@@ -290,7 +290,7 @@ def test_overflow_counts_what_it_would_evict():
 
 
 def test_eviction_charges_only_the_part_of_a_node_that_must_go():
-    p = policy(load_signal="window")  # costs minus load_ms() isolate M
+    p = policy(load_signal="window", eviction_pending=False)  # M as the events report it (these dispatches stay queued)
     for t in range(5):  # a 40-block prefix used 5 times on backend 0
         p.on_dispatched(request(f"h{t}", range(40)), _decision(0, 0), snap(t, backend(0), backend(1)))
     for need in (4, 40):
@@ -361,7 +361,7 @@ def test_recompute_counts_only_what_the_light_backend_lacks():
 # ---- the tree learns evictions (on_blocks_evicted) -----------------------------------------------------------------
 
 def test_evicted_blocks_leave_the_tree_and_m():
-    p = policy(load_signal="window")  # costs minus load_ms() isolate M
+    p = policy(load_signal="window", eviction_pending=False)  # M as the events report it (these dispatches stay queued)
     for t in range(5):  # a hot 40-block prefix on backend 0
         p.on_dispatched(request(f"h{t}", range(40)), _decision(0, 0), snap(t, backend(0), backend(1)))
     full = dict(capacity=40, cached=40)
@@ -423,3 +423,42 @@ def test_stateless_policies_accept_evictions():
 
     for name in ("cache_aware", "least_load", "round_robin"):
         make_policy(name).on_blocks_evicted(0, [1, 2, 3])
+
+
+def _served(p, rid, keys, backend_id, now, uses=1):
+    for u in range(uses):
+        r = request(f"{rid}{u}", keys)
+        p.on_dispatched(r, _decision(backend_id, 0), snap(now + u * 0.01, backend(0), backend(1)))
+        p.on_first_token(r, backend_id, now + u * 0.01 + 0.001)
+        p.on_finished(r, backend_id, now + u * 0.01 + 0.002, output_tokens=2)
+
+
+def _m(p, req, state, now):
+    return p._eviction(req, state, now)
+
+
+def test_eviction_counts_the_blocks_inflight_prefills_will_take():
+    p = policy()
+    _served(p, "hot", range(20), 0, 0.0, uses=5)  # a hot 20-block prefix on backend 0
+    p.on_dispatched(request("cold", range(300, 330), prompt_tokens=30 * BS), _decision(0, 0), snap(1, backend(0), backend(1)))  # 30 blocks queued
+    new = request("n", range(500, 520), prompt_tokens=20 * BS)
+    state = backend(0, capacity=60, cached=20)  # 40 free by the events, 10 once the queued prefill stores
+    assert _m(p, new, state, 2) == pytest.approx(5 * p.time.prefill_ms(10 * BS, 20 * BS))
+    blind = policy(eviction_pending=False)
+    _served(blind, "hot", range(20), 0, 0.0, uses=5)
+    blind.on_dispatched(request("cold", range(300, 330), prompt_tokens=30 * BS), _decision(0, 0), snap(1, backend(0), backend(1)))
+    assert _m(blind, new, state, 2) == 0.0
+
+
+def test_queued_prefills_evict_the_oldest_blocks_first():
+    p = policy()
+    _served(p, "old", range(20), 0, 0.0, uses=1)  # least recently used: the queued request evicts it
+    _served(p, "hot", range(100, 120), 0, 1.0, uses=5)
+    p.on_dispatched(request("cold", range(300, 320), prompt_tokens=20 * BS), _decision(0, 0), snap(2, backend(0), backend(1)))
+    new = request("n", range(500, 520), prompt_tokens=20 * BS)
+    state = backend(0, capacity=40, cached=40)
+    assert _m(p, new, state, 3) == pytest.approx(5 * p.time.prefill_ms(20 * BS, 20 * BS))  # charged for "hot"
+    blind = policy(eviction_pending=False)
+    _served(blind, "old", range(20), 0, 0.0, uses=1)
+    _served(blind, "hot", range(100, 120), 0, 1.0, uses=5)
+    assert _m(blind, new, state, 3) == pytest.approx(1 * p.time.prefill_ms(20 * BS, 20 * BS))  # only "old"

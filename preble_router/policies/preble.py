@@ -66,6 +66,12 @@ class PrebleConfig:
     # prefill each) to save ~1 s of queue, and the recompute pushed the other replica's documents out.
     rebalance_recompute: float = 1.0
     default_output_tokens: int = 128  # until max_tokens or the group's median says otherwise
+    # M sees the blocks our in-flight prefills there are about to take (ours): the engine's free KV cache at the
+    # time this request runs is what its events report minus what the requests queued ahead of it will store,
+    # and those requests evict the least recently used blocks first, so this request is charged for the ones
+    # after them. Without it, two cold documents sent to one replica within a second both saw free room (their
+    # blocks not stored yet) and together pushed out a third document that the next request then exploited.
+    eviction_pending: bool = True
     rebalance_interval: float = 1.0  # seconds between rebalancing checks
 
 
@@ -224,10 +230,30 @@ class PreblePolicy:
             return 0.0
         free = b.capacity_blocks - (b.cached_blocks or 0)
         need = math.ceil((request.prompt_tokens - b.matched_tokens) / request.block_size)
+        skip = 0  # LRU blocks the requests queued ahead will evict (charged to them)
+        if self.config.eviction_pending:
+            pending = sum(math.ceil(f.missed / request.block_size)
+                          for f in (self._prefilling.get(b.backend_id) or {}).values())
+            skip, free = max(0, pending - free), max(0, free - pending)
         if need <= free:
             return 0.0
         to_free, cost, horizon = need - free, 0.0, now - self.config.window
         for node in self.tree.lru_oldest_first(b.backend_id):
+            if skip > 0:
+                gone = min(node.held_keys(b.backend_id), skip)
+                skip -= gone
+                if gone == node.held_keys(b.backend_id):
+                    continue
+                held = node.held_keys(b.backend_id) - gone  # the ones ahead take its tail, this request the rest
+                take = min(held, to_free)
+                hits = node.hits(b.backend_id, horizon)
+                if hits:
+                    end = (node.start_blocks + held) * request.block_size
+                    cost += self.time.prefill_ms(take * request.block_size, end) * hits
+                to_free -= take
+                if to_free <= 0:
+                    break
+                continue
             # The engine evicts block by block: when only part of this node must go, only its tail does, and
             # only that part is recomputed later (charging the whole node made a backend holding one hot long
             # document look ruinous to evict from, so every new document went to the other backend). A node the
