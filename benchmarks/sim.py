@@ -7,19 +7,29 @@ simulated first token; ``finish`` at completion. Each engine reports its prefix-
 ``router.index`` the way vLLM's KV events do (``apply_stored`` / ``apply_removed``), so the router's view
 of the caches is exactly what a live router with KV events would have (without event latency).
 
-Each engine is vLLM-v1-like:
-- continuous batching with chunked prefill: every step, decodes first (one token each), then running
-  prefills, then waiting requests, within ``max_batched_tokens`` (2048) and ``max_num_seqs`` (256);
-- a block prefix cache: ``block_size`` (16) tokens per block, ``capacity_blocks`` blocks in all; a
-  request hits only full leading blocks already cached, never its last prompt token (vLLM recomputes it);
-  computed full prompt blocks are cached (and reported as BlockStored); a request's blocks are freed in
-  reverse order when it finishes and join an LRU of unreferenced blocks, evicted (BlockRemoved) only when
-  an allocation needs room, never-used blocks first;
-- admission reserves blocks for the whole prompt and output (so no preemption is modelled) and is FCFS
-  with head-of-line blocking, as vLLM's; ``local_scheduler="preble"`` instead serves Preble's 10
-  cache-hit-ratio priority groups in turn, group g admitting up to (g+1) x 10 per turn (the hit ratio is
-  taken when the request reaches the engine). Output blocks are never cached (vLLM caches decoded full
-  blocks too; our synthetic follow-up prompts could not match them anyway).
+Each engine is vLLM-v1-like (its Scheduler, KVCacheManager and BlockPool):
+- continuous batching with chunked prefill: every step, the running requests in admission order (decodes
+  one token each, counted first against the budget; prefills a chunk), then waiting requests, within
+  ``max_batched_tokens`` (2048) and ``max_num_seqs`` (256);
+- a block prefix cache: ``block_size`` (16) tokens per block, ``capacity_blocks`` blocks in all. Blocks are
+  allocated per step, for the tokens a step computes (a prefill chunk, or one decode token, which needs a
+  new block every block_size tokens), not reserved for the whole request. A request hits only full leading
+  blocks already cached, never its last prompt token (vLLM recomputes it); hits are touched (taken out of
+  the free queue) at admission. Full prompt blocks are cached, and reported as BlockStored, when allocated
+  (as vLLM's allocate_slots does); a block another request cached meanwhile is shared;
+- the free queue (vLLM >= 0.24): never-used and freed unhashed (partial) blocks first, then freed full
+  blocks oldest first, a request's blocks freed tail first; handing out a cached block evicts it
+  (BlockRemoved). Full blocks past the prompt (output tokens) are not cached here (vLLM caches them; no
+  prompt could match them) but keep their place in the queue;
+- when a running request cannot get its blocks, the newest running request is preempted (RECOMPUTE: its
+  blocks are freed, cached ones staying in the prefix cache until evicted; it goes back to the front of the
+  waiting queue and prefills its prompt and the tokens it had generated again, mostly from cache if they
+  survived; its reported cached_tokens stay those of its first admission), and nothing is admitted that
+  step;
+- waiting requests are admitted while their hits plus first chunk can be allocated, FCFS with head-of-line
+  blocking, as vLLM's; ``local_scheduler="preble"`` instead serves Preble's 10 cache-hit-ratio priority
+  groups in turn, group g admitting up to (g+1) x 10 per turn (the hit ratio is taken when the request
+  reaches the engine).
 
 Step time (the time model, ``TimeProfile``)::
 
@@ -33,7 +43,8 @@ on the vLLM CPU replicas fitted by ``benchmarks/sim_vs_live.py``). ``contention`
 replicas that share a machine's cores: a step, and a request's overhead, take (1 + contention x the share of
 the other engines busy at its start) times as long (two one-core vLLM CPU replicas on two cores, next to
 their API servers, the router and the client, fit 0.2-0.8, but see ``sim_vs_live --apply-contention``). Decode bookkeeping is per step, not per token: a decoding request is an entry
-in a heap keyed by the step at which it finishes, and the batch's context sum is kept incrementally.
+in a heap keyed by the step at which it finishes and in one keyed by the step at which it needs its next
+block, and the batch's context sum is kept incrementally.
 
 Default profile, "llama3-8b-h100": Llama-3-8B in bf16 on one H100 SXM. These are ESTIMATES from first
 principles and public specs, not measurements; refit them from a profile of your deployment:
@@ -132,10 +143,14 @@ class SimConfig:
         return max(1, self.profile.capacity_blocks * 16 // self.block_size)
 
 
+_WAITING, _PREFILL, _DECODE, _DONE = 0, 1, 2, 3
+
+
 class _SimReq:
     __slots__ = ("req", "idx", "prepared", "inflight", "decision", "keys", "tokens", "prompt", "output",
-                 "sent", "admitted", "first", "end", "cached", "computed", "held", "reserved", "engine",
-                 "error", "join_step", "group_hint")
+                 "sent", "admitted", "first", "end", "cached", "computed", "held", "nblocks", "engine",
+                 "error", "join_step", "join_gen", "group_hint", "target", "gen", "state", "run_seq",
+                 "preemptions")
 
     def __init__(self, req: Request, idx: int) -> None:
         self.req = req
@@ -151,18 +166,32 @@ class _SimReq:
         self.admitted: float | None = None
         self.first: float | None = None
         self.end: float | None = None
-        self.cached = 0
-        self.computed = 0
-        self.held: list[int] = []  # cached block keys this request references (a prefix of keys)
-        self.reserved = 0  # physical blocks reserved and not (yet) turned into cached prompt blocks
+        self.cached = -1  # prompt tokens hit at the first admission (vLLM's cached_tokens); -1 before
+        self.computed = 0  # tokens whose KV is computed (or being computed by the running step)
+        self.held: list[int] = []  # cached block keys at the head of its block table (a prefix of keys)
+        self.nblocks = 0  # blocks in its block table: the held cached ones, then uncached ("anonymous") ones
         self.engine = -1
         self.error: str | None = None
-        self.join_step = 0
+        self.join_step = 0  # the engine step index at which it started decoding
+        self.join_gen = 0  # output tokens it had generated then
         self.group_hint = 0
+        self.target = 0  # tokens to prefill: the prompt, plus what it had generated if preempted
+        self.gen = 0  # output tokens generated before its current prefill
+        self.state = _WAITING
+        self.run_seq = -1  # admission order on its engine (renewed at each re-admission)
+        self.preemptions = 0
 
 
 class SimEngine:
-    """One vLLM-like engine: scheduler, block prefix cache, step timing, KV events to the router."""
+    """One vLLM-like engine: scheduler, block prefix cache, step timing, KV events to the router.
+
+    Blocks follow vLLM v1's KVCacheManager / BlockPool (0.24+): a free queue of physical blocks, first
+    ``free`` (a count: never-used blocks and freed blocks without a hash, i.e. partial last blocks), then
+    ``lru``: the freed full blocks, oldest first, cached prompt blocks by key (still prefix-cache hits until
+    handed out) and full output blocks by a negative id (cached by vLLM, but nothing could hit them here).
+    Handing out a cached block evicts it (BlockRemoved). Each scheduled chunk or decode token gets
+    blocks for the tokens it computes; full prompt blocks are cached (BlockStored) when allocated, as vLLM's
+    allocate_slots does."""
 
     def __init__(self, sim: Simulator, index: int, backend_id: int) -> None:
         cfg = sim.config
@@ -171,17 +200,21 @@ class SimEngine:
         self.backend_id = backend_id
         self.bs = cfg.block_size
         self.capacity = cfg.capacity()
-        self.free = self.capacity  # never-used (or uncached, freed) blocks
+        self.free = self.capacity  # never-used blocks: the head of the free queue
         self.cache: dict[int, int] = {}  # key -> refcount (every cached block, referenced or not)
-        self.lru: OrderedDict[int, None] = OrderedDict()  # unreferenced cached blocks, oldest first
+        self.lru: OrderedDict[int, None] = OrderedDict()  # the rest of the free queue (ref count 0), oldest first
+        self._anon = 0  # last id given to a freed uncached block (negative; router keys are unsigned)
         self.waiting: deque[_SimReq] = deque()
         self.groups: list[deque[_SimReq]] = [deque() for _ in range(10)]  # preble local scheduler
         self.turn = 9
         self.n_waiting = 0
-        self.prefilling: list[_SimReq] = []
-        self.decode_heap: list[tuple[int, int, _SimReq]] = []
+        self.running: dict[int, _SimReq] = {}  # run_seq -> request, in admission order
+        self._run_seq = 0
+        self.prefilling: list[_SimReq] = []  # running requests still prefilling, in admission order
+        self.decode_heap: list[tuple[int, int, _SimReq]] = []  # (step it finishes at, run_seq, request)
+        self.block_heap: list[tuple[int, int, _SimReq]] = []  # (step it needs its next block at, run_seq, req)
         self.n_dec = 0
-        self.dec_base = 0  # sum over decoding requests of (prompt + 1 - join_step)
+        self.dec_base = 0  # sum over decoding requests of (prompt + join_gen - join_step)
         self.step_idx = 0
         self.busy = False
         self.busy_time = 0.0
@@ -190,11 +223,12 @@ class SimEngine:
         self.step_start = 0.0
         self.stored_blocks = 0
         self.evicted_blocks = 0
-        self._heap_seq = 0
+        self.preemptions = 0
         self.preble_local = cfg.local_scheduler == "preble"
 
     # ---- queueing ---------------------------------------------------------------------------------
     def enqueue(self, s: _SimReq) -> None:
+        s.target = s.prompt
         if self.preble_local:
             hits = self._leading_hits(s)
             h = hits * self.bs / max(1, s.prompt)
@@ -205,8 +239,16 @@ class SimEngine:
             self.waiting.append(s)
         self.n_waiting += 1
 
+    def _requeue_front(self, s: _SimReq) -> None:
+        """A preempted request goes back to the front of the waiting queue (vLLM's prepend_request)."""
+        if self.preble_local:
+            self.groups[s.group_hint].appendleft(s)
+        else:
+            self.waiting.appendleft(s)
+        self.n_waiting += 1
+
     def _leading_hits(self, s: _SimReq) -> int:
-        cap = (s.prompt - 1) // self.bs if s.prompt > 0 else 0
+        cap = (s.target - 1) // self.bs if s.target > 0 else 0
         cache = self.cache
         n = 0
         for k in s.keys[:cap]:
@@ -238,36 +280,20 @@ class SimEngine:
         self.n_waiting -= 1
 
     # ---- blocks -----------------------------------------------------------------------------------
-    def _admit(self, s: _SimReq) -> bool:
-        """Touch the request's cache hits and reserve the rest of its blocks; False if it does not fit now."""
-        bs = self.bs
-        cap = (s.prompt - 1) // bs if s.prompt > 0 else 0
-        cache, lru = self.cache, self.lru
-        hits = 0
-        hits_in_lru = 0
-        for k in s.keys[:cap]:
-            rc = cache.get(k)
-            if rc is None:
-                break
-            hits += 1
-            if rc == 0:
-                hits_in_lru += 1
-        total = -(-(s.prompt + s.output) // bs)
-        need = total - hits
-        if need > self.free + len(lru) - hits_in_lru:
-            return False
-        for k in s.keys[:hits]:
-            rc = cache[k]
-            if rc == 0:
-                del lru[k]
-            cache[k] = rc + 1
-        s.held = s.keys[:hits]
-        s.cached = s.computed = hits * bs
-        self._allocate(need)
-        s.reserved = need
-        return True
+    def _cost(self, keys: list[int], h: int, nb: int, upto: int) -> int:
+        """Free-queue blocks that growing a block table (h cached blocks, nb blocks in all) to cover `upto`
+        tokens takes: a new block, or a cached one with ref count 0 it reuses (it leaves the queue)."""
+        cache = self.cache
+        f = min(upto // self.bs, len(keys))
+        cost = 0
+        for i in range(h, f):
+            rc = cache.get(keys[i])
+            if rc == 0 or (rc is None and i >= nb):
+                cost += 1
+        return cost + max(0, -(-upto // self.bs) - max(nb, f))
 
-    def _allocate(self, n: int) -> None:
+    def _take(self, n: int) -> None:
+        """Hand out n blocks from the head of the free queue; cached ones are evicted (BlockRemoved)."""
         take = min(n, self.free)
         self.free -= take
         rest = n - take
@@ -277,40 +303,55 @@ class SimEngine:
         lru, cache = self.lru, self.cache
         for _ in range(rest):
             k, _ = lru.popitem(last=False)
-            del cache[k]
-            removed.append(k)
-        self.evicted_blocks += len(removed)
-        self.sim.router.index.apply_removed(self.backend_id, removed)
+            if k >= 0:
+                del cache[k]
+                removed.append(k)
+        if removed:
+            self.evicted_blocks += len(removed)
+            self.sim.router.index.apply_removed(self.backend_id, removed)
 
-    def _register(self, s: _SimReq, upto_tokens: int) -> None:
-        """Cache the request's newly computed full prompt blocks; report them as BlockStored."""
+    def _grow(self, s: _SimReq, upto: int) -> None:
+        """Give s blocks for its first `upto` tokens (the caller checked _cost against the free queue) and
+        cache its full prompt blocks among them, reporting the new ones as BlockStored. A full block that is
+        already cached (another request computed it meanwhile) is shared, as a prefix hit would be."""
         bs = self.bs
-        first = len(s.held)
-        last = min(upto_tokens // bs, len(s.keys))
-        if last <= first:
-            return
-        cache, lru = self.cache, self.lru
         keys = s.keys
-        run_start = -1
-        for i in range(first, last):
+        cache, lru = self.cache, self.lru
+        h, nb = len(s.held), s.nblocks
+        total = -(-upto // bs)
+        f = min(upto // bs, len(keys))
+        new: list[int] = []
+        need = max(0, total - max(nb, f))
+        released = 0
+        for i in range(h, f):
             k = keys[i]
             rc = cache.get(k)
-            s.reserved -= 1
-            if rc is None:  # a new block: this request's physical block becomes a cached one
-                cache[k] = 1
-                if run_start < 0:
-                    run_start = i
-            else:  # computed meanwhile by another request: share that block, free ours
+            if rc is None:
+                new.append(i)
+                if i >= nb:
+                    need += 1
+            else:
                 if rc == 0:
                     del lru[k]
                 cache[k] = rc + 1
-                self.free += 1
-                if run_start >= 0:
-                    self._emit_stored(s, run_start, i)
-                    run_start = -1
-        if run_start >= 0:
-            self._emit_stored(s, run_start, last)
-        s.held = keys[:last]
+                if i < nb:
+                    released += 1  # our uncached copy of it is not needed any more
+        self._take(need)
+        if new:
+            for i in new:
+                cache[keys[i]] = 1
+            run_start = prev = new[0]
+            for i in new[1:]:
+                if i != prev + 1:  # one BlockStored per run of consecutive blocks (their parent is known)
+                    self._emit_stored(s, run_start, prev + 1)
+                    run_start = i
+                prev = i
+            self._emit_stored(s, run_start, prev + 1)
+        self.free += released  # not cached: to the head of the free queue
+        if f > h:
+            s.held = keys[:f]
+        if total > nb:
+            s.nblocks = total
 
     def _emit_stored(self, s: _SimReq, i0: int, i1: int) -> None:
         bs = self.bs
@@ -318,31 +359,107 @@ class SimEngine:
         self.sim.router.index.apply_stored(self.backend_id, s.keys[i0:i1], s.keys[i0 - 1] if i0 else None,
                                            s.tokens[i0 * bs: i1 * bs], bs, None, None)
 
-    def _release(self, s: _SimReq) -> None:
-        self.free += s.reserved
-        s.reserved = 0
-        cache, lru = self.cache, self.lru
-        for k in reversed(s.held):  # reverse order: the tail blocks are evicted first
+    def _admit(self, s: _SimReq, budget: int) -> int:
+        """Touch the waiting request's prefix-cache hits and allocate its first chunk (at most `budget`
+        tokens); returns the chunk's size, or 0 (and changes nothing) if the blocks are not there."""
+        bs = self.bs
+        keys = s.keys
+        cap = min((s.target - 1) // bs if s.target > 0 else 0, len(keys))
+        cache = self.cache
+        hits = 0
+        in_queue = 0
+        for k in keys[:cap]:
+            rc = cache.get(k)
+            if rc is None:
+                break
+            hits += 1
+            if rc == 0:
+                in_queue += 1
+        n = min(s.target - hits * bs, budget)
+        if in_queue + self._cost(keys, hits, hits, hits * bs + n) > self.free + len(self.lru):
+            return 0
+        lru = self.lru
+        for k in keys[:hits]:
+            rc = cache[k]
+            if rc == 0:
+                del lru[k]
+            cache[k] = rc + 1
+        s.held = keys[:hits]
+        s.nblocks = hits
+        s.computed = hits * bs
+        if s.cached < 0:
+            s.cached = hits * bs
+        self._grow(s, s.computed + n)
+        return n
+
+    def _release(self, s: _SimReq, kv_tokens: int) -> None:
+        """Free s's blocks, whose first kv_tokens tokens are computed, as vLLM (>= 0.24) does: a partial last
+        block (no hash) to the head of the free queue, the rest tail first (vLLM frees a block table in
+        reverse) to its end: full blocks past the cached prompt ones (vLLM caches output blocks too; here
+        they stand in as uncached blocks that can never hit), then the cached ones from the last to the first."""
+        lru, cache = self.lru, self.cache
+        h = len(s.held)
+        full = min(max(0, kv_tokens // self.bs - h), s.nblocks - h)
+        self.free += s.nblocks - h - full
+        for _ in range(full):
+            self._anon -= 1
+            lru[self._anon] = None
+        for k in reversed(s.held):
             rc = cache[k] - 1
             cache[k] = rc
             if rc == 0:
                 lru[k] = None
         s.held = []
+        s.nblocks = 0
+
+    def _preempt_newest(self) -> _SimReq:
+        """vLLM's RECOMPUTE preemption (FCFS): the most recently admitted running request frees its blocks
+        and goes back to the front of the waiting queue, to prefill its prompt and what it generated again."""
+        run_seq, s = self.running.popitem()
+        if s.state == _PREFILL:
+            self.prefilling.remove(s)
+            kv = s.computed
+        else:  # decoding: generated join_gen + the decode steps it has run since (the last one has no KV yet)
+            self.n_dec -= 1
+            self.dec_base -= s.prompt + s.join_gen - s.join_step
+            s.gen = s.join_gen + self.step_idx - s.join_step
+            kv = s.prompt + s.gen - 1
+        s.target = s.prompt + s.gen
+        self._release(s, kv)
+        s.computed = 0
+        s.state = _WAITING
+        s.preemptions += 1
+        self.preemptions += 1
+        self._requeue_front(s)
+        return s
 
     def check_invariants(self) -> None:
-        """Block accounting (for tests): every physical block is free, reserved or cached, once."""
-        running = [s for s in self.prefilling] + [s for _, _, s in self.decode_heap]
-        reserved = sum(s.reserved for s in running)
+        """Block accounting (for tests): every physical block is free, held or cached, once; ref counts match
+        the running requests' block tables; nothing waiting holds a block."""
+        running = list(self.running.values())
         assert self.free >= 0, self.free
-        assert self.free + reserved + len(self.cache) == self.capacity, (self.free, reserved, len(self.cache))
+        anon_free = sum(1 for k in self.lru if k < 0)
+        anon_held = 0
         refs: dict[int, int] = {}
         for s in running:
+            assert s.state in (_PREFILL, _DECODE), s.state
+            h = len(s.held)
+            assert s.held == s.keys[:h] and h <= s.nblocks, (h, s.nblocks)
+            assert s.nblocks * self.bs >= s.computed, (s.nblocks, s.computed)
+            anon_held += s.nblocks - h
             for k in s.held:
                 refs[k] = refs.get(k, 0) + 1
+        assert self.free + anon_free + anon_held + len(self.cache) == self.capacity, (
+            self.free, anon_free, anon_held, len(self.cache))
         for k, rc in self.cache.items():
             assert rc == refs.get(k, 0), (k, rc, refs.get(k, 0))
             assert (rc == 0) == (k in self.lru), k
-        assert len(self.lru) == sum(1 for rc in self.cache.values() if rc == 0)
+        assert len(self.lru) - anon_free == sum(1 for rc in self.cache.values() if rc == 0)
+        assert [s for s in running if s.state == _PREFILL] == self.prefilling
+        assert sum(1 for s in running if s.state == _DECODE) == self.n_dec
+        for q in (self.waiting, *self.groups):
+            for s in q:
+                assert s.state == _WAITING and s.nblocks == 0 and not s.held
 
     # ---- steps ------------------------------------------------------------------------------------
     def maybe_start(self, now: float) -> None:
@@ -350,44 +467,93 @@ class SimEngine:
             self._start_step(now)
 
     def _start_step(self, now: float) -> None:
+        """vLLM's schedule(): running requests first, in admission order (decodes get one token, prefills a
+        chunk within the token budget), each given the blocks its tokens need, preempting the newest running
+        request while they are not there; then, if nothing was preempted, waiting requests while their first
+        chunk's blocks can be allocated (head-of-line blocking)."""
         cfg = self.sim.config
+        bs = self.bs
+        step = self.step_idx
         budget = cfg.max_batched_tokens - self.n_dec
         batch: list[tuple[_SimReq, int]] = []
         prefill_tokens = 0
         pairs = 0.0
-        for s in self.prefilling:
+        preempted = False
+        # decoding requests whose next token starts a new block, and running prefills, in admission order
+        work: list[tuple[int, _SimReq]] = []
+        heap = self.block_heap
+        while heap and heap[0][0] <= step:
+            _, seq, s = heapq.heappop(heap)
+            if s.state == _DECODE and s.run_seq == seq:
+                work.append((seq, s))
+        if work:
+            work.extend((s.run_seq, s) for s in self.prefilling)
+            work.sort(key=lambda w: w[0])
+        else:
+            work = [(s.run_seq, s) for s in self.prefilling]
+        for seq, s in work:
+            if s.run_seq != seq or s.state == _WAITING:
+                continue  # preempted earlier in this pass
+            if s.state == _DECODE:
+                while not (self.free or self.lru):
+                    victim = self._preempt_newest()
+                    preempted = True
+                    if victim is s:
+                        break
+                if s.state != _DECODE:
+                    continue
+                self._take(1)
+                s.nblocks += 1
+                nxt = s.nblocks * bs - s.prompt - s.join_gen + s.join_step + 1
+                if nxt < s.join_step + s.output - s.join_gen:  # before its last decode step
+                    heapq.heappush(heap, (nxt, seq, s))
+                continue
             if budget <= 0:
-                break
-            n = min(s.prompt - s.computed, budget)
+                continue
+            n = min(s.target - s.computed, budget)
+            upto = s.computed + n
+            while self._cost(s.keys, len(s.held), s.nblocks, upto) > self.free + len(self.lru):
+                victim = self._preempt_newest()
+                preempted = True
+                if victim is s:
+                    break
+            if s.state != _PREFILL:
+                continue
+            self._grow(s, upto)
             batch.append((s, n))
             budget -= n
             prefill_tokens += n
             pairs += n * (s.computed + (n + 1) / 2)
-        seqs = self.n_dec + len(self.prefilling)
-        if budget > 0 and self.n_waiting and seqs < cfg.max_num_seqs:
+        seqs = len(self.running)
+        if not preempted and budget > 0 and self.n_waiting and seqs < cfg.max_num_seqs:
             admitted = []
             for s in self._candidates():
                 if budget <= 0 or seqs >= cfg.max_num_seqs:
                     break
-                if not self._admit(s):
+                n = self._admit(s, budget)
+                if not n:
                     break  # head-of-line: wait for memory
                 admitted.append(s)
-                s.admitted = now
+                if s.admitted is None:
+                    s.admitted = now
                 seqs += 1
-                n = min(s.prompt - s.computed, budget)
                 batch.append((s, n))
                 budget -= n
                 prefill_tokens += n
                 pairs += n * (s.computed + (n + 1) / 2)
             for s in admitted:
                 self._pop_waiting(s)
+                self._run_seq += 1
+                s.run_seq = self._run_seq
+                s.state = _PREFILL
+                self.running[s.run_seq] = s
                 self.prefilling.append(s)
             if self.preble_local:
                 self.turn = (self.turn - 1) % 10
         if not batch and self.n_dec == 0:
             self.busy = False
             return
-        dec_ctx = self.dec_base + self.n_dec * self.step_idx
+        dec_ctx = self.dec_base + self.n_dec * step
         dt = self.sim.profile.step_time(prefill_tokens, pairs, dec_ctx, self.n_dec)
         if self.sim.profile.contention:
             dt *= self.sim.slowdown(self)
@@ -400,36 +566,49 @@ class SimEngine:
         self.busy_time += now - self.step_start
         self.steps += 1
         self.step_idx += 1
+        step = self.step_idx
         sim = self.sim
+        bs = self.bs
         done_prefill = False
         for s, n in self.batch:
             s.computed += n
-            self._register(s, s.computed)
-            if s.computed >= s.prompt:
-                done_prefill = True
+            if s.computed < s.target:
+                continue
+            done_prefill = True
+            produced = s.gen + 1  # the prefill's last position samples the next output token
+            if s.first is None:
                 s.first = now
                 sim.router.first_token(s.inflight)
-                if s.output <= 1:
-                    self._finish(s, now)
-                else:
-                    s.join_step = self.step_idx
-                    self._heap_seq += 1
-                    heapq.heappush(self.decode_heap, (self.step_idx + s.output - 1, self._heap_seq, s))
-                    self.n_dec += 1
-                    self.dec_base += s.prompt + 1 - s.join_step
+            if produced >= s.output:
+                del self.running[s.run_seq]
+                self._finish(s, now, s.computed)
+                continue
+            s.state = _DECODE
+            s.join_step = step
+            s.join_gen = produced
+            heapq.heappush(self.decode_heap, (step + s.output - produced, s.run_seq, s))
+            nxt = s.nblocks * bs - s.prompt - produced + step + 1  # the decode step whose token needs a block
+            if nxt < step + s.output - produced:
+                heapq.heappush(self.block_heap, (nxt, s.run_seq, s))
+            self.n_dec += 1
+            self.dec_base += s.prompt + produced - step
         if done_prefill:
-            self.prefilling = [s for s in self.prefilling if s.computed < s.prompt]
+            self.prefilling = [s for s in self.prefilling if s.state == _PREFILL]
         self.batch = []
         heap = self.decode_heap
-        while heap and heap[0][0] <= self.step_idx:
-            _, _, s = heapq.heappop(heap)
+        while heap and heap[0][0] <= step:
+            _, seq, s = heapq.heappop(heap)
+            if s.state != _DECODE or s.run_seq != seq:
+                continue  # preempted since
             self.n_dec -= 1
-            self.dec_base -= s.prompt + 1 - s.join_step
-            self._finish(s, now)
+            self.dec_base -= s.prompt + s.join_gen - s.join_step
+            del self.running[seq]
+            self._finish(s, now, s.prompt + s.output - 1)
         self._start_step(now)
 
-    def _finish(self, s: _SimReq, now: float) -> None:
-        self._release(s)
+    def _finish(self, s: _SimReq, now: float, kv_tokens: int) -> None:
+        self._release(s, kv_tokens)
+        s.state = _DONE
         s.end = now
         self.sim.complete(s, now)
 
@@ -583,6 +762,7 @@ class Simulator:
                 "output_tokens": s.output if ok else 0,
                 "decision": s.decision.reason if s.decision else None,
                 "matched_tokens": s.decision.matched_tokens if s.decision else None,
+                "preemptions": s.preemptions,
                 "error": s.error,
             })
         busy = [e.busy_time for e in self.engines]
@@ -597,6 +777,7 @@ class Simulator:
             "steps": sum(e.steps for e in self.engines),
             "evicted_blocks": sum(e.evicted_blocks for e in self.engines),
             "stored_blocks": sum(e.stored_blocks for e in self.engines),
+            "preemptions": sum(e.preemptions for e in self.engines),
             "decisions": dict(self.decisions),
             "sim_time_s": self.now,
             "wall_s": wall_s,

@@ -65,11 +65,12 @@ def test_lru_eviction_under_small_capacity_reported_to_the_router():
     a, b, c = (list(range(s, s + 128)) for s in (1000, 2000, 3000))  # 8 blocks each
     reqs = [explicit("a", a, 1, 0.0), explicit("b", b, 1, 1.0), explicit("c", c, 1, 2.0),
             explicit("a2", a, 1, 3.0)]
-    # 20 blocks: a and b fit (8 + 8 cached); c (9 blocks with its output) evicts a's 5 least recent blocks.
-    # A request's blocks are freed tail first, so a keeps its leading 3 blocks.
+    # 20 blocks: a and b fit (8 + 8 cached); c takes the 4 never-used blocks and evicts a's 4 least recent
+    # ones (its single output token is sampled by the prefill step: vLLM never allocates a block for it).
+    # A request's blocks are freed tail first, so a keeps its leading 4 blocks.
     sim, res, recs = run(reqs, gpus=1, capacity_blocks=20, predicted_ttl=0.0)
-    assert recs["a2"]["cached_tokens"] == 3 * 16
-    assert res.summary["evicted_blocks"] >= 5
+    assert recs["a2"]["cached_tokens"] == 4 * 16
+    assert res.summary["evicted_blocks"] >= 4
     check_all(sim)
     keys_b = sim.router.prepare_tokens(b).keys_by_block_size[16]
     eng = sim.engines[0]
@@ -148,3 +149,107 @@ def test_cli_sim_and_compare_write_tables_and_plots(tmp_path, capsys):
     assert (cmp_dir / "latency_vs_rate.png").exists() and (cmp_dir / "latency_cdf_rate40.png").exists()
     rows = json.loads((cmp_dir / "summary.json").read_text())
     assert sorted({r["rate"] for r in rows}) == [10, 40] and all(np.isfinite(r["latency_avg"]) for r in rows)
+
+
+# ---- vLLM v1 block allocation: per scheduled chunk / token, preemption by recompute, the free queue's order ----
+def keys_of(sim: Simulator, tokens: list[int]) -> list[int]:
+    return sim.router.prepare_tokens(tokens).keys_by_block_size[16]
+
+
+def index_content(sim: Simulator, backend_id: int) -> set[int]:
+    """The keys the router's index holds for a backend (from the KV events the engines sent it)."""
+    keys, masks = sim.router.index._holders[backend_id >> 6].items()
+    bit = np.uint64(1 << (backend_id & 63))
+    return {int(k) for k, m in zip(keys, masks) if m & bit}
+
+
+def test_blocks_are_allocated_per_step_not_reserved_at_admission():
+    a = list(range(100, 164))  # 4 blocks; 60 output tokens: 8 blocks by its last decode step
+    b = list(range(1000, 1128))  # 8 blocks; one output token (sampled by the prefill step: no block for it)
+    reqs = [explicit("a", a, 60, 0.0), explicit("b", b, 1, 0.02)]
+    # 13 blocks. At 0.02 s a holds 5 (prompt + its first decode tokens): 8 are left, enough for b's prompt, not
+    # for b's prompt + output (9 blocks): a whole-request reservation (8 for a) would leave b waiting for a.
+    sim, res, recs = run(reqs, gpus=1, capacity_blocks=13)
+    assert recs["b"]["admitted"] < 0.03  # at the first step boundary after it arrived
+    assert recs["b"]["end"] < recs["a"]["start"] + 0.1 < recs["a"]["end"]
+    assert recs["b"]["cached_tokens"] == 0 and res.summary["preemptions"] == 0
+    # a grew from 5 to 8 blocks after b finished: its 3 new blocks evicted b's 3 last blocks (freed tail first)
+    eng = sim.engines[0]
+    kb = keys_of(sim, b)
+    assert res.summary["evicted_blocks"] == 3
+    assert [k in eng.cache for k in kb] == [True] * 5 + [False] * 3
+    assert set(eng.cache) == set(keys_of(sim, a)) | set(kb[:5])
+    check_all(sim)
+    assert index_content(sim, eng.backend_id) == set(eng.cache)
+
+
+def test_preemption_recomputes_the_newest_request_and_readmits_it_from_its_cached_blocks():
+    a = list(range(100, 164))  # 4 blocks, 60 outputs: wants a 6th block at context 81 (its 17th decode step)
+    b = list(range(1000, 1128))  # 8 blocks, 30 outputs: takes the 14th block at its first decode step
+    reqs = [explicit("a", a, 60, 0.0), explicit("b", b, 30, 0.02)]
+    sim, res, recs = run(reqs, gpus=1, capacity_blocks=14)
+    eng = sim.engines[0]
+    ka, kb = keys_of(sim, a), keys_of(sim, b)
+    # When a needs its 6th block nothing is free: b (the newest) is preempted: its partial block goes to the
+    # head of the free queue, its 8 cached ones to the end; a takes the partial one, then evicts b's 8th and
+    # 7th blocks for its 7th and 8th. b cannot come back before a finishes (6 hits + 3 blocks > the 6 left), then
+    # prefills its prompt and the tokens it had generated again from its 6 surviving blocks.
+    assert res.summary["preemptions"] == 1 and recs["b"]["preemptions"] == 1 and recs["a"]["preemptions"] == 0
+    assert recs["a"]["end"] < recs["b"]["end"]
+    assert recs["b"]["first_token"] < recs["a"]["end"]  # its first token came before the preemption
+    assert recs["b"]["cached_tokens"] == 0 and recs["b"]["output_tokens"] == 30  # as vLLM: the first admission's
+    assert res.summary["evicted_blocks"] == 2
+    assert res.summary["stored_blocks"] == 4 + 8 + 2  # a's prompt, b's, then b's 2 evicted blocks again
+    assert set(eng.cache) == set(ka) | set(kb)
+    check_all(sim)
+    assert index_content(sim, eng.backend_id) == set(eng.cache)
+    # the re-admission's prefill was short: 6 blocks hit, 2 prompt blocks + the generated tokens recomputed
+    alone = run([explicit("b", b, 30, 0.0)], gpus=1, capacity_blocks=14)[2]["b"]
+    assert recs["b"]["end"] - recs["a"]["end"] < alone["latency"]
+
+
+def test_free_queue_order_unhashed_first_then_freed_full_blocks_oldest_first():
+    a = list(range(100, 172))  # 4 full blocks + a partial one
+    b = list(range(1000, 1064))  # 4 blocks
+    c = list(range(5000, 5000 + 18 * 16))  # 18 blocks
+    reqs = [explicit("a", a, 1, 0.0), explicit("b", b, 1, 1.0), explicit("a2", a, 1, 2.0), explicit("c", c, 1, 3.0)]
+    # 24 blocks: a takes 5, b 4, a2 (4 hits, touched out of the queue) 1 more. As vLLM >= 0.24, a freed block
+    # without a hash (a's and a2's partial block) goes to the head of the free queue, full ones tail first to
+    # its end: before c, 16 blocks at the head, then b's 4 blocks (tail first), then a's 4 (freed again by a2).
+    # c takes the 16 and evicts b's 2 last blocks.
+    sim, res, recs = run(reqs, gpus=1, capacity_blocks=24, predicted_ttl=0.0)
+    eng = sim.engines[0]
+    ka, kb, kc = keys_of(sim, a), keys_of(sim, b), keys_of(sim, c)
+    assert recs["a2"]["cached_tokens"] == 64
+    assert res.summary["evicted_blocks"] == 2
+    assert [k in eng.cache for k in kb] == [True, True, False, False]
+    assert list(eng.lru) == kb[:2][::-1] + ka[::-1] + kc[::-1]  # the whole queue after c, oldest first
+    assert eng.free == 0
+    check_all(sim)
+    assert index_content(sim, eng.backend_id) == set(eng.cache)
+    assert sim.router.index.match(kb, [0], sim.now + 1)[0] == 2
+
+
+def test_router_index_follows_the_simulated_caches_through_evictions_and_preemptions(monkeypatch):
+    from benchmarks.sim import SimEngine
+
+    reqs = with_arrivals(generate("tool_use", 300, seed=5, scale=0.3), poisson(300, 200.0, 5))
+    checked = []
+    step_end = SimEngine.step_end
+
+    def checking_step_end(self, now):
+        step_end(self, now)
+        if self.steps % 7 == 0:
+            self.check_invariants()
+            assert index_content(self.sim, self.backend_id) == set(self.cache)
+            checked.append(self.steps)
+
+    monkeypatch.setattr(SimEngine, "step_end", checking_step_end)
+    sim, res, _ = run(reqs, "cache_aware", gpus=2, capacity_blocks=400)
+    s = res.summary
+    assert s["ok"] == 300 and s["errors"] == 0
+    assert s["preemptions"] > 0 and s["evicted_blocks"] > 0 and len(checked) > 20
+    check_all(sim)
+    for eng in sim.engines:
+        assert index_content(sim, eng.backend_id) == set(eng.cache)
+        assert not eng.running and eng.free + len(eng.lru) == eng.capacity
