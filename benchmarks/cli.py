@@ -10,6 +10,7 @@
     preble-bench compare  --mode live --targets rr=http://127.0.0.1:8081,ca=http://127.0.0.1:8082 \\
                           --workload tool_use --rates 1,2 --requests 200 --scale 0.1 --vocab 1024
     preble-bench sim-vs-live runs/compare [runs/compare_rr]   # a compare_routers run, replayed in the simulator
+    preble-bench matrix   [--workloads tool_use,video_qa] [--gpus 4,8]    # every workload near saturation
 
 Rates are requests per second for the whole cluster (the paper gives its rates per 2 GPUs).
 """
@@ -196,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "simulate the same workload (same ids, arrivals, re-tokenized prompts) on 2 engines with the "
                    "same KV capacity for each of our policies in the run, and print sim vs live hit rate and "
                    "latency, and whether the policies rank the same way (benchmarks/sim_vs_live.py).")
+
+    from benchmarks import sim_matrix
+
+    sub.add_parser("matrix", parents=[sim_matrix.build_parser(add_help=False)], formatter_class=fmt,
+                   help="Simulated workloads x GPU counts near saturation, four policies: one table.",
+                   description="For each workload and GPU count, find the rate at which least_load's avg latency "
+                   "reaches 3x its low-load latency, run round_robin, least_load, cache_aware and preble there, and "
+                   "write matrix.json and matrix.md (benchmarks/sim_matrix.py).")
     return p
 
 
@@ -386,8 +395,15 @@ def cmd_sim_vs_live(args: argparse.Namespace) -> int:
     return sim_vs_live.run(args)
 
 
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from benchmarks import sim_matrix
+
+    sim_matrix.run(args)
+    return 0
+
+
 COMMANDS = {"workload": cmd_workload, "sim": cmd_sim, "live": cmd_live, "compare": cmd_compare,
-            "sim-vs-live": cmd_sim_vs_live}
+            "sim-vs-live": cmd_sim_vs_live, "matrix": cmd_matrix}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
