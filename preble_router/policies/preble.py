@@ -239,26 +239,15 @@ class PreblePolicy:
             return 0.0
         to_free, cost, horizon = need - free, 0.0, now - self.config.window
         for node in self.tree.lru_oldest_first(b.backend_id):
-            if skip > 0:
-                gone = min(node.held_keys(b.backend_id), skip)
-                skip -= gone
-                if gone == node.held_keys(b.backend_id):
-                    continue
-                held = node.held_keys(b.backend_id) - gone  # the ones ahead take its tail, this request the rest
-                take = min(held, to_free)
-                hits = node.hits(b.backend_id, horizon)
-                if hits:
-                    end = (node.start_blocks + held) * request.block_size
-                    cost += self.time.prefill_ms(take * request.block_size, end) * hits
-                to_free -= take
-                if to_free <= 0:
-                    break
-                continue
             # The engine evicts block by block: when only part of this node must go, only its tail does, and
             # only that part is recomputed later (charging the whole node made a backend holding one hot long
             # document look ruinous to evict from, so every new document went to the other backend). A node the
-            # engine already evicted in part (KV events, on_blocks_evicted) holds only its leading blocks.
+            # engine already evicted in part (KV events, on_blocks_evicted) holds only its leading blocks; the
+            # requests queued ahead take the LRU head first (their tail of this node), this request what is left.
             held = node.held_keys(b.backend_id)
+            gone = min(held, skip)
+            skip -= gone
+            held -= gone
             take = min(held, to_free)
             if take <= 0:
                 continue
