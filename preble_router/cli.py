@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--preble-exploit-ratio", type=float, default=PrebleConfig.exploit_ratio,
                      help="Exploit when the best match covers more than this share of the prompt (0.5: cached > missed).")
     pre.add_argument("--preble-exploit-overflow", type=float, default=PrebleConfig.exploit_overflow,
-                     help="Leave the longest match when its L + P is more than this many times the best other "
-                          "backend's L + M + P (recomputing there, evictions included, beats its queue); "
+                     help="Leave the longest match when its queued prefill + P is more than this many times the "
+                          "best other backend's queued prefill + M + P (recomputing there, evictions included, beats "
+                          "its prefill queue); "
                           "inf: the paper's exploit, which never looks at load.")
     pre.add_argument("--time-profile", default="llama3-8b-h100",
                      help=f"Prefill/decode time model: a built-in profile ({', '.join(PROFILES)}) or a JSON file "

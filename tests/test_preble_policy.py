@@ -277,6 +277,21 @@ def test_overflow_leaves_a_backed_up_holder():
     assert (d.backend_id, d.reason) == (0, "exploit")
 
 
+def test_overflow_ignores_decode_work_on_the_holder():
+    """Running decodes do not delay a new request's prefill (vLLM batches them together): a holder busy only
+    decoding keeps its cache hits, however much decode is left there."""
+    hot = list(range(30))
+    r = request("q", hot + [999], prompt_tokens=31 * BS + 1)
+    p = policy()
+    for i in range(20):  # 20 of our requests decoding on backend 0, 2000 tokens each still to go
+        long = request(f"d{i}", range(80_000 + 10 * i, 80_010 + 10 * i), max_tokens=2000)
+        p.on_dispatched(long, _decision(0, 0), snap(0.0, backend(0), backend(1)))
+        p.on_first_token(long, 0, 0.01)
+    assert p._load_term(BackendState(0, "gpu0", 0, 20, 0, 20, None, 0), 0.02) > 10_000  # L sees ~40 s of decode
+    d = p.choose(r, snap(0.02, BackendState(0, "gpu0", 30 * BS, 20, 0, 20, None, 0), backend(1)))
+    assert (d.backend_id, d.reason) == (0, "exploit")
+
+
 def test_overflow_counts_what_it_would_evict():
     hot = list(range(30))
     r = request("q", hot + [999], prompt_tokens=31 * BS + 1)

@@ -3,8 +3,9 @@
 Per request:
 - exploit: when the best backend's cached prompt tokens outnumber its missed ones, send to the longest
   match (least load L among ties), unless the prefix group was moved (rebalance) or replicated (replica),
-  or (ours, `exploit_overflow`) the holder's L + P exceeds another backend's L + M + P: its queue is longer
-  than recomputing the prompt elsewhere (overflow; that backend then holds the prefix too);
+  or (ours, `exploit_overflow`) the holder's queued prefill + P exceeds another backend's queued prefill + M + P:
+  its prefill queue is longer than recomputing the prompt elsewhere (overflow; that backend then holds the
+  prefix too);
 - explore: otherwise the backend with the least L + M + P:
   L = compute time of the requests it received within the window H (prefill of their missed tokens plus
       decode of their outputs; `load_signal="window"`), or by default the work still outstanding there (what
@@ -44,10 +45,12 @@ class PrebleConfig:
     # other replica had 59 tokens queued. Rebalancing still compares the window loads, as the paper does.
     load_signal: str = "outstanding"
     exploit_ratio: float = 0.5  # exploit when cached tokens exceed this share of the prompt (0.5: cached > missed)
-    # Exploit overflow (ours): leave the longest match when its L + P exceeds this many times the best other
-    # backend's L + M + P, i.e. when recomputing elsewhere (eviction there included) beats queueing behind the
-    # holder's backlog; the other backend then holds the prefix too and later exploits pick the less loaded
-    # holder. The paper's exploit ignores load until rebalancing or replication react (inf: never overflow).
+    # Exploit overflow (ours): leave the longest match when its queued prefill + P exceeds this many times the
+    # best other backend's queued prefill + M + P, i.e. when recomputing elsewhere (eviction there included)
+    # beats queueing behind the holder's prefill backlog; the other backend then holds the prefix too and later
+    # exploits pick the less loaded holder. Decode work is left out: vLLM batches a new prefill with running
+    # decodes (with all of L, simulated GPUs at saturation sent 14-70% of cache hits away and ran 5-50%
+    # slower). The paper's exploit ignores load until rebalancing or replication react (inf: never overflow).
     exploit_overflow: float = 1.0
     bal_threshold: float = 1.5  # Th_bal: heaviest/lightest load ratio that triggers rebalancing
     warmup_per_backend: int = 50  # requests per backend before rebalancing starts
@@ -167,9 +170,11 @@ class PreblePolicy:
         if not others or not math.isfinite(factor):
             return None
         now = snapshot.now
-        stay = loads[holder.backend_id] + self._prefill(request, holder)
-        costs = {b.backend_id: loads[b.backend_id] + self._eviction(request, b, now) + self._prefill(request, b)
-                 for b in others}
+        # Only queued prefill delays this request's own prefill: vLLM batches it with the running decodes, so
+        # their remaining work (part of L) is no queue here (counting it sent cache hits away from busy GPUs).
+        stay = self._remaining_prefill_ms(holder, now) + self._prefill(request, holder)
+        costs = {b.backend_id: self._remaining_prefill_ms(b, now) + self._eviction(request, b, now)
+                 + self._prefill(request, b) for b in others}
         best = min(costs, key=lambda i: (costs[i], snapshot.by_id(i).in_flight, i))
         if stay <= factor * costs[best]:
             return None
