@@ -412,6 +412,15 @@ class SimEngine:
         s.held = []
         s.nblocks = 0
 
+    def _preempt_until(self, s: _SimReq, fits: Callable[[], bool]) -> bool:
+        """Preempt the newest running requests until fits() or s itself was preempted; True if any was."""
+        preempted = False
+        while not fits():
+            preempted = True
+            if self._preempt_newest() is s:
+                break
+        return preempted
+
     def _preempt_newest(self) -> _SimReq:
         """vLLM's RECOMPUTE preemption (FCFS): the most recently admitted running request frees its blocks
         and goes back to the front of the waiting queue, to prefill its prompt and what it generated again."""
@@ -495,11 +504,7 @@ class SimEngine:
             if s.run_seq != seq or s.state == _WAITING:
                 continue  # preempted earlier in this pass
             if s.state == _DECODE:
-                while not (self.free or self.lru):
-                    victim = self._preempt_newest()
-                    preempted = True
-                    if victim is s:
-                        break
+                preempted |= self._preempt_until(s, lambda: bool(self.free or self.lru))
                 if s.state != _DECODE:
                     continue
                 self._take(1)
@@ -512,11 +517,8 @@ class SimEngine:
                 continue
             n = min(s.target - s.computed, budget)
             upto = s.computed + n
-            while self._cost(s.keys, len(s.held), s.nblocks, upto) > self.free + len(self.lru):
-                victim = self._preempt_newest()
-                preempted = True
-                if victim is s:
-                    break
+            preempted |= self._preempt_until(
+                s, lambda: self._cost(s.keys, len(s.held), s.nblocks, upto) <= self.free + len(self.lru))
             if s.state != _PREFILL:
                 continue
             self._grow(s, upto)
