@@ -28,13 +28,14 @@ def hash_blocks(token_ids: Sequence[int], block_size: int, parent: int) -> list[
     n_full = len(token_ids) // block_size
     if n_full == 0:
         return []
-    # Slicing a memoryview copies nothing; binding the hash function once saves an attribute lookup a block.
-    data = memoryview(array("I", token_ids[: n_full * block_size]).tobytes())
-    step = block_size * 4
+    # The tokenizer hands out array("I") (read as is); a list costs a conversion (~8 ns a token). Slicing a
+    # memoryview copies nothing; binding the hash function once saves an attribute lookup a block.
+    data = memoryview(token_ids if isinstance(token_ids, array) and token_ids.typecode == "I"
+                      else array("I", token_ids))
     xxh3 = xxhash.xxh3_64_intdigest
     keys: list[int] = []
     append = keys.append
-    for start in range(0, n_full * step, step):
-        parent = xxh3(data[start : start + step], seed=parent)
+    for start in range(0, n_full * block_size, block_size):
+        parent = xxh3(data[start : start + block_size], parent)
         append(parent)
     return keys

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class PreparedRequest:
     request_id: str
-    tokens: list[int]
+    tokens: Sequence[int]  # array("I") from the tokenizer, or the ids a client sent
     lora: str | None
     cache_salt: str | None
     max_tokens: int | None
@@ -149,7 +149,7 @@ class Router:
         return self.prepare_tokens(tokens, lora=lora, cache_salt=salt,
                                    max_tokens=max_tokens if isinstance(max_tokens, int) else None)
 
-    def prepare_tokens(self, tokens: list[int], *, lora: str | None = None, cache_salt: str | None = None,
+    def prepare_tokens(self, tokens: Sequence[int], *, lora: str | None = None, cache_salt: str | None = None,
                        max_tokens: int | None = None, request_id: str | None = None) -> PreparedRequest:
         """Block keys of a tokenized prompt, for each block size among the backends."""
         self._next_request += 1

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+from array import array
 from collections import OrderedDict
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -47,7 +49,7 @@ class ChunkedEncoder:
         self.chunk_chars = chunk_chars
         self.check_first = check_first  # the first encodings are all checked, then a sample
         self.check_every = check_every
-        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._cache: OrderedDict[str, array] = OrderedDict()
         self._cache_chunks = cache_chunks
         self._encoded = 0
         with_special = self.backend.encode("a", add_special_tokens=True).ids
@@ -60,7 +62,7 @@ class ChunkedEncoder:
         if not self.enabled:
             log.info("tokenizer: chunked encoding is off (not provably exact for this tokenizer)")
 
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool) -> array:
         if not self.enabled or len(text) < 2 * self.chunk_chars:
             return self._encode_whole(text, add_special_tokens)
         ids = self._encode_chunked(text, add_special_tokens)
@@ -72,11 +74,12 @@ class ChunkedEncoder:
             return self._encode_whole(text, add_special_tokens)
         return ids
 
-    def _encode_whole(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+    def _encode_whole(self, text: str, add_special_tokens: bool) -> array:
+        return array("I", self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
-    def _encode_chunked(self, text: str, add_special_tokens: bool) -> list[int]:
-        ids: list[int] = list(self._prefix) if add_special_tokens else []
+    def _encode_chunked(self, text: str, add_special_tokens: bool) -> array:
+        # Chunks are kept as arrays: joining them is a copy of bytes, and block hashing reads the result as is.
+        ids = array("I", self._prefix if add_special_tokens else ())
         start = 0
         while start < len(text):
             cut = _CUT.search(text, start + self.chunk_chars) if len(text) - start > 2 * self.chunk_chars else None
@@ -115,29 +118,32 @@ def _find(haystack: list[int], needle: list[int]) -> int:
 
 
 class PromptTokenizer:
+    """Text prompts come back as array("I") of token ids (a fresh copy each time): block hashing reads its bytes
+    without converting a list; token-id prompts come back as the client sent them."""
+
     def __init__(self, path_or_name: str, *, cache_size: int = 4096) -> None:
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path_or_name)
         self.chunked = ChunkedEncoder(self.tokenizer) if self.tokenizer.is_fast else None
         # Identical prompts recur (retries, benchmark loops, fixed few-shot prefixes sent alone): cache them.
         self._encode = lru_cache(maxsize=cache_size)(self._encode_uncached)
 
-    def _encode_uncached(self, text: str, add_special_tokens: bool) -> tuple[int, ...]:
+    def _encode_uncached(self, text: str, add_special_tokens: bool) -> array:
         if self.chunked is not None:
-            return tuple(self.chunked.encode(text, add_special_tokens))
-        return tuple(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+            return self.chunked.encode(text, add_special_tokens)
+        return array("I", self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def completion_tokens(self, body: dict[str, Any]) -> list[int]:
+    def completion_tokens(self, body: dict[str, Any]) -> Sequence[int]:
         """Token ids of a /v1/completions request's (first) prompt."""
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of prompts: route by the first
         if isinstance(prompt, str):
-            return list(self._encode(prompt, bool(body.get("add_special_tokens", True))))
+            return array("I", self._encode(prompt, bool(body.get("add_special_tokens", True))))
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return prompt
         raise PromptError("'prompt' must be a string, a list of token ids, or a list of either")
 
-    def chat_tokens(self, body: dict[str, Any]) -> list[int]:
+    def chat_tokens(self, body: dict[str, Any]) -> Sequence[int]:
         """Token ids of a /v1/chat/completions request, rendered through the chat template."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
@@ -155,7 +161,7 @@ class PromptTokenizer:
             )
         except Exception as exc:  # template errors are the client's (bad roles, missing fields)
             raise PromptError(f"cannot apply the chat template: {exc}") from exc
-        return list(self._encode(text, bool(body.get("add_special_tokens", False))))
+        return array("I", self._encode(text, bool(body.get("add_special_tokens", False))))
 
 
 def _normalize_message(message: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import random
+from array import array
 
 import pytest
 
@@ -30,13 +31,13 @@ def test_chunked_encoding_is_exact(tok):
             sample += "".join(rng.choice(alphabet) for _ in range(rng.randrange(1500, 3000)))
         for special in (True, False):
             whole = tok.tokenizer(sample, add_special_tokens=special)["input_ids"]
-            assert tok.chunked._encode_chunked(sample, special) == whole, (i, special)
+            assert list(tok.chunked._encode_chunked(sample, special)) == whole, (i, special)
     assert tok.chunked.enabled
 
 
 def test_completion_prompt_forms(tok):
-    assert tok.completion_tokens({"prompt": "hello world"}) == tok.tokenizer("hello world")["input_ids"]
-    assert tok.completion_tokens({"prompt": "hello", "add_special_tokens": False}) == \
+    assert list(tok.completion_tokens({"prompt": "hello world"})) == tok.tokenizer("hello world")["input_ids"]
+    assert list(tok.completion_tokens({"prompt": "hello", "add_special_tokens": False})) == \
         tok.tokenizer("hello", add_special_tokens=False)["input_ids"]
     assert tok.completion_tokens({"prompt": [5, 6, 7]}) == [5, 6, 7]
     assert tok.completion_tokens({"prompt": ["first", "second"]}) == tok.completion_tokens({"prompt": "first"})
@@ -49,12 +50,22 @@ def test_completion_prompt_forms(tok):
 def test_chat_matches_the_template_as_vllm_applies_it(tok):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
     expected = tok.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert tok.chat_tokens({"messages": messages}) == tok.tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert list(tok.chat_tokens({"messages": messages})) == \
+        tok.tokenizer(expected, add_special_tokens=False)["input_ids"]
     parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     joined = [{"role": "user", "content": "a\nb"}]
     assert tok.chat_tokens({"messages": parts}) == tok.chat_tokens({"messages": joined})
     with pytest.raises(PromptError):
         tok.chat_tokens({"messages": []})
+
+
+def test_text_prompts_come_back_as_fresh_arrays(tok):
+    """array("I") is what block hashing reads without conversion; each call gets its own copy of a cached one."""
+    first = tok.completion_tokens({"prompt": "hello world " * 300})
+    assert isinstance(first, array) and first.typecode == "I"
+    original = list(first)
+    first[0] += 1  # a caller writing into its tokens must not change the cached encoding
+    assert list(tok.completion_tokens({"prompt": "hello world " * 300})) == original
 
 
 def test_router_numbers_requests_itself(tok):
