@@ -6,6 +6,9 @@
     # cleanest per-request overhead: one client (no queueing) and a cheap load generator
     python -m benchmarks.overhead --concurrency 1,32 --client raw --bin-dir /tmp/bench-venv/bin
 
+    # ours with one worker process and with two (`preble-router --workers 2`), side by side with smg
+    python -m benchmarks.overhead --concurrency 32 --client raw --routers ours,ours-w2,smg
+
 Peers: `pip install sglang-router vllm-router` (anywhere; point --bin-dir at that venv's bin/). A router
 whose binary is missing is skipped with a message. `ours` is `preble-router` on PATH / beside
 sys.executable, else `python -c "from preble_router.cli import main; main()"` from this checkout.
@@ -653,6 +656,19 @@ def router_specs(bin_dirs: list[str]) -> dict[str, RouterSpec]:
     return specs
 
 
+def _ours_workers(name: str) -> int | None:
+    """`ours-wN` -> N (preble-router --workers N); None for any other name."""
+    prefix, _, n = name.partition("-w")
+    return int(n) if prefix == "ours" and n.isdigit() and int(n) >= 1 else None
+
+
+def _ours_with_workers(ours: RouterSpec, name: str, workers: int) -> RouterSpec:
+    build = ours.build
+    return RouterSpec(name, ours.binary,
+                      (lambda port, be, model: [*build(port, be, model), "--workers", str(workers)]) if build else None,
+                      ours.skip_reason)
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -732,8 +748,8 @@ def main(argv: list[str] | None = None) -> int:
 
     routers = [r.strip() for r in a.routers.split(",") if r.strip()]
     for r in routers:
-        if r not in ALL_ROUTERS:
-            ap.error(f"unknown router {r!r}; choose from {ALL_ROUTERS}")
+        if r not in ALL_ROUTERS and _ours_workers(r) is None:
+            ap.error(f"unknown router {r!r}; choose from {ALL_ROUTERS} or ours-wN (N worker processes)")
     try:
         levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
     except ValueError:
@@ -746,8 +762,11 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(a.log_dir) if a.log_dir else out_path.parent / (out_path.stem + "-logs")
     log_dir.mkdir(parents=True, exist_ok=True)
     specs = router_specs(list(a.bin_dir))
+    for r in routers:
+        if r not in specs:
+            specs[r] = _ours_with_workers(specs["ours"], r, _ours_workers(r) or 1)
 
-    if "ours" in routers and specs["ours"].build is not None:
+    if any(r.startswith("ours") for r in routers) and specs["ours"].build is not None:
         md = Path(a.model_dir) if a.model_dir else REPO / ".cache" / "overhead-model"
         print(f"model dir for preble-router: {md}")
         model_dir = str(make_model_dir(md).resolve())
@@ -839,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {' '.join(cmd)}")
             proc = Proc(name, cmd, log_dir / f"{name}.log", env)
             version = dist_version(spec.binary if spec.binary and os.path.isfile(spec.binary) else None,
-                                   ROUTER_DISTS[name])
+                                   ROUTER_DISTS.get(name, ROUTER_DISTS["ours"]))
             try:
                 router_url = f"http://{HOST}:{port}"
                 t0 = time.monotonic()

@@ -1,20 +1,67 @@
-"""Prometheus metrics of the router (its own registry, so several routers can live in one test process)."""
+"""Prometheus metrics of the router (its own registry, so several routers can live in one test process).
+
+With `--workers N` prometheus_client runs in multiprocess mode ($PROMETHEUS_MULTIPROC_DIR): counters and
+histograms add up across the worker processes, and the state gauges (read from each worker's router) are
+published by every worker and combined as STATE_GAUGES says (in-flight work sums, shared views take the max).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, CounterMetricFamily
-
+import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from preble_router.router import Router
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
+# name -> (help, labels, counter?, how workers combine). Counters stay counters in one process; across workers
+# they are per-worker views of one stream (each worker follows the same KV events), so the max is the total;
+# their gauges keep the counters' `_total` names.
+STATE_GAUGES: dict[str, tuple[str, tuple[str, ...], bool, str]] = {
+    "preble_backend_healthy": ("1 if the backend is taking requests", ("backend",), False, "livemax"),
+    "preble_backend_in_flight": ("Requests in flight", ("backend",), False, "livesum"),
+    "preble_backend_pending_prefill_tokens": ("Uncached prompt tokens before first token", ("backend",), False,
+                                              "livesum"),
+    "preble_cache_index_blocks": ("Blocks the index records per backend", ("backend",), False, "livemax"),
+    "preble_cache_index_orphan_blocks": ("Stored blocks with an unknown parent", ("backend",), False, "livemax"),
+    "preble_backend_engine_waiting": ("Requests waiting in the engine, as it reports (Preble plugin's /preble/load, "
+                                      "else vLLM gauges)", ("backend", "source"), False, "livemax"),
+    "preble_kv_events": ("KV events applied", ("backend",), True, "livemax"),
+    "preble_kv_event_gaps": ("Sequence gaps in a KV-event stream", ("backend",), True, "livemax"),
+    "preble_kv_event_resets": ("Index resets (engine restart / unrepairable gap)", ("backend",), True, "livemax"),
+}
+
+
+def multiprocess_mode() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def state_values(router: Router) -> Iterator[tuple[str, tuple[str, ...], float]]:
+    """(metric, label values, value) for each state gauge, read from the router now."""
+    for b in router.backends.values():
+        load = router.load.get(b.backend_id)
+        yield "preble_backend_healthy", (b.url,), 1.0 if b.healthy else 0.0
+        yield "preble_backend_in_flight", (b.url,), load.in_flight
+        yield "preble_backend_pending_prefill_tokens", (b.url,), load.pending_prefill_tokens
+        yield "preble_cache_index_blocks", (b.url,), router.index.blocks_held(b.backend_id)
+        yield "preble_cache_index_orphan_blocks", (b.url,), router.index.orphan_blocks(b.backend_id)
+        if b.engine_waiting is not None:
+            yield "preble_backend_engine_waiting", (b.url, b.load_source or ""), b.engine_waiting
+        sub = router.subscriber(b.backend_id)
+        if sub is not None:
+            yield "preble_kv_events", (b.url,), sub.stats.events
+            yield "preble_kv_event_gaps", (b.url,), sub.stats.gaps
+            yield "preble_kv_event_resets", (b.url,), sub.stats.resets
+
 
 class RouterMetrics:
     def __init__(self, router: Router) -> None:
+        self.router = router
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("preble_requests", "Requests finished, by backend, endpoint and status code",
@@ -37,10 +84,33 @@ class RouterMetrics:
                                   "(parse, tokenize, hash, match, decide)", buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("preble_time_to_first_byte_seconds", "Backend time to first response byte",
                               ["backend"], buckets=_LATENCY_BUCKETS, registry=r)
-        r.register(_StateCollector(router))
+        self._shared: dict[str, Gauge] | None = None
+        if multiprocess_mode():
+            # Written by this worker (publish_state), read back with every worker's by MultiProcessCollector.
+            self._shared = {name: Gauge(f"{name}_total" if counter else name, help_, list(labels),
+                                        multiprocess_mode=mode, registry=None)
+                            for name, (help_, labels, counter, mode) in STATE_GAUGES.items()}
+        else:
+            r.register(_StateCollector(router))
+
+    def publish_state(self) -> None:
+        """Multiprocess mode: write this worker's state gauges where the other workers' scrapes read them."""
+        if self._shared is not None:
+            for name, labels, value in state_values(self.router):
+                self._shared[name].labels(*labels).set(value)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._shared is None:
+            return generate_latest(self.registry)
+        self.publish_state()
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    def close(self) -> None:
+        """A worker that exits drops out of the live-* gauges."""
+        if self._shared is not None:
+            multiprocess.mark_process_dead(os.getpid())
 
 
 class _StateCollector:
@@ -50,32 +120,8 @@ class _StateCollector:
         self.router = router
 
     def collect(self):  # noqa: ANN201 (prometheus_client collector protocol)
-        healthy = GaugeMetricFamily("preble_backend_healthy", "1 if the backend is taking requests", labels=["backend"])
-        in_flight = GaugeMetricFamily("preble_backend_in_flight", "Requests in flight", labels=["backend"])
-        prefill = GaugeMetricFamily("preble_backend_pending_prefill_tokens", "Uncached prompt tokens before first token",
-                                    labels=["backend"])
-        blocks = GaugeMetricFamily("preble_cache_index_blocks", "Blocks the index records per backend", labels=["backend"])
-        orphans = GaugeMetricFamily("preble_cache_index_orphan_blocks", "Stored blocks with an unknown parent",
-                                    labels=["backend"])
-        engine_waiting = GaugeMetricFamily("preble_backend_engine_waiting", "Requests waiting in the engine, as it "
-                                           "reports (Preble plugin's /preble/load, else vLLM gauges)",
-                                           labels=["backend", "source"])
-        events = CounterMetricFamily("preble_kv_events", "KV events applied", labels=["backend"])
-        gaps = CounterMetricFamily("preble_kv_event_gaps", "Sequence gaps in a KV-event stream", labels=["backend"])
-        resets = CounterMetricFamily("preble_kv_event_resets", "Index resets (engine restart / unrepairable gap)",
-                                     labels=["backend"])
-        for b in self.router.backends.values():
-            load = self.router.load.get(b.backend_id)
-            healthy.add_metric([b.url], 1.0 if b.healthy else 0.0)
-            in_flight.add_metric([b.url], load.in_flight)
-            prefill.add_metric([b.url], load.pending_prefill_tokens)
-            blocks.add_metric([b.url], self.router.index.blocks_held(b.backend_id))
-            orphans.add_metric([b.url], self.router.index.orphan_blocks(b.backend_id))
-            if b.engine_waiting is not None:
-                engine_waiting.add_metric([b.url, b.load_source or ""], b.engine_waiting)
-            sub = self.router.subscriber(b.backend_id)
-            if sub is not None:
-                events.add_metric([b.url], sub.stats.events)
-                gaps.add_metric([b.url], sub.stats.gaps)
-                resets.add_metric([b.url], sub.stats.resets)
-        yield from (healthy, in_flight, prefill, blocks, orphans, engine_waiting, events, gaps, resets)
+        families = {name: (CounterMetricFamily if counter else GaugeMetricFamily)(name, help_, labels=list(labels))
+                    for name, (help_, labels, counter, _) in STATE_GAUGES.items()}
+        for name, labels, value in state_values(self.router):
+            families[name].add_metric(list(labels), value)
+        yield from families.values()

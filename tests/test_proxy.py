@@ -123,3 +123,31 @@ def test_models_health_metrics_debug(router, fakes):
     assert route.status_code == 200 and route.json()["backend"] in fakes
     backends = httpx.get(router + "/debug/backends").json()["backends"]
     assert {b["url"] for b in backends} == set(fakes) and all(b["block_size"] == 32 for b in backends)
+
+
+def _metric_sum(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_workers_share_the_port_and_their_counters(fakes, tiny_model):
+    """`preble-router --workers 2` (a real subprocess, its own CLI): two router processes on one port; /metrics
+    adds up the counters of both, whichever worker answers the scrape."""
+    from benchmarks.router_process import start_router
+
+    argv = ["--backends", *fakes, "--model", str(tiny_model), "--served-model-name", "tiny", "--policy", "preble",
+            "--workers", "2", "--health-interval", "0.5"]
+    with start_router(argv, ready_timeout=120) as url:
+        n = 24
+        for i in range(n):  # a new connection each time, so the kernel spreads them over the workers
+            with httpx.Client(timeout=20) as client:
+                r = client.post(url + "/v1/completions", json={"model": "tiny", "prompt": f"{LONG} {i}"})
+                assert r.status_code == 200 and r.headers["x-preble-backend"] in fakes
+        bad = httpx.post(url + "/v1/completions", content=b"{not json", timeout=10)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+        for _ in range(4):  # every scrape, from either worker, sees all of them
+            text = httpx.get(url + "/metrics", timeout=10).text
+            assert _metric_sum(text, "preble_requests_total") == n
+            assert _metric_sum(text, "preble_routing_decisions_total") == n
+            assert _metric_sum(text, "preble_backend_healthy") == 2  # each backend, max over the workers
+            assert "preble_backend_in_flight" in text
