@@ -206,7 +206,11 @@ def make_fake_backend_app(
                    inter_token_delay_s)
 
     def headers(request: Request) -> dict[str, str]:
-        return {"x-fake-backend": st.backend_name(request)}
+        out = {"x-fake-backend": st.backend_name(request)}
+        if request.headers.get("x-fake-set-cookie"):  # for proxies' tests: set a cookie, echo what came in
+            out["set-cookie"] = "fake-session=secret; Path=/"
+            out["x-fake-got-cookie"] = request.headers.get("cookie", "")
+        return out
 
     def json_response(request: Request, obj: Any, status: int = 200) -> Response:
         return Response(_dumps(obj), status_code=status, media_type="application/json",

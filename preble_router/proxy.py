@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import httpx
 import msgspec
+import yarl
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -102,6 +103,7 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None
         self.client: httpx.AsyncClient | None = None
         self._health_task: asyncio.Task | None = None
+        self._urls: dict[tuple[str, str], yarl.URL] = {}
         self._slots = asyncio.Semaphore(self.config.max_concurrency) if self.config.max_concurrency > 0 else None
         self._queued = 0
 
@@ -116,6 +118,7 @@ class Proxy:
             timeout=aiohttp.ClientTimeout(total=self.config.request_timeout, connect=self.config.connect_timeout),
             auto_decompress=False,  # bytes are relayed as the backend sent them
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every client: never carry a cookie across
         )
         if self._start_discovery is not None:  # before the first probe, so discovered backends are probed too
             self.discovery = await self._start_discovery(self.router)
@@ -352,7 +355,8 @@ class Proxy:
                 self.metrics.retries.inc()
             sent = time.perf_counter()
             try:
-                resp = await self.session.post(backend.url + path, data=request.state.raw_body, headers=headers)
+                resp = await self.session.post(self._url(backend.url, path), data=request.state.raw_body,
+                                               headers=headers)
             except _TRANSPORT_ERRORS as exc:
                 last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
                 continue
@@ -439,6 +443,15 @@ class Proxy:
             self._end(prepared, inflight, backend, endpoint, status, ok=status == 200, output_tokens=output_tokens)
 
     # ---- bookkeeping ----------------------------------------------------------------------------------
+    def _url(self, base: str, path: str) -> yarl.URL:
+        """Parsed once per backend and path (aiohttp parses a str URL on every request)."""
+        url = self._urls.get((base, path))
+        if url is None:
+            if len(self._urls) > 1024:  # backends come and go (discovery): never grow without bound
+                self._urls.clear()
+            url = self._urls[(base, path)] = yarl.URL(base + path)
+        return url
+
     def _transport_failure(self, prepared: PreparedRequest, inflight: InFlight, backend: Backend,
                            exc: Exception, endpoint: str) -> str:
         message = f"backend {backend.url} failed: {type(exc).__name__} {exc}".strip()

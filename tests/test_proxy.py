@@ -125,6 +125,27 @@ def test_models_health_metrics_debug(router, fakes):
     assert {b["url"] for b in backends} == set(fakes) and all(b["block_size"] == 32 for b in backends)
 
 
+def test_a_backend_cookie_never_reaches_another_client(fakes, tiny_model):
+    """One pooled session forwards every client's requests: a cookie one response sets must not be stored and
+    sent on with the next request (the client gets its Set-Cookie, the backend sees only the client's own).
+    Backends named by host name: aiohttp's default jar ignores cookies from IP addresses only."""
+    named = [u.replace("127.0.0.1", "localhost") for u in fakes]
+    with serve_router(["--backends", *named, "--model", str(tiny_model), "--served-model-name", "tiny",
+                       "--policy", "round_robin"]) as (router, _):
+        _no_cookie_crosses(router)
+
+
+def _no_cookie_crosses(router: str) -> None:
+    body = {"model": "tiny", "prompt": "cookie"}
+    first = post(router, "/v1/completions", body, headers={"x-fake-set-cookie": "1"})
+    assert first.status_code == 200 and "fake-session=secret" in first.headers["set-cookie"]
+    for _ in range(4):  # whichever backend and pooled connection they take
+        again = post(router, "/v1/completions", body, headers={"x-fake-set-cookie": "1"})
+        assert again.headers["x-fake-got-cookie"] == ""
+    mine = post(router, "/v1/completions", body, headers={"x-fake-set-cookie": "1", "cookie": "mine=1"})
+    assert mine.headers["x-fake-got-cookie"] == "mine=1"
+
+
 def _metric_sum(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name + "{") or line.startswith(name + " "))
