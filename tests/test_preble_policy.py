@@ -477,31 +477,3 @@ def test_queued_prefills_evict_the_oldest_blocks_first():
     _served(blind, "old", range(20), 0, 0.0, uses=1)
     _served(blind, "hot", range(100, 120), 0, 1.0, uses=5)
     assert _m(blind, new, state, 3) == pytest.approx(1 * p.time.prefill_ms(20 * BS, 20 * BS))  # only "old"
-
-
-def test_a_match_the_queued_prefills_will_evict_does_not_count():
-    """Live: a document routed behind another new document on the replica that cached it long ago found none of
-    its "cached" tokens left; the queued prefill evicted them (least recently used) before it ran."""
-    p = policy()
-    _served(p, "doc", range(20), 0, 0.0, uses=1)  # an old document: backend 0's least recently used blocks
-    _served(p, "hot", range(100, 110), 0, 1.0, uses=5)
-    p.on_dispatched(request("new", range(300, 325), prompt_tokens=25 * BS), _decision(0, 0),
-                    snap(2, backend(0), backend(1)))  # 25 blocks queued on a full backend 0
-    again = request("again", [*range(20), *range(900, 905)])  # the document again, 20 of 25 blocks cached
-    full = dict(capacity=30, cached=30)
-    d = p.choose(again, snap(3, backend(0, matched=20 * BS, **full), backend(1, capacity=30)))
-    # The queued prefill frees 25 LRU blocks: all 20 of the document's, then 5 of "hot": nothing left to exploit.
-    assert (d.backend_id, d.matched_tokens) == (1, 0) and d.reason != "exploit"  # no reason to queue behind it
-    # With fewer blocks queued, only the document's tail goes: the match is cut there, not dropped.
-    q = policy()
-    _served(q, "doc", range(20), 0, 0.0, uses=1)
-    q.on_dispatched(request("new", range(300, 305), prompt_tokens=5 * BS), _decision(0, 0),
-                    snap(2, backend(0), backend(1)))
-    cut = q._after_queued_evictions(again, snap(3, backend(0, matched=20 * BS, capacity=20, cached=20)))
-    assert cut.backends[0].matched_tokens == 15 * BS
-    blind = policy(eviction_pending=False)  # the flag off: the paper's view, the match as the index has it
-    _served(blind, "doc", range(20), 0, 0.0, uses=1)
-    blind.on_dispatched(request("new", range(300, 325), prompt_tokens=25 * BS), _decision(0, 0),
-                        snap(2, backend(0), backend(1)))
-    d = blind.choose(again, snap(3, backend(0, matched=20 * BS, **full), backend(1, capacity=30)))
-    assert (d.backend_id, d.reason, d.matched_tokens) == (0, "exploit", 20 * BS)

@@ -23,7 +23,6 @@ Pure: no I/O, no clock (time comes in the snapshot and the callbacks).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 from collections import deque
@@ -123,8 +122,6 @@ class PreblePolicy:
     # ---- decision -------------------------------------------------------------------------------
     def choose(self, request: RouteRequest, snapshot: ClusterSnapshot) -> Decision:
         now = snapshot.now
-        if self.config.eviction_pending:
-            snapshot = self._after_queued_evictions(request, snapshot)
         backends = {b.backend_id: b for b in snapshot.backends}
         loads = {i: self._load_term(b, now) for i, b in backends.items()}
         keys = request.block_hashes
@@ -232,50 +229,17 @@ class PreblePolicy:
         """P: this request's prefill time on b."""
         return self.time.prefill_ms(request.prompt_tokens - b.matched_tokens, request.prompt_tokens)
 
-    def _queued_evictions(self, b: BackendState, block_size: int) -> tuple[int, int]:
-        """(LRU blocks the prefills queued on b will evict, free blocks left after them)."""
-        free = (b.capacity_blocks or 0) - (b.cached_blocks or 0)
-        if not self.config.eviction_pending:
-            return 0, free
-        pending = sum(math.ceil(f.missed / block_size) for f in (self._prefilling.get(b.backend_id) or {}).values())
-        return max(0, pending - free), max(0, free - pending)
-
-    def _after_queued_evictions(self, request: RouteRequest, snapshot: ClusterSnapshot) -> ClusterSnapshot:
-        """The snapshot with each backend's match cut where the prefills queued there will evict it first: a
-        prompt cached in a backend's least recently used blocks is gone by the time its own prefill runs (a
-        document routed behind another new document found 0 of its 1.9k-4.7k "cached" tokens, live)."""
-        keys, size = request.block_hashes, request.block_size
-        if not keys or not size:
-            return snapshot
-        cut: dict[int, int] = {}
-        for b in snapshot.backends:
-            if b.capacity_blocks is None or b.matched_tokens < size:
-                continue
-            skip, _ = self._queued_evictions(b, size)
-            matched = b.matched_tokens // size
-            for node in self.tree.lru_oldest_first(b.backend_id):
-                if skip <= 0:
-                    break
-                held = node.held_keys(b.backend_id)
-                gone = min(held, skip)  # the engine frees a node's tail first
-                skip -= gone
-                if gone and node.start_blocks < matched and node.keys and node.keys[0] == keys[node.start_blocks]:
-                    matched = min(matched, node.start_blocks + held - gone)  # the node is on this prompt's path
-            if matched * size < b.matched_tokens:
-                cut[b.backend_id] = matched * size
-        if not cut:
-            return snapshot
-        return ClusterSnapshot(now=snapshot.now, backends=tuple(
-            dataclasses.replace(b, matched_tokens=cut[b.backend_id]) if b.backend_id in cut else b
-            for b in snapshot.backends))
-
     def _eviction(self, request: RouteRequest, b: BackendState, now: float) -> float:
         """M: what the missed blocks would evict on b, valued by recomputation x recent uses."""
         if b.capacity_blocks is None or not request.block_size:
             return 0.0
+        free = b.capacity_blocks - (b.cached_blocks or 0)
         need = math.ceil((request.prompt_tokens - b.matched_tokens) / request.block_size)
-        # LRU blocks the requests queued ahead will evict are charged to them, not to this request.
-        skip, free = self._queued_evictions(b, request.block_size)
+        skip = 0  # LRU blocks the requests queued ahead will evict (charged to them)
+        if self.config.eviction_pending:
+            pending = sum(math.ceil(f.missed / request.block_size)
+                          for f in (self._prefilling.get(b.backend_id) or {}).values())
+            skip, free = max(0, pending - free), max(0, free - pending)
         if need <= free:
             return 0.0
         to_free, cost, horizon = need - free, 0.0, now - self.config.window
