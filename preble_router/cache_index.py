@@ -29,7 +29,9 @@ from preble_router.block_hash import chain_root, hash_blocks
 from preble_router.block_table import U64Map
 
 _U64 = (1 << 64) - 1
-_WALK = 64  # match() walks a prompt over 2 * _WALK blocks only this far, then looks the rest up at once
+# match() walks a prompt over 2 * _WALK blocks only this far, then looks the rest up at once: a walk costs ~0.6 us
+# a block, the lookup ~15-30 us in all (16 took ~30 us less than 64 per 180-block prompt).
+_WALK = 16
 
 
 def engine_hash_to_int(h: int | bytes) -> int:
@@ -214,11 +216,12 @@ class CacheIndex:
         if entry.estimated:
             holders, bit = self._holders[backend_id >> 6], 1 << (backend_id & 63)
             assert entry.lru is not None
+            lru, touch = entry.lru, entry.lru.move_to_end
             for key in keys:
-                if key in entry.lru:
-                    entry.lru.move_to_end(key)
-                else:
-                    entry.lru[key] = None
+                try:  # most of a prompt's blocks are there already: one call each, no membership test
+                    touch(key)
+                except KeyError:
+                    lru[key] = None
                     holders.put(key, holders.get(key, 0) | bit)
                     entry.blocks += 1
             self._evict_to_capacity(backend_id, entry)
