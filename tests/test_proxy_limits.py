@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from benchmarks.fake_backend import run_fake_backend_in_thread
 from tests.conftest import serve_router
@@ -51,15 +52,18 @@ def test_full_queue_gets_429(tiny_model):
         stop()
 
 
-def test_sigterm_drains_in_flight_streams(tiny_model):
-    # The fake streams 20 tokens 0.1 s apart: the stream is still running when the router gets SIGTERM.
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_drains_in_flight_streams(tiny_model, workers):
+    # The fake streams 20 tokens 0.1 s apart: the stream is still running when the router gets SIGTERM (with
+    # --workers, the supervisor passes it on to the worker serving the stream).
     url_b, stop = run_fake_backend_in_thread(model="tiny", tokens_per_response=20, inter_token_delay_s=0.1)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen([sys.executable, "-m", "preble_router.cli", "--backends", url_b, "--model", str(tiny_model),
-                             "--served-model-name", "tiny", "--drain-timeout", "20", "--port", str(port)])
+                             "--served-model-name", "tiny", "--drain-timeout", "20", "--port", str(port),
+                             "--workers", str(workers)])
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
