@@ -127,6 +127,10 @@ class PromptTokenizer:
         # Identical prompts recur (retries, benchmark loops, fixed few-shot prefixes sent alone): cache them.
         self._encode = lru_cache(maxsize=cache_size)(self._encode_uncached)
 
+    def _tokens(self, text: str, add_special_tokens: bool) -> array:
+        """A copy of the cached encoding: a caller may change its tokens without changing the cache."""
+        return array("I", self._encode(text, add_special_tokens))
+
     def _encode_uncached(self, text: str, add_special_tokens: bool) -> array:
         if self.chunked is not None:
             return self.chunked.encode(text, add_special_tokens)
@@ -138,7 +142,7 @@ class PromptTokenizer:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of prompts: route by the first
         if isinstance(prompt, str):
-            return array("I", self._encode(prompt, bool(body.get("add_special_tokens", True))))
+            return self._tokens(prompt, bool(body.get("add_special_tokens", True)))
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return prompt
         raise PromptError("'prompt' must be a string, a list of token ids, or a list of either")
@@ -161,7 +165,7 @@ class PromptTokenizer:
             )
         except Exception as exc:  # template errors are the client's (bad roles, missing fields)
             raise PromptError(f"cannot apply the chat template: {exc}") from exc
-        return array("I", self._encode(text, bool(body.get("add_special_tokens", False))))
+        return self._tokens(text, bool(body.get("add_special_tokens", False)))
 
 
 def _normalize_message(message: dict[str, Any]) -> dict[str, Any]:
