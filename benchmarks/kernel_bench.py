@@ -90,7 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--q-len", type=int, default=1, help="query tokens per sequence (>1: chunked prefill, causal)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--peak-gbps", type=float, default=3350.0, help="peak HBM bandwidth in GB/s (H100 SXM: 3350)")
+    p.add_argument("--peak-gbps", type=float, default=None,
+                   help="peak HBM bandwidth in GB/s (default: from the device name, H100 SXM 3350, H200 4800)")
     p.add_argument("--no-graph", action="store_true", help="time eager calls instead of CUDA-graph replays")
     p.add_argument("--no-flush", action="store_true", help="do not flush L2 before each timed run")
     p.add_argument("--skip", default="", help="comma list of methods to skip")
@@ -450,6 +451,14 @@ def print_report(rep: dict, peak: float):
         print(f"{name:<20} unavailable: {why}")
 
 
+DATASHEET_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
+
+
+def datasheet_gbps(device_name: str) -> float:
+    """The vendor's peak HBM bandwidth for a device name (H100 SXM's when the name is unknown)."""
+    return next((v for k, v in DATASHEET_GBPS.items() if k in device_name), 3350.0)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cpu_smoke:
@@ -462,6 +471,7 @@ def main(argv=None) -> int:
 
     if args.cpu_smoke:
         device = torch.device("cpu")
+        args.peak_gbps = args.peak_gbps or DATASHEET_GBPS["H100"]
         args.iters = min(args.iters, 2)
         args.warmup = min(args.warmup, 1)
         shapes = list(SMOKE_SHAPES.values())
@@ -477,6 +487,8 @@ def main(argv=None) -> int:
             names = args.shapes or "headline,small-batch,big-batch-4k,long-prefix-32k,no-prefix"
             names = list(GPU_SHAPES) if names == "all" else names.split(",")
             shapes = [GPU_SHAPES[n] for n in names]
+        if args.peak_gbps is None:
+            args.peak_gbps = datasheet_gbps(torch.cuda.get_device_name())
         print(f"device: {torch.cuda.get_device_name()}  peak {args.peak_gbps:.0f} GB/s  torch {torch.__version__}")
     import triton
 

@@ -16,7 +16,9 @@ its own suffix (its own block table).  Attention is computed in three steps:
    own suffix (causal within the suffix when ``q_len > 1``).  One program per
    (sequence, KV head, M tile, KV split); M = ``q_len x heads-per-KV-head``.
 3. ``_merge_kernel`` -- exact log-sum-exp merge of all partial results
-   (prefix splits + suffix splits) into the final output.
+   (prefix splits + suffix splits) into the final output.  When the suffix is
+   not split (the common decode case) the suffix kernel does this merge in its
+   epilogue instead, and there is no third launch.
 
 Each partial result is stored normalised (``o_i = sum_j p_ij v_j / l_i``) in
 float32 together with its natural-log LSE; the merge computes
@@ -76,13 +78,18 @@ def _attn_tile_loop(
     HEAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
     """Online-softmax loop over the paged KV tokens ``[kv_lo, kv_hi)`` of one table row.
 
     ``q``: ``[BLOCK_M, HEAD]`` queries (all using KV head ``kvh``).  Scores are
-    kept in the log2 domain (``qk_scale`` = softmax scale * log2(e)).
+    kept in the log2 domain (``qk_scale`` = softmax scale * log2(e), applied
+    in the same FMA that subtracts the running max).
+    ``MASKED``: the range may end inside a tile or (``CAUSAL``) hide keys from
+    some queries; callers run the whole tiles every query sees with
+    ``MASKED=False``, which skips all masking, and only the rest masked.
     ``q_pos``: ``[BLOCK_M]`` position of each query in the same coordinate
     system as the KV tokens (only used if ``CAUSAL``).
     ``DOT_F32``: do the two ``tl.dot`` in float32 (after rounding ``p`` to the
@@ -95,35 +102,45 @@ def _attn_tile_loop(
     v_head = V_cache + kvh.to(tl.int64) * stride_vh
     for start in range(kv_lo, kv_hi, BLOCK_N):
         pos = start + offs_n
-        kv_mask = pos < kv_hi
         if BLOCK_N <= BLOCK_SIZE:
             # The tile lies inside one page (kv_lo is a multiple of BLOCK_N and
             # BLOCK_N divides BLOCK_SIZE): one page index, contiguous slots.
             blk = tl.load(table_ptr + (start // BLOCK_SIZE) * stride_tb).to(tl.int64)
-            k_row = blk * stride_kb + (pos % BLOCK_SIZE) * stride_ks
-            v_row = blk * stride_vb + (pos % BLOCK_SIZE) * stride_vs
+        elif MASKED:
+            blk = tl.load(table_ptr + (pos // BLOCK_SIZE) * stride_tb, mask=pos < kv_hi, other=0).to(tl.int64)
         else:
-            blk = tl.load(table_ptr + (pos // BLOCK_SIZE) * stride_tb, mask=kv_mask, other=0).to(tl.int64)
-            k_row = blk * stride_kb + (pos % BLOCK_SIZE) * stride_ks
-            v_row = blk * stride_vb + (pos % BLOCK_SIZE) * stride_vs
-        k = tl.load(k_head + k_row[:, None] + offs_d[None, :], mask=kv_mask[:, None], other=0.0)
+            blk = tl.load(table_ptr + (pos // BLOCK_SIZE) * stride_tb).to(tl.int64)
+        k_row = blk * stride_kb + (pos % BLOCK_SIZE) * stride_ks
+        v_row = blk * stride_vb + (pos % BLOCK_SIZE) * stride_vs
+        if MASKED:
+            kv_mask = pos < kv_hi
+            k = tl.load(k_head + k_row[:, None] + offs_d[None, :], mask=kv_mask[:, None], other=0.0)
+        else:
+            k = tl.load(k_head + k_row[:, None] + offs_d[None, :])
         if DOT_F32:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * qk_scale
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
         else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], fp32 accumulate
-        if CAUSAL:
-            visible = kv_mask[None, :] & (pos[None, :] <= q_pos[:, None])
+            s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N], fp32 accumulate, unscaled
+        if MASKED:
+            if CAUSAL:
+                visible = kv_mask[None, :] & (pos[None, :] <= q_pos[:, None])
+            else:
+                visible = kv_mask[None, :]
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            # Rows that have seen nothing yet keep m = -inf; subtract 0 instead so
+            # that exp2(-inf - (-inf)) never produces NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            visible = kv_mask[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows that have seen nothing yet keep m = -inf; subtract 0 instead so
-        # that exp2(-inf - (-inf)) never produces NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_sub = m_new  # finite: this tile is visible to every row
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s * qk_scale - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_head + v_row[:, None] + offs_d[None, :], mask=kv_mask[:, None], other=0.0)
+        if MASKED:
+            v = tl.load(v_head + v_row[:, None] + offs_d[None, :], mask=kv_mask[:, None], other=0.0)
+        else:
+            v = tl.load(v_head + v_row[:, None] + offs_d[None, :])
         if DOT_F32:
             pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
         else:
@@ -189,26 +206,38 @@ def _prefix_attn_kernel(
     q_len,
     num_q_heads,
     tokens_per_split,
+    batch,
+    single_prefix_len,
     NUM_KV_HEADS: tl.constexpr,
     GQA: tl.constexpr,
     HEAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SINGLE_GROUP: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    """Grid: (M tiles, prefix splits, groups * KV heads).  Writes part ``pid_s``."""
+    """Grid: (M tiles, prefix splits, groups * KV heads).  Writes part ``pid_s``.
+
+    ``SINGLE_GROUP``: the whole batch is one group with ``single_prefix_len`` prefix tokens,
+    passed as scalars so that the wrapper launches no kernels to build the two small tensors.
+    """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_gh = tl.program_id(2)
     g = pid_gh // NUM_KV_HEADS
     kvh = pid_gh % NUM_KV_HEADS
 
-    seq_lo = tl.load(GroupOffsets + g)
-    seq_hi = tl.load(GroupOffsets + g + 1)
+    if SINGLE_GROUP:
+        seq_lo = 0
+        n_seqs = batch
+        prefix_len = single_prefix_len
+    else:
+        seq_lo = tl.load(GroupOffsets + g)
+        n_seqs = tl.load(GroupOffsets + g + 1) - seq_lo
+        prefix_len = tl.load(PrefixLens + g)
     rows_per_seq = q_len * GQA
-    n_rows = (seq_hi - seq_lo) * rows_per_seq
-    prefix_len = tl.load(PrefixLens + g)
+    n_rows = n_seqs * rows_per_seq
 
     # Row r of the M dimension = (sequence s of the group, query token t, head h of this KV head).
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -231,12 +260,17 @@ def _prefix_attn_kernel(
     acc = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    table = PrefixTables + g.to(tl.int64) * stride_ptg
+    kv_mid = kv_lo + tl.maximum(kv_hi - kv_lo, 0) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attn_tile_loop(
-        acc, m_i, l_i, q, K_cache, V_cache, PrefixTables + g.to(tl.int64) * stride_ptg,
-        kv_lo, kv_hi, kvh, t_idx, qk_scale,
-        stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh, stride_ptb,
-        HEAD, BLOCK_SIZE, BLOCK_N, False, DOT_F32,
+        acc, m_i, l_i, q, K_cache, V_cache, table, kv_lo, kv_mid, kvh, t_idx, qk_scale,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ptb,
+        HEAD, BLOCK_SIZE, BLOCK_N, False, False, DOT_F32,
+    )
+    acc, m_i, l_i = _attn_tile_loop(
+        acc, m_i, l_i, q, K_cache, V_cache, table, kv_mid, kv_hi, kvh, t_idx, qk_scale,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ptb,
+        HEAD, BLOCK_SIZE, BLOCK_N, True, False, DOT_F32,
     )
     out_rows = (b_idx * q_len + t_idx) * num_q_heads + h_idx
     _store_partial(O_part, LSE_part, pid_s, out_rows, row_mask, acc, m_i, l_i, stride_op, stride_on, stride_lp, HEAD)
@@ -251,6 +285,8 @@ def _suffix_attn_kernel(
     SuffixLens,
     O_part,
     LSE_part,
+    Out,
+    LSE_out,
     qk_scale,
     stride_qb,
     stride_qt,
@@ -266,10 +302,10 @@ def _suffix_attn_kernel(
     stride_op,
     stride_on,
     stride_lp,
+    stride_out,
     q_len,
     num_q_heads,
     tokens_per_split,
-    part_base,
     NUM_KV_HEADS: tl.constexpr,
     GQA: tl.constexpr,
     HEAD: tl.constexpr,
@@ -277,9 +313,16 @@ def _suffix_attn_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
+    PART_BASE: tl.constexpr,
+    FUSE_MERGE: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    """Grid: (M tiles, suffix splits, batch * KV heads).  Writes part ``part_base + pid_s``."""
+    """Grid: (M tiles, suffix splits, batch * KV heads).  Writes part ``PART_BASE + pid_s``.
+
+    ``FUSE_MERGE`` (one suffix split): instead, merge this result with the prefix kernel's
+    ``PART_BASE`` parts (already written: same stream, earlier launch) and write the final rows.
+    """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -309,45 +352,63 @@ def _suffix_attn_kernel(
     acc = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Keys before the first query's position are visible to every query of the tile.
+    table = SuffixTables + b64 * stride_stb
+    full_hi = tl.minimum(kv_hi, seq_len - q_len + 1) if CAUSAL else kv_hi
+    kv_mid = kv_lo + tl.maximum(full_hi - kv_lo, 0) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attn_tile_loop(
-        acc, m_i, l_i, q, K_cache, V_cache, SuffixTables + b64 * stride_stb,
-        kv_lo, kv_hi, kvh, q_pos, qk_scale,
-        stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh, stride_stc,
-        HEAD, BLOCK_SIZE, BLOCK_N, CAUSAL, DOT_F32,
+        acc, m_i, l_i, q, K_cache, V_cache, table, kv_lo, kv_mid, kvh, q_pos, qk_scale,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_stc,
+        HEAD, BLOCK_SIZE, BLOCK_N, False, CAUSAL, DOT_F32,
+    )
+    acc, m_i, l_i = _attn_tile_loop(
+        acc, m_i, l_i, q, K_cache, V_cache, table, kv_mid, kv_hi, kvh, q_pos, qk_scale,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_stc,
+        HEAD, BLOCK_SIZE, BLOCK_N, True, CAUSAL, DOT_F32,
     )
     out_rows = (b64 * q_len + t_idx) * num_q_heads + h_idx
-    _store_partial(
-        O_part, LSE_part, part_base + pid_s, out_rows, row_mask, acc, m_i, l_i, stride_op, stride_on, stride_lp, HEAD
-    )
+    if FUSE_MERGE:
+        # This part enters the merge as its first term: lse = m + log2(l) (log2 domain), so
+        # relative to m its weight is l and its contribution acc (acc = l * normalised output).
+        m_nat = tl.where(l_i > 0.0, m_i * 0.6931471805599453, float("-inf"))
+        _merge_parts_and_store(acc, m_nat, l_i, O_part, LSE_part, Out, LSE_out, out_rows, row_mask, PART_BASE,
+                               stride_op, stride_on, stride_lp, stride_out, HEAD, WRITE_LSE)
+    else:
+        _store_partial(
+            O_part, LSE_part, PART_BASE + pid_s, out_rows, row_mask, acc, m_i, l_i, stride_op, stride_on, stride_lp,
+            HEAD,
+        )
 
 
 @triton.jit
-def _merge_kernel(
+def _merge_parts_and_store(
+    acc,
+    m,
+    denom,
     O_part,
     LSE_part,
     Out,
     LSE_out,
-    n_rows,
-    num_parts,
+    rows64,
+    row_mask,
+    NUM_PARTS: tl.constexpr,
     stride_op,
     stride_on,
     stride_lp,
     stride_out,
     HEAD: tl.constexpr,
-    BLOCK_R: tl.constexpr,
     WRITE_LSE: tl.constexpr,
 ):
-    """Merge ``num_parts`` normalised partial outputs by their LSEs (single online pass)."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < n_rows
-    rows64 = rows.to(tl.int64)
+    """Fold partial results ``[0, NUM_PARTS)`` into a running merge and write the final rows.
+
+    The loop is unrolled (``NUM_PARTS`` is a compile-time constant) so that the parts' loads
+    are all in flight at once: a rolled loop waits one memory latency per part.
+
+    The running state is ``acc = sum_i exp(lse_i - m) o_i`` and ``denom = sum_i exp(lse_i - m)``
+    (``m = -inf`` and both zero when nothing has been merged yet).
+    """
     offs_d = tl.arange(0, HEAD)
-    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    denom = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, HEAD], dtype=tl.float32)
-    for p in range(num_parts):
+    for p in tl.static_range(NUM_PARTS):
         lse = tl.load(LSE_part + p * stride_lp + rows64, mask=row_mask, other=float("-inf"))
         m_new = tl.maximum(m, lse)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -363,6 +424,33 @@ def _merge_kernel(
     tl.store(Out + rows64[:, None] * stride_out + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_mask[:, None])
     if WRITE_LSE:
         tl.store(LSE_out + rows64, tl.where(has, m + tl.log(d_safe), float("-inf")), mask=row_mask)
+
+
+@triton.jit
+def _merge_kernel(
+    O_part,
+    LSE_part,
+    Out,
+    LSE_out,
+    n_rows,
+    stride_op,
+    stride_on,
+    stride_lp,
+    stride_out,
+    NUM_PARTS: tl.constexpr,
+    HEAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+):
+    """Merge ``NUM_PARTS`` normalised partial outputs by their LSEs (single online pass)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD], dtype=tl.float32)
+    _merge_parts_and_store(acc, m, denom, O_part, LSE_part, Out, LSE_out, rows.to(tl.int64), row_mask, NUM_PARTS,
+                           stride_op, stride_on, stride_lp, stride_out, HEAD, WRITE_LSE)
 
 
 # --------------------------------------------------------------------------
@@ -438,9 +526,9 @@ def _launch_merge(o_part, lse_part, out2d, lse_out, n_rows, num_parts, head, wri
     block_r = 16 if head >= 128 else 32
     grid = (triton.cdiv(n_rows, block_r),)
     _merge_kernel[grid](
-        o_part, lse_part, out2d, lse_out, n_rows, num_parts,
+        o_part, lse_part, out2d, lse_out, n_rows,
         o_part.stride(0), o_part.stride(1), lse_part.stride(0), out2d.stride(0),
-        HEAD=head, BLOCK_R=block_r, WRITE_LSE=write_lse, num_warps=4,
+        NUM_PARTS=num_parts, HEAD=head, BLOCK_R=block_r, WRITE_LSE=write_lse, num_warps=4,
     )
 
 
@@ -463,6 +551,9 @@ def prefix_shared_decode_attention(
     block_n: Optional[int] = None,
     num_warps: Optional[int] = None,
     num_stages: Optional[int] = None,
+    suffix_block_n: Optional[int] = None,
+    suffix_num_warps: Optional[int] = None,
+    suffix_num_stages: Optional[int] = None,
 ):
     """Decode (or chunked-prefill) attention over a shared prefix + per-sequence suffixes.
 
@@ -502,8 +593,10 @@ def prefix_shared_decode_attention(
     the float32 natural-log LSE of shape ``q.shape[:-1]``.
 
     Tuning knobs (``None`` = heuristic): ``num_prefix_splits`` /
-    ``num_suffix_splits`` (split-KV factor), ``block_m`` / ``block_n`` (tile
-    sizes), ``num_warps``, ``num_stages``.
+    ``num_suffix_splits`` (split-KV factor), ``block_m`` (upper bound of the M
+    tile), ``block_n`` (KV tile), ``num_warps``, ``num_stages``; the last three
+    apply to both attention kernels unless ``suffix_block_n`` /
+    ``suffix_num_warps`` / ``suffix_num_stages`` set the suffix kernel's own.
     """
     decode = q.dim() == 3
     q4 = q.unsqueeze(1) if decode else q
@@ -543,11 +636,17 @@ def prefix_shared_decode_attention(
         prefix_present = prefix_len > 0
     else:
         prefix_present = prefix_tables.shape[1] > 0
-    prefix_lens_t = _int32_on(prefix_len, device)
-    assert prefix_lens_t.numel() == num_groups, "need one prefix_len per group"
+    # One group with a host-known prefix length goes to the kernel as scalars (no tensors to build).
+    single_group = isinstance(prefix_len, int) and group_offsets is None
+    if single_group:
+        prefix_lens_t = offsets_t = prefix_tables  # unread placeholders
+    else:
+        prefix_lens_t = _int32_on(prefix_len, device)
+        assert prefix_lens_t.numel() == num_groups, "need one prefix_len per group"
     if group_offsets is None:
         assert num_groups == 1, "group_offsets is required with several groups"
-        offsets_t = torch.arange(2, dtype=torch.int32, device=device) * batch  # [0, B], no H2D copy
+        if not single_group:
+            offsets_t = torch.arange(2, dtype=torch.int32, device=device) * batch  # [0, B], no H2D copy
         max_group = batch
     elif isinstance(group_offsets, torch.Tensor) and max_group_size is not None:
         # caller-provided bound: no device-to-host sync (CUDA-graph friendly)
@@ -572,6 +671,9 @@ def prefix_shared_decode_attention(
     assert suffix_lens_t.numel() == batch
 
     # ---- tiling heuristics ----------------------------------------------
+    # Defaults from benchmarks/kernel_tune.py on an H200 (headline, D=64 and chunked shapes):
+    # 64x64 tiles, 4 warps, 2 stages were best or within 3% everywhere, and spill no registers;
+    # what mattered most was the prefix split count (see below).
     on_gpu = device.type == "cuda"
     n_sm = _num_sms(device)
     bn = block_n or 64
@@ -584,17 +686,20 @@ def prefix_shared_decode_attention(
     # prefix tiling
     prefix_rows = max_group * q_len * gqa
     if prefix_present and prefix_rows > 0:
-        bm_p = block_m or min(128, max(16, _next_pow2(prefix_rows)))
+        bm_p = block_m or min(64, max(16, _next_pow2(prefix_rows)))
+        w_p = warps or (8 if bm_p >= 128 else 4)
         m_tiles_p = triton.cdiv(prefix_rows, bm_p)
         cap_p = prefix_tables.shape[1] * block_size
         if isinstance(prefix_len, int):  # known on the host: no empty splits
             cap_p = prefix_len
         n_tiles_p = triton.cdiv(cap_p, bn)
         if num_prefix_splits is None:
+            # As many CTAs as fit on the GPU at once and no more: a partial second wave
+            # costs as much as a full one (measured: 8 splits 68 us, 5 or 16 splits 81 us).
             base = num_groups * hkv * m_tiles_p
-            want = triton.cdiv(n_sm, base)
+            resident = n_sm * (2 if w_p <= 4 else 1)
             # keep >= 4 KV tiles per split so the partial-result traffic stays small
-            splits_p = max(1, min(want, n_tiles_p // 4))
+            splits_p = max(1, min(resident // base, n_tiles_p // 4))
         else:
             splits_p = max(1, min(num_prefix_splits, n_tiles_p))
         tps_p = triton.cdiv(n_tiles_p, splits_p) * bn
@@ -604,30 +709,36 @@ def prefix_shared_decode_attention(
 
     # suffix tiling
     suffix_rows = q_len * gqa
-    bm_s = block_m or min(64 if q_len > 1 else 128, max(16, _next_pow2(suffix_rows)))
+    bm_s = min(block_m or (64 if q_len > 1 else 128), max(16, _next_pow2(suffix_rows)))
+    bn_s = suffix_block_n or block_n or 64
+    assert _is_pow2(bn_s) and bn_s >= 16
     m_tiles_s = triton.cdiv(suffix_rows, bm_s)
     cap_s = suffix_tables.shape[1] * block_size
-    n_tiles_s = max(1, triton.cdiv(cap_s, bn))
+    n_tiles_s = max(1, triton.cdiv(cap_s, bn_s))
     if num_suffix_splits is None:
         base = batch * hkv * m_tiles_s
         want = triton.cdiv(n_sm, base)
         splits_s = max(1, min(want, n_tiles_s // 4))
     else:
         splits_s = max(1, min(num_suffix_splits, n_tiles_s))
-    tps_s = triton.cdiv(n_tiles_s, splits_s) * bn
+    tps_s = triton.cdiv(n_tiles_s, splits_s) * bn_s
     splits_s = max(1, triton.cdiv(cap_s, tps_s))
 
-    num_parts = splits_p + splits_s
+    # One suffix split: the suffix kernel merges the prefix parts itself (no merge launch).
+    fuse_merge = splits_s == 1
+    num_parts = splits_p + (0 if fuse_merge else splits_s)
     n_rows = batch * q_len * hq
-    o_part = torch.empty((num_parts, n_rows, d), dtype=torch.float32, device=device)
-    lse_part = torch.empty((num_parts, n_rows), dtype=torch.float32, device=device)
+    o_part = torch.empty((max(num_parts, 1), n_rows, d), dtype=torch.float32, device=device)
+    lse_part = torch.empty((max(num_parts, 1), n_rows), dtype=torch.float32, device=device)
+    out = torch.empty((batch, q_len, hq, d), dtype=q.dtype, device=device)
+    lse = torch.empty((batch, q_len, hq), dtype=torch.float32, device=device)
+    out2d, lse1d = out.view(n_rows, d), lse.view(n_rows)
 
     sq = q4.stride()
     sk = key_cache.stride()
     sv = value_cache.stride()
 
     if splits_p > 0:
-        w = warps or (8 if bm_p >= 128 else 4)
         grid = (m_tiles_p, splits_p, num_groups * hkv)
         _prefix_attn_kernel[grid](
             q4, key_cache, value_cache, prefix_tables, prefix_lens_t, offsets_t, o_part, lse_part,
@@ -637,30 +748,29 @@ def prefix_shared_decode_attention(
             sv[0], sv[1], sv[2],
             prefix_tables.stride(0), prefix_tables.stride(1),
             o_part.stride(0), o_part.stride(1), lse_part.stride(0),
-            q_len, hq, tps_p,
+            q_len, hq, tps_p, batch, prefix_len if single_group else 0,
             NUM_KV_HEADS=hkv, GQA=gqa, HEAD=d, BLOCK_SIZE=block_size, BLOCK_M=bm_p, BLOCK_N=bn,
-            DOT_F32=dot_f32, num_warps=w, num_stages=stages,
+            SINGLE_GROUP=single_group, DOT_F32=dot_f32, num_warps=w_p, num_stages=stages,
         )
 
-    w = warps or (8 if bm_s >= 128 else 4)
+    w = suffix_num_warps or warps or (8 if bm_s >= 128 else 4)
     grid = (m_tiles_s, splits_s, batch * hkv)
     _suffix_attn_kernel[grid](
-        q4, key_cache, value_cache, suffix_tables, suffix_lens_t, o_part, lse_part,
+        q4, key_cache, value_cache, suffix_tables, suffix_lens_t, o_part, lse_part, out2d, lse1d,
         qk_scale,
         sq[0], sq[1], sq[2],
         sk[0], sk[1], sk[2],
         sv[0], sv[1], sv[2],
         suffix_tables.stride(0), suffix_tables.stride(1),
-        o_part.stride(0), o_part.stride(1), lse_part.stride(0),
-        q_len, hq, tps_s, splits_p,
-        NUM_KV_HEADS=hkv, GQA=gqa, HEAD=d, BLOCK_SIZE=block_size, BLOCK_M=bm_s, BLOCK_N=bn,
-        CAUSAL=q_len > 1, DOT_F32=dot_f32,
-        num_warps=w, num_stages=stages,
+        o_part.stride(0), o_part.stride(1), lse_part.stride(0), out2d.stride(0),
+        q_len, hq, tps_s,
+        NUM_KV_HEADS=hkv, GQA=gqa, HEAD=d, BLOCK_SIZE=block_size, BLOCK_M=bm_s, BLOCK_N=bn_s,
+        CAUSAL=q_len > 1, PART_BASE=splits_p, FUSE_MERGE=fuse_merge, WRITE_LSE=return_lse, DOT_F32=dot_f32,
+        num_warps=w, num_stages=suffix_num_stages or num_stages or (2 if on_gpu else 1),
     )
 
-    out = torch.empty((batch, q_len, hq, d), dtype=q.dtype, device=device)
-    lse = torch.empty((batch, q_len, hq), dtype=torch.float32, device=device)
-    _launch_merge(o_part, lse_part, out.view(n_rows, d), lse.view(n_rows), n_rows, num_parts, d, write_lse=return_lse)
+    if not fuse_merge:
+        _launch_merge(o_part, lse_part, out2d, lse1d, n_rows, num_parts, d, write_lse=return_lse)
     if decode:
         out, lse = out.squeeze(1), lse.squeeze(1)
     return (out, lse) if return_lse else out

@@ -36,22 +36,25 @@ DIV16 = {
 
 CONFIGS = [
     # (id, kernel name, constexprs, dtype, num_warps, num_stages, cc, expected instruction)
+    ("prefix-bf16-d128-m64-sm90", "_prefix_attn_kernel",  # the GPU default tiling
+     dict(NUM_KV_HEADS=4, GQA=8, HEAD=128, BLOCK_SIZE=16, BLOCK_M=64, BLOCK_N=64, SINGLE_GROUP=True, DOT_F32=False),
+     "bf16", 4, 2, 90, "wgmma"),
     ("prefix-bf16-d128-m128-sm90", "_prefix_attn_kernel",
-     dict(NUM_KV_HEADS=4, GQA=8, HEAD=128, BLOCK_SIZE=16, BLOCK_M=128, BLOCK_N=64, DOT_F32=False), "bf16", 8, 2, 90,
-     "wgmma"),
+     dict(NUM_KV_HEADS=4, GQA=8, HEAD=128, BLOCK_SIZE=16, BLOCK_M=128, BLOCK_N=64, SINGLE_GROUP=True, DOT_F32=False),
+     "bf16", 8, 3, 90, "wgmma"),
     ("prefix-fp16-d64-bs64-sm90", "_prefix_attn_kernel",
-     dict(NUM_KV_HEADS=8, GQA=4, HEAD=64, BLOCK_SIZE=64, BLOCK_M=64, BLOCK_N=64, DOT_F32=False), "fp16", 4, 2, 90,
-     "wgmma"),
+     dict(NUM_KV_HEADS=8, GQA=4, HEAD=64, BLOCK_SIZE=64, BLOCK_M=64, BLOCK_N=64, SINGLE_GROUP=False, DOT_F32=False),
+     "fp16", 4, 2, 90, "wgmma"),
     ("prefix-bf16-d128-m128-sm80", "_prefix_attn_kernel",
-     dict(NUM_KV_HEADS=4, GQA=8, HEAD=128, BLOCK_SIZE=16, BLOCK_M=128, BLOCK_N=64, DOT_F32=False), "bf16", 8, 2, 80,
-     "mma.sync"),
-    ("suffix-bf16-d128-decode-sm90", "_suffix_attn_kernel",
-     dict(NUM_KV_HEADS=4, GQA=8, HEAD=128, BLOCK_SIZE=16, BLOCK_M=16, BLOCK_N=64, CAUSAL=False, DOT_F32=False), "bf16",
-     4, 2, 90, "mma"),
+     dict(NUM_KV_HEADS=4, GQA=8, HEAD=128, BLOCK_SIZE=16, BLOCK_M=128, BLOCK_N=64, SINGLE_GROUP=True, DOT_F32=False),
+     "bf16", 8, 2, 80, "mma.sync"),
+    ("suffix-bf16-d128-decode-fused-sm90", "_suffix_attn_kernel",
+     dict(NUM_KV_HEADS=4, GQA=8, HEAD=128, BLOCK_SIZE=16, BLOCK_M=16, BLOCK_N=64, CAUSAL=False, PART_BASE=8, FUSE_MERGE=True,
+          WRITE_LSE=False, DOT_F32=False), "bf16", 4, 2, 90, "mma"),
     ("suffix-fp16-d128-causal-sm90", "_suffix_attn_kernel",
-     dict(NUM_KV_HEADS=4, GQA=8, HEAD=128, BLOCK_SIZE=32, BLOCK_M=64, BLOCK_N=64, CAUSAL=True, DOT_F32=False), "fp16",
-     4, 2, 90, "mma"),
-    ("merge-bf16-d128-sm90", "_merge_kernel", dict(HEAD=128, BLOCK_R=16, WRITE_LSE=True), "bf16", 4, 1, 90, None),
+     dict(NUM_KV_HEADS=4, GQA=8, HEAD=128, BLOCK_SIZE=32, BLOCK_M=64, BLOCK_N=64, CAUSAL=True, PART_BASE=8, FUSE_MERGE=False,
+          WRITE_LSE=True, DOT_F32=False), "fp16", 4, 2, 90, "mma"),
+    ("merge-bf16-d128-sm90", "_merge_kernel", dict(NUM_PARTS=9, HEAD=128, BLOCK_R=16, WRITE_LSE=True), "bf16", 4, 1, 90, None),
 ]
 
 
