@@ -54,6 +54,7 @@ class Shape:
     block_size: int = 16
     dtype: str = "bf16"
     q_len: int = 1
+    groups: int = 1  # sequences split evenly into this many groups, each with its own prefix
 
 
 GPU_SHAPES = {
@@ -67,11 +68,13 @@ GPU_SHAPES = {
     "block64": Shape("block64", 64, 8192, 256, block_size=64),
     "no-prefix": Shape("no-prefix", 64, 0, 8448),
     "chunked-q4": Shape("chunked-q4", 64, 8192, 256, q_len=4),
+    "4-prefixes": Shape("4-prefixes", 64, 8192, 256, groups=4),
 }
 SMOKE_SHAPES = {
     "smoke-headline-like": Shape("smoke-headline-like", 4, 64, 17, 8, 1, 64, 16, "bf16"),
     "smoke-fp16-d128": Shape("smoke-fp16-d128", 3, 32, 9, 4, 2, 128, 16, "fp16"),
     "smoke-chunked": Shape("smoke-chunked", 2, 32, 12, 4, 2, 64, 16, "fp16", q_len=3),
+    "smoke-2-prefixes": Shape("smoke-2-prefixes", 4, 32, 9, 4, 2, 64, 16, "fp16", groups=2),
 }
 
 
@@ -118,19 +121,27 @@ def build(shape: Shape, device, seed: int = 0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     p_blocks = shape.prefix_len // bs
     s_blocks = -(-shape.suffix_len // bs)
-    num_blocks = p_blocks + shape.batch * s_blocks + 1
+    G = shape.groups
+    assert shape.batch % G == 0
+    num_blocks = G * p_blocks + shape.batch * s_blocks + 1
     kshape = (num_blocks, bs, shape.num_kv_heads, shape.head_size)
     key_cache = torch.randn(kshape, dtype=dtype, device=device)
     value_cache = torch.randn(kshape, dtype=dtype, device=device)
     perm = torch.randperm(num_blocks, generator=g).to(torch.int32)  # shuffled pages, like a real pool
-    prefix_table = perm[:p_blocks].to(device)
-    suffix_tables = perm[p_blocks:p_blocks + shape.batch * s_blocks].reshape(shape.batch, s_blocks).to(device)
+    prefix_tables = perm[:G * p_blocks].reshape(G, p_blocks).to(device)
+    prefix_table = prefix_tables[0] if G == 1 else prefix_tables
+    suffix_tables = perm[G * p_blocks:G * p_blocks + shape.batch * s_blocks].reshape(shape.batch, s_blocks).to(device)
+    group_offsets = [g * shape.batch // G for g in range(G + 1)]
     suffix_lens = torch.full((shape.batch,), shape.suffix_len, dtype=torch.int32, device=device)
     qshape = (shape.batch, shape.num_q_heads, shape.head_size) if shape.q_len == 1 else (
         shape.batch, shape.q_len, shape.num_q_heads, shape.head_size)
     q = torch.randn(qshape, dtype=dtype, device=device)
-    full_tables = torch.cat([prefix_table.expand(shape.batch, -1), suffix_tables], dim=1).contiguous()
+    full_tables = torch.cat([prefix_tables.repeat_interleave(shape.batch // G, dim=0), suffix_tables], dim=1).contiguous()
     return dict(q=q, key_cache=key_cache, value_cache=value_cache, prefix_table=prefix_table,
+                prefix_lens=torch.full((G,), shape.prefix_len, dtype=torch.int32, device=device) if G > 1
+                else shape.prefix_len,
+                group_offsets=torch.tensor(group_offsets, dtype=torch.int32, device=device) if G > 1 else None,
+                max_group_size=shape.batch // G if G > 1 else None,
                 suffix_tables=suffix_tables, suffix_lens=suffix_lens, full_tables=full_tables,
                 scale=shape.head_size ** -0.5)
 
@@ -138,7 +149,7 @@ def build(shape: Shape, device, seed: int = 0):
 def kv_bytes(shape: Shape, shared: bool) -> int:
     per_token = 2 * shape.num_kv_heads * shape.head_size * (2 if shape.dtype in ("bf16", "fp16") else 4)
     if shared:
-        return per_token * (shape.prefix_len + shape.batch * shape.suffix_len)
+        return per_token * (shape.groups * shape.prefix_len + shape.batch * shape.suffix_len)
     return per_token * shape.batch * (shape.prefix_len + shape.suffix_len)
 
 
@@ -150,10 +161,30 @@ def kv_bytes(shape: Shape, shared: bool) -> int:
 def m_prefix_shared(shape, d, args):
     from kernels import prefix_shared_decode_attention
 
-    kw = dict(num_prefix_splits=args.num_prefix_splits, num_suffix_splits=args.num_suffix_splits)
+    kw = dict(num_prefix_splits=args.num_prefix_splits, num_suffix_splits=args.num_suffix_splits,
+              group_offsets=d["group_offsets"], max_group_size=d["max_group_size"])
     return lambda: prefix_shared_decode_attention(
-        d["q"], d["key_cache"], d["value_cache"], d["prefix_table"], shape.prefix_len,
+        d["q"], d["key_cache"], d["value_cache"], d["prefix_table"], d["prefix_lens"],
         d["suffix_tables"], d["suffix_lens"], d["scale"], **kw)
+
+
+def m_prefix_grouped(shape, d, args):
+    """What an attention backend would run: the groups found in the full block tables (plan made once, outside
+    the timing: one plan serves every layer of a step; its host time is printed separately)."""
+    from kernels import grouped_decode_attention, plan_prefix_groups
+
+    lens = d["suffix_lens"] + shape.prefix_len
+    t = time.perf_counter()
+    # vLLM 0.11's cascade thresholds (256 tokens, 8 sequences), loosened for the tiny CPU smoke shapes
+    plan = plan_prefix_groups(d["full_tables"], lens, shape.block_size, q_len=shape.q_len,
+                              min_prefix_blocks=min(16, shape.prefix_len // shape.block_size),
+                              min_group_size=min(8, shape.batch // shape.groups))
+    d["plan_ms"] = (time.perf_counter() - t) * 1e3
+    if plan.num_shared == 0:
+        raise RuntimeError("the planner found no shared prefix")
+    plan = plan.to(d["q"].device)
+    return lambda: grouped_decode_attention(d["q"], d["key_cache"], d["value_cache"], d["full_tables"], lens,
+                                            d["scale"], plan=plan)
 
 
 def m_triton_noshare(shape, d, args):
@@ -265,6 +296,8 @@ def m_flashinfer_cascade(shape, d, args):
         raise RuntimeError("needs CUDA")
     if shape.prefix_len == 0:
         raise RuntimeError("no shared prefix")
+    if shape.groups > 1:
+        raise RuntimeError("compared with one group only")
     if shape.q_len != 1:
         # its causal mask is bottom-right aligned per level, which is wrong for the shared level
         raise RuntimeError("only compared for decode (q_len == 1)")
@@ -294,13 +327,14 @@ def m_flashinfer_cascade(shape, d, args):
 
 METHODS: dict[str, Callable] = {
     "prefix-shared": m_prefix_shared,
+    "prefix-grouped": m_prefix_grouped,
     "triton-noshare": m_triton_noshare,
     "sdpa-gathered": m_sdpa,
     "flash-attn-paged": m_flash_attn,
     "flashinfer-decode": m_flashinfer_decode,
     "flashinfer-cascade": m_flashinfer_cascade,
 }
-SHARED_METHODS = {"prefix-shared", "flashinfer-cascade"}
+SHARED_METHODS = {"prefix-shared", "prefix-grouped", "flashinfer-cascade"}
 
 
 # ---------------------------------------------------------------------------
@@ -385,6 +419,8 @@ def run_shape(shape: Shape, args, device) -> dict:
             ms, timer = time_cpu(fn, args.iters, args.warmup)
         results[name] = dict(ms=ms, timer=timer, kv_bytes=kv_bytes(shape, name in SHARED_METHODS))
 
+    if "plan_ms" in d and "prefix-grouped" in results:
+        results["prefix-grouped"]["plan_ms"] = d["plan_ms"]
     # accuracy of the prefix-shared kernel against the baselines (same q layout)
     ours = outputs.get("prefix-shared")
     if ours is not None:
@@ -393,8 +429,8 @@ def run_shape(shape: Shape, args, device) -> dict:
             from kernels.reference import reference_prefix_shared_attention
 
             ref = reference_prefix_shared_attention(
-                d["q"], d["key_cache"], d["value_cache"], d["prefix_table"], shape.prefix_len,
-                d["suffix_tables"], d["suffix_lens"], d["scale"])
+                d["q"], d["key_cache"], d["value_cache"], d["prefix_table"], d["prefix_lens"],
+                d["suffix_tables"], d["suffix_lens"], d["scale"], group_offsets=d["group_offsets"])
             results["prefix-shared"]["max_abs_err_vs_reference"] = (ours.float() - ref.float()).abs().max().item()
         for name, out in outputs.items():
             if name == "prefix-shared" or name not in results:
@@ -429,7 +465,8 @@ def run_shape(shape: Shape, args, device) -> dict:
 
 def print_report(rep: dict, peak: float):
     s = rep["shape"]
-    print(f"\n== {s['name']}: B={s['batch']} prefix={s['prefix_len']} suffix={s['suffix_len']} q_len={s['q_len']} "
+    print(f"\n== {s['name']}: B={s['batch']} groups={s['groups']} prefix={s['prefix_len']} suffix={s['suffix_len']} "
+          f"q_len={s['q_len']} "
           f"Hq={s['num_q_heads']} Hkv={s['num_kv_heads']} D={s['head_size']} block={s['block_size']} {s['dtype']}")
     hdr = f"{'method':<20}{'time(us)':>11}{'KV read(MB)':>13}{'GB/s':>10}{'%peak':>8}{'ours x faster':>15}  timer  check"
     print(hdr)
@@ -447,6 +484,9 @@ def print_report(rep: dict, peak: float):
     if b and "equiv_gbps" in b:
         print(f"prefix-shared: per-sequence-equivalent bandwidth {b['equiv_gbps']:.0f} GB/s "
               f"({100 * b['equiv_gbps'] / peak:.0f}% of {peak:.0f} GB/s peak), {b['tflops']:.1f} attention TFLOP/s")
+    g = rep["results"].get("prefix-grouped")
+    if g and "plan_ms" in g:
+        print(f"prefix-grouped: grouping the block tables on the host took {g['plan_ms']:.2f} ms (once per step)")
     for name, why in rep["unavailable"].items():
         print(f"{name:<20} unavailable: {why}")
 

@@ -39,8 +39,8 @@ def reference(shape, d):
     from kernels.reference import reference_prefix_shared_attention
 
     return reference_prefix_shared_attention(d["q"], d["key_cache"], d["value_cache"], d["prefix_table"],
-                                             shape.prefix_len, d["suffix_tables"], d["suffix_lens"],
-                                             d["scale"]).to(torch.float64)
+                                             d["prefix_lens"], d["suffix_tables"], d["suffix_lens"], d["scale"],
+                                             group_offsets=d["group_offsets"]).to(torch.float64)
 
 
 def rel_err(out, ref) -> float:
@@ -62,8 +62,9 @@ def sweep(shape, d, ref, grid: dict, fixed: dict, iters: int) -> list[dict]:
 
         def fn(kw=kw):
             return prefix_shared_decode_attention(d["q"], d["key_cache"], d["value_cache"], d["prefix_table"],
-                                                  shape.prefix_len, d["suffix_tables"], d["suffix_lens"],
-                                                  d["scale"], **kw)
+                                                  d["prefix_lens"], d["suffix_tables"], d["suffix_lens"],
+                                                  d["scale"], group_offsets=d["group_offsets"],
+                                                  max_group_size=d["max_group_size"], **kw)
         try:
             err = rel_err(fn(), ref)
             ms, _ = time_gpu(fn, iters, 5)

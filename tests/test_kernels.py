@@ -28,7 +28,12 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from kernels import merge_attention_states, prefix_shared_decode_attention  # noqa: E402
+from kernels import (  # noqa: E402
+    grouped_decode_attention,
+    merge_attention_states,
+    plan_prefix_groups,
+    prefix_shared_decode_attention,
+)
 from kernels.reference import (  # noqa: E402
     naive_attention,
     reference_merge_attention_states,
@@ -349,3 +354,87 @@ def test_rejects_bad_shapes():
             case["q"], case["key_cache"], case["value_cache"], case["prefix_block_table"][0], 17,
             case["suffix_block_tables"], case["suffix_lens"],
         )
+
+
+# ---------------------------------------------------------------------------
+# Finding shared prefixes in a block table (the vLLM integration step)
+# ---------------------------------------------------------------------------
+
+
+def _batch_with_shared_pages(bs=16, hq=8, hkv=2, d=64, dtype=F16, seed=3):
+    """Block tables as vLLM's prefix cache makes them: shared prompt pages have the same block ids."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = 80
+    kc = torch.randn(num_blocks, bs, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(num_blocks, bs, hkv, d, generator=g).to(dtype)
+    free = iter(torch.randperm(num_blocks, generator=g).tolist())
+    doc_a = [next(free) for _ in range(3)]  # 48 shared tokens
+    doc_b = [next(free) for _ in range(2)]
+    rows, lens = [], []
+
+    def seq(shared, own_tokens):
+        own = [next(free) for _ in range(-(-own_tokens // bs))]
+        rows.append(shared + own)
+        lens.append(len(shared) * bs + own_tokens)
+
+    for n in (1, 7, 16, 20):  # group A: four sequences behind doc_a
+        seq(doc_a, n)
+    seq(doc_b, 5)  # group B: three behind doc_b, one of which shares a third page with no one
+    seq(doc_b, 17)
+    seq(doc_b + [next(free)], 2)
+    seq([], 9)  # unique sequences
+    seq([], 33)
+    lone = [next(free)]
+    seq(lone, 3)  # shares its first page with one other sequence only
+    seq(lone, 4)
+    width = max(len(r) for r in rows)
+    table = torch.tensor([r + [num_blocks - 1] * (width - len(r)) for r in rows], dtype=torch.int32)
+    q = torch.randn(len(rows), hq, d, generator=g).to(dtype)
+    return q, kc, vc, table, lens
+
+
+def test_plan_finds_the_shared_pages():
+    _, _, _, table, lens = _batch_with_shared_pages()
+    plan = plan_prefix_groups(table, lens, 16, min_prefix_blocks=1, min_group_size=3)
+    offsets, prefix_lens = plan.group_offsets.tolist(), plan.prefix_lens.tolist()
+    groups = {tuple(sorted(plan.order[a:b].tolist())): n for a, b, n in zip(offsets, offsets[1:], prefix_lens)}
+    assert groups == {(0, 1, 2, 3): 48, (4, 5, 6): 32, (7, 8, 9, 10): 0}
+    assert sorted(plan.order.tolist()) == list(range(len(lens)))
+    assert plan.num_shared == 7 and plan.max_group_size == 4
+    # each sequence keeps its own pages, and its length less the prefix, as its suffix
+    for i, row in enumerate(plan.order.tolist()):
+        g = next(k for k in range(len(prefix_lens)) if offsets[k] <= i < offsets[k + 1])
+        n_blocks = prefix_lens[g] // 16
+        own = -(-lens[row] // 16) - n_blocks
+        assert plan.suffix_tables[i, :own].tolist() == table[row, n_blocks:n_blocks + own].tolist()
+        assert int(plan.suffix_lens[i]) == lens[row] - prefix_lens[g]
+    # thresholds: groups need enough sequences and enough shared pages
+    assert plan_prefix_groups(table, lens, 16, min_prefix_blocks=1, min_group_size=5).num_shared == 0
+    only_a = plan_prefix_groups(table, lens, 16, min_prefix_blocks=3, min_group_size=3)
+    assert only_a.prefix_lens[0] == 48 and only_a.num_shared == 4
+
+
+def test_plan_leaves_the_query_token_in_the_suffix():
+    """A sequence whose whole length is shared pages still keeps its last token's page as suffix."""
+    table = torch.tensor([[5, 6, 7], [5, 6, 8], [5, 6, 9]], dtype=torch.int32)
+    lens = [32, 40, 48]  # the first sequence ends exactly at the end of page 6
+    plan = plan_prefix_groups(table, lens, 16, min_prefix_blocks=1, min_group_size=2)
+    assert plan.prefix_lens.tolist() == [16]
+    assert int(plan.suffix_lens[0]) == 16 and plan.suffix_tables[0, 0] == 6
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_grouped_decode_matches_per_sequence_attention(dtype):
+    q, kc, vc, table, lens = _batch_with_shared_pages(dtype=dtype)
+    q, kc, vc, table = q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), table.to(DEVICE)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    empty = torch.zeros(0, dtype=torch.int32, device=DEVICE)
+    ref = reference_prefix_shared_attention(q, kc, vc, empty, 0, table, lens_t)
+    for kw in (dict(min_prefix_blocks=1, min_group_size=3), dict(min_group_size=100)):
+        out = grouped_decode_attention(q, kc, vc, table, lens_t, **kw)
+        assert out.shape == q.shape and out.dtype == dtype
+        torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), **TOL[dtype])
+    # a plan made once and moved to the device serves every later call (one per layer)
+    plan = plan_prefix_groups(table, lens, 16, min_prefix_blocks=1, min_group_size=3).to(DEVICE)
+    again = grouped_decode_attention(q, kc, vc, table, lens_t, plan=plan)
+    torch.testing.assert_close(again.float().cpu(), ref.float().cpu(), **TOL[dtype])
