@@ -117,7 +117,6 @@ class Proxy:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
             timeout=aiohttp.ClientTimeout(total=self.config.request_timeout, connect=self.config.connect_timeout),
             auto_decompress=False,  # bytes are relayed as the backend sent them
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
             cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every client: never carry a cookie across
         )
         if self._start_discovery is not None:  # before the first probe, so discovered backends are probed too
@@ -326,12 +325,17 @@ class Proxy:
     async def _forward(self, request: Request, endpoint: str, path: str, prepared: PreparedRequest,
                        stream: bool, received: float) -> Response:
         assert self.session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        # ASGI header names are lowercase bytes; decoding the raw list skips building Starlette's Headers.
+        headers = {k: v.decode("latin-1") for k, v in
+                   ((k.decode("latin-1"), v) for k, v in request.scope["headers"]) if k not in _HOP_HEADERS}
         if self.config.backend_api_key:
-            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             headers["authorization"] = f"Bearer {self.config.backend_api_key}"
         # The body parsed as JSON; say so, or aiohttp would label bytes application/octet-stream.
         headers.setdefault("content-type", "application/json")
+        # Set here rather than listed in skip_auto_headers, which sends aiohttp down a slow path on every
+        # request: the bytes are relayed as the backend sends them, so ask for them uncompressed.
+        headers["accept-encoding"] = "identity"
+        headers.setdefault("user-agent", "preble-router")
         tried: set[int] = set()
         last_error = "no healthy backend"
         for attempt in range(self.config.max_attempts):

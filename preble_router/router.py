@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from preble_router.backends import Backend, probe_backend
-from preble_router.block_hash import chain_root, hash_blocks
+from preble_router.block_hash import BlockKeyCache, chain_root
 from preble_router.cache_index import CacheIndex
 from preble_router.kv_events import KvEventSubscriber
 from preble_router.load import InFlight, LoadTracker
@@ -64,6 +64,7 @@ class Router:
         self.index = CacheIndex(predicted_ttl=predicted_ttl)
         self.index.on_evicted = self._blocks_evicted
         self.load = LoadTracker()
+        self._block_keys = BlockKeyCache()  # shared prefixes are hashed once, not once a request
         self.backends: dict[int, Backend] = {}
         self._subscribers: dict[int, KvEventSubscriber] = {}
         self._next_request = 0
@@ -156,7 +157,7 @@ class Router:
         prepared = PreparedRequest(request_id or str(self._next_request), tokens, lora, cache_salt, max_tokens)
         root = chain_root(self.model, lora, cache_salt)
         for block_size in {b.block_size for b in self.backends.values() if b.block_size}:
-            prepared.keys_by_block_size[block_size] = hash_blocks(tokens, block_size, root)
+            prepared.keys_by_block_size[block_size] = self._block_keys.keys(tokens, block_size, root)
         return prepared
 
     def snapshot(self, prepared: PreparedRequest, exclude: set[int] = frozenset()) -> ClusterSnapshot:
