@@ -1,12 +1,14 @@
 """Routers side by side on the same real vLLM CPU replicas, in one run: our policies, SGLang's router (`smg`,
 cache_aware) and vllm-router (kv_aware, fed the replicas' KV events).
 
-    python -m benchmarks.compare_routers [--routers preble,cache_aware,smg,vllm-router] [--requests 80]
+    python -m benchmarks.compare_routers [--routers preble,cache_aware,smg,vllm-router] [--requests 80] [--rounds 3]
 
 Two replicas (one core each, KV cache capped so eviction happens, KV events over ZMQ), a prefix-sharing
 workload (Zipf-popular tool prompts, multi-turn agent histories, long documents) sent as text so every
 router tokenizes or matches it its own way, the same arrivals for each router, prefix caches emptied
-between routers. Prints hit rate, latency and TTFT per router and writes a latency CDF.
+between routers. Prints hit rate, latency and TTFT per router and writes a latency CDF. With --rounds N the
+routers run N times (in reverse order every other round) and the table gives each metric's median over the
+rounds: where the five documents land early can swing one run of a router by 2x.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import contextlib
 import json
 import shutil
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-gpu-blocks", type=int, default=384, help="KV-cache cap per replica, in 32-token blocks")
     ap.add_argument("--model-size", default="small", choices=["tiny", "small"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1, help="run every router this many times; report medians")
     ap.add_argument("--router-log-level", default="info", help="our routers' log level (debug logs every decision)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "compare"))
     args = ap.parse_args(argv)
@@ -99,46 +103,93 @@ def main(argv: list[str] | None = None) -> int:
         "requests": args.requests, "rate": args.rate, "seed": args.seed, "model_size": args.model_size,
         "num_gpu_blocks": args.num_gpu_blocks, "block_size": 32, "headroom": 200, "prompt_format": "text",
         "time_profile": f"{args.model_size}-cpu", "routers": routers}, indent=2))
-    summaries, records_by = {}, {}
+    rounds: list[dict[str, dict]] = []
+    records_by: dict[str, list[dict]] = {}
     with start_replicas(model, 2, block_size=32, num_gpu_blocks=args.num_gpu_blocks, max_model_len=max_len,
                         log_dir=out, kv_transport="tcp") as replicas:
         warm_up(replicas)
-        for name in routers:
-            if name not in OURS and _binary(name if name != "smg" else "smg") is None:
-                print(f"SKIP {name}: not installed (pip install '.[peers]')")
-                continue
-            reset_caches(replicas)
-            if name in OURS:
-                argv_ = router_argv(replicas, model, policy=name, extra=["--time-profile", f"{args.model_size}-cpu",
-                                                                    "--log-level", args.router_log_level])
-                ctx = start_router(argv_, log_path=out / f"router-{name}.log")
-            else:
-                port = free_port()
-                ctx = start_peer(peer_command(name, replicas, model, port), port, out / f"router-{name}.log")
-            try:
-                with ctx as url:
-                    print(f"\n== {name}: {url}")
-                    records = run_load_sync(requests, url, model="tiny", prompt_format="text")
-            except (RuntimeError, TimeoutError) as exc:  # a router that cannot start is reported, not fatal
-                print(f"FAILED {name}: {exc}")
-                continue
-            summary = live_summary(records)
-            summary["label"] = name
-            summaries[name], records_by[name] = summary, records
-            (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        for k in range(args.rounds):
+            tag = f"-r{k + 1}" if args.rounds > 1 else ""
+            summaries = {}
+            for name in routers if k % 2 == 0 else routers[::-1]:  # alternate order: no router always goes first
+                records = _run_router(name, replicas, model, requests, args, out, tag)
+                if records is None:
+                    continue
+                summary = live_summary(records)
+                summary["label"] = name
+                summaries[name] = summary
+                records_by.setdefault(name, []).extend(records)
+                lines = "".join(json.dumps(r) + "\n" for r in records)
+                (out / f"{name}{tag}.jsonl").write_text(lines)
+                if k == 0 and tag:  # benchmarks.sim_vs_live replays <name>.jsonl: round 1
+                    (out / f"{name}.jsonl").write_text(lines)
+            rounds.append(summaries)
+            if args.rounds > 1:
+                print_table(list(summaries.values()), title=f"round {k + 1} of {args.rounds}")
+                _print_ratio(summaries)
+    summaries = rounds[0] if len(rounds) == 1 else _median_summaries(rounds, routers)
     (out / "summary.json").write_text(json.dumps(summaries, indent=2))
-    print_table(list(summaries.values()),
-                title=f"{len(requests)} requests at {args.rate}/s, 2 vLLM CPU replicas, {args.num_gpu_blocks} blocks each")
+    medians = f", medians of {len(rounds)} rounds" if len(rounds) > 1 else ""
+    print_table(list(summaries.values()), title=f"{len(requests)} requests at {args.rate}/s, 2 vLLM CPU replicas, "
+                                                f"{args.num_gpu_blocks} blocks each{medians}")
     plot_latency_cdf(records_by, out / "latency_cdf.png", title="end-to-end latency per router")
-    if "preble" in summaries:
-        others = {k: v for k, v in summaries.items() if k != "preble" and v.get("latency_avg")}
-        if others:
-            best_avg = min(others, key=lambda k: others[k]["latency_avg"])
-            best_p99 = min(others, key=lambda k: others[k]["latency_p99"])
-            p = summaries["preble"]
-            print(f"preble / best other: avg {p['latency_avg'] / others[best_avg]['latency_avg']:.2f}x ({best_avg}), "
-                  f"p99 {p['latency_p99'] / others[best_p99]['latency_p99']:.2f}x ({best_p99})")
-    return 1 if any(s.get("errors") for s in summaries.values()) else 0
+    _print_ratio(summaries)
+    return 1 if any(s.get("errors") for r in rounds for s in r.values()) else 0
+
+
+def _run_router(name: str, replicas, model: Path, requests, args: argparse.Namespace, out: Path,
+                tag: str) -> list[dict] | None:
+    """One router's pass over the workload on freshly emptied caches; None if it is missing or cannot start."""
+    if name not in OURS and _binary(name if name != "smg" else "smg") is None:
+        print(f"SKIP {name}: not installed (pip install '.[peers]')")
+        return None
+    reset_caches(replicas)
+    if name in OURS:
+        argv_ = router_argv(replicas, model, policy=name, extra=["--time-profile", f"{args.model_size}-cpu",
+                                                            "--log-level", args.router_log_level])
+        ctx = start_router(argv_, log_path=out / f"router-{name}{tag}.log")
+    else:
+        port = free_port()
+        ctx = start_peer(peer_command(name, replicas, model, port), port, out / f"router-{name}{tag}.log")
+    try:
+        with ctx as url:
+            print(f"\n== {name}{tag}: {url}")
+            return run_load_sync(requests, url, model="tiny", prompt_format="text")
+    except (RuntimeError, TimeoutError) as exc:  # a router that cannot start is reported, not fatal
+        print(f"FAILED {name}: {exc}")
+        return None
+
+
+def _median_summaries(rounds: list[dict[str, dict]], routers: Sequence[str]) -> dict[str, dict]:
+    """Per router, the median of each numeric metric over the rounds it ran in; errors are summed."""
+    out = {}
+    for name in routers:
+        runs = [r[name] for r in rounds if name in r]
+        if not runs:
+            continue
+        merged: dict = {"label": name, "rounds": len(runs)}
+        for key, value in runs[0].items():
+            if key == "errors":
+                merged[key] = sum(r.get(key) or 0 for r in runs)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+                merged[key] = statistics.median(values) if values else None
+            elif key != "label":
+                merged[key] = value
+        out[name] = merged
+    return out
+
+
+def _print_ratio(summaries: dict[str, dict]) -> None:
+    """preble's average and p99 latency over the best other router's (issue #5's yardstick)."""
+    others = {k: v for k, v in summaries.items() if k != "preble" and v.get("latency_avg")}
+    if "preble" not in summaries or not others:
+        return
+    best_avg = min(others, key=lambda k: others[k]["latency_avg"])
+    best_p99 = min(others, key=lambda k: others[k]["latency_p99"])
+    p = summaries["preble"]
+    print(f"preble / best other: avg {p['latency_avg'] / others[best_avg]['latency_avg']:.2f}x ({best_avg}), "
+          f"p99 {p['latency_p99'] / others[best_p99]['latency_p99']:.2f}x ({best_p99})")
 
 
 if __name__ == "__main__":

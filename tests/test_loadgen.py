@@ -129,3 +129,20 @@ def test_cli_compare_live_two_targets(fake, tmp_path):
     assert [r["label"] for r in rows] == ["fast", "slow"] and all(r["ok"] == 6 for r in rows)
     assert rows[1]["ttft_avg"] > rows[0]["ttft_avg"]
     assert (out / "latency_cdf.png").exists() and (out / "records_slow_rate200.jsonl").exists()
+
+
+def test_compare_routers_reports_medians_over_rounds():
+    from benchmarks.compare_routers import _median_summaries
+
+    rounds = [
+        {"preble": {"label": "preble", "latency_avg": 1.0, "latency_p99": 9.0, "errors": 0, "hit_rate": 0.6},
+         "smg": {"label": "smg", "latency_avg": 2.0, "latency_p99": 12.0, "errors": 1}},
+        {"preble": {"label": "preble", "latency_avg": 3.0, "latency_p99": 7.0, "errors": 0, "hit_rate": 0.7}},
+        {"preble": {"label": "preble", "latency_avg": 2.0, "latency_p99": 8.0, "errors": 2, "hit_rate": 0.5},
+         "smg": {"label": "smg", "latency_avg": 4.0, "latency_p99": 10.0, "errors": 0}},
+    ]
+    med = _median_summaries(rounds, ["preble", "smg", "vllm-router"])
+    assert med["preble"] == {"label": "preble", "rounds": 3, "latency_avg": 2.0, "latency_p99": 8.0, "errors": 2,
+                             "hit_rate": 0.6}
+    assert med["smg"]["latency_avg"] == 3.0 and med["smg"]["rounds"] == 2 and med["smg"]["errors"] == 1
+    assert "vllm-router" not in med
