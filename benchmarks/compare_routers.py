@@ -173,7 +173,9 @@ def _median_summaries(rounds: list[dict[str, dict]], routers: Sequence[str]) -> 
                 merged[key] = sum(r.get(key) or 0 for r in runs)
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
-                merged[key] = statistics.median(values) if values else None
+                m = statistics.median(values) if values else None
+                # counts stay counts (the median of two runs of 200 requests is 200, not 200.0)
+                merged[key] = int(m) if m is not None and all(isinstance(v, int) for v in values) and m == int(m) else m
             elif key != "label":
                 merged[key] = value
         out[name] = merged
