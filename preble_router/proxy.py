@@ -326,8 +326,11 @@ class Proxy:
                        stream: bool, received: float) -> Response:
         assert self.session is not None
         # ASGI header names are lowercase bytes; decoding the raw list skips building Starlette's Headers.
-        headers = {k: v.decode("latin-1") for k, v in
-                   ((k.decode("latin-1"), v) for k, v in request.scope["headers"]) if k not in _HOP_HEADERS}
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in request.scope["headers"]:
+            name = raw_name.decode("latin-1")
+            if name not in _HOP_HEADERS:
+                headers[name] = raw_value.decode("latin-1")
         if self.config.backend_api_key:
             headers["authorization"] = f"Bearer {self.config.backend_api_key}"
         # The body parsed as JSON; say so, or aiohttp would label bytes application/octet-stream.
