@@ -111,3 +111,15 @@ def test_client_leaving_mid_stream_frees_its_load_and_slot(tiny_model):
             assert 'status="499"' in httpx.get(url + "/metrics").text
     finally:
         stop()
+
+
+def test_gc_is_tuned_for_the_serving_loop():
+    """The CLI freezes start-up objects and collects the young generation rarely (cli.tune_gc); run in a child so
+    this test process keeps its own collector settings."""
+    import subprocess
+    import sys
+
+    code = ("import gc; from preble_router.cli import tune_gc; before = gc.get_threshold(); tune_gc(); "
+            "print(before[0] < gc.get_threshold()[0], gc.get_freeze_count() > 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["True", "True"]
