@@ -173,9 +173,11 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _uvicorn_kwargs(args: argparse.Namespace) -> dict:
-    # No Server/Date headers of our own: relayed responses carry the backend's.
+    # No Server/Date headers of our own: relayed responses carry the backend's. No X-Forwarded-* rewriting of the
+    # client address either: nothing here reads it, and the middleware runs on every request.
     return {"host": args.host, "port": args.port, "log_level": args.log_level, "access_log": False,
-            "timeout_graceful_shutdown": args.drain_timeout, "server_header": False, "date_header": False}
+            "timeout_graceful_shutdown": args.drain_timeout, "server_header": False, "date_header": False,
+            "proxy_headers": False}
 
 
 def worker_app():  # noqa: ANN201 (an ASGI app)

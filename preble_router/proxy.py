@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 _HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                           "trailer", "transfer-encoding", "upgrade", "host", "content-length",
                           "content-encoding", "accept-encoding"})
+_HOP_HEADERS_RAW = frozenset(name.encode() for name in _HOP_HEADERS)
 # What a forwarding attempt can fail with in transport (aiohttp raises the builtin TimeoutError on timeouts).
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
@@ -180,10 +181,10 @@ class Proxy:
         )
         return _HotRoutes(app, self)
 
-    async def completions(self, request: Request) -> Response:
+    async def completions(self, request: Request) -> Response | _WholeResponse:
         return await self._handle(request, "completions", "/v1/completions")
 
-    async def chat_completions(self, request: Request) -> Response:
+    async def chat_completions(self, request: Request) -> Response | _WholeResponse:
         return await self._handle(request, "chat", "/v1/chat/completions")
 
     async def models(self, request: Request) -> Response:
@@ -286,7 +287,7 @@ class Proxy:
         request.state.raw_body = raw
         return body
 
-    async def _handle(self, request: Request, endpoint: str, path: str) -> Response:
+    async def _handle(self, request: Request, endpoint: str, path: str) -> Response | _WholeResponse:
         received = time.perf_counter()
         body = await self._parse(request)
         if isinstance(body, Response):
@@ -323,7 +324,7 @@ class Proxy:
         return response
 
     async def _forward(self, request: Request, endpoint: str, path: str, prepared: PreparedRequest,
-                       stream: bool, received: float) -> Response:
+                       stream: bool, received: float) -> Response | _WholeResponse:
         assert self.session is not None
         # ASGI header names are lowercase bytes; decoding the raw list skips building Starlette's Headers.
         headers: dict[str, str] = {}
@@ -356,7 +357,7 @@ class Proxy:
                            for s in (prepared.snapshot.backends if prepared.snapshot else ())})
             if attempt == 0:
                 self.metrics.overhead.observe(time.perf_counter() - received)
-                self.metrics.decisions.labels(self.router.policy.name, decision.reason).inc()
+                self.metrics.child(self.metrics.decisions, self.router.policy.name, decision.reason).inc()
                 self.metrics.matched_tokens.observe(decision.matched_tokens)
             else:
                 self.metrics.retries.inc()
@@ -377,17 +378,20 @@ class Proxy:
                 self.metrics.errors.labels(backend.url, f"http_{resp.status}").inc()
                 self._end(prepared, inflight, backend, endpoint, resp.status, ok=False)
                 continue
+            relayed = stream and resp.status == 200
             try:
-                first = await resp.content.readany()
+                # A stream is relayed from its first chunk on; any other reply comes whole, so it is read whole.
+                first = await (resp.content.readany() if relayed else resp.read())
             except _TRANSPORT_ERRORS as exc:
                 resp.close()
                 last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
                 continue
             self.router.first_token(inflight)
-            self.metrics.ttft.labels(backend.url).observe(time.perf_counter() - sent)
-            out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
-            out_headers.update(self._decision_headers(backend, decision, attempt))
-            if stream and resp.status == 200:
+            self.metrics.child(self.metrics.ttft, backend.url).observe(time.perf_counter() - sent)
+            decision_headers = self._decision_headers(backend, decision, attempt)
+            if relayed:
+                out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
+                out_headers.update(decision_headers)
                 relay = _RelayResponse(
                     self._relay(resp, first, prepared, inflight, backend, decision, endpoint),
                     status_code=resp.status, headers=out_headers)
@@ -400,22 +404,16 @@ class Proxy:
 
                 relay.on_close.append(abandon)
                 return relay
-            try:
-                content = first + await resp.read() if first else first
-            except _TRANSPORT_ERRORS as exc:
-                resp.close()
-                last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
-                continue
             resp.release()
             output_tokens = None
             if resp.status == 200:
                 with contextlib.suppress(ValueError, AttributeError):
-                    usage = _decode_json(content).get("usage")
+                    usage = _decode_json(first).get("usage")
                     self._observe_usage(usage, decision, backend)
                     output_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
             self._end(prepared, inflight, backend, endpoint, resp.status, ok=resp.status < 400,
                       output_tokens=output_tokens)
-            return Response(content, status_code=resp.status, headers=out_headers)
+            return _WholeResponse(resp.status, _whole_headers(resp.raw_headers, decision_headers, len(first)), first)
         if not tried:
             return error_response(503, "no healthy backend", "no_healthy_backend")
         return error_response(502, f"all backends failed; last error: {last_error}", "backend_failure")
@@ -475,15 +473,15 @@ class Proxy:
         if inflight.done:
             return
         self.router.finish(prepared, inflight, ok=ok, output_tokens=output_tokens)
-        self.metrics.requests.labels(backend.url, endpoint, str(status)).inc()
+        self.metrics.child(self.metrics.requests, backend.url, endpoint, str(status)).inc()
         if ok:
-            self.metrics.prompt_tokens.labels(backend.url).inc(len(prepared.tokens))
+            self.metrics.child(self.metrics.prompt_tokens, backend.url).inc(len(prepared.tokens))
 
     def _observe_usage(self, usage: Any, decision: Decision, backend: Backend) -> None:
         observed = _cached_tokens_from_usage(usage)
         if observed is not None:
-            self.metrics.cached_tokens.labels(backend.url, "observed").inc(observed)
-            self.metrics.cached_tokens.labels(backend.url, "predicted").inc(decision.matched_tokens)
+            self.metrics.child(self.metrics.cached_tokens, backend.url, "observed").inc(observed)
+            self.metrics.child(self.metrics.cached_tokens, backend.url, "predicted").inc(decision.matched_tokens)
 
     @staticmethod
     def _decision_headers(backend: Backend, decision: Decision, attempt: int) -> dict[str, str]:
@@ -496,6 +494,29 @@ class Proxy:
         if decision.costs:
             headers["x-preble-cost"] = f"{decision.costs.get(decision.backend_id, 0.0):.4f}"
         return headers
+
+
+def _whole_headers(backend_headers: tuple[tuple[bytes, bytes], ...], extra: dict[str, str],
+                   length: int) -> list[tuple[bytes, bytes]]:
+    """A whole reply's headers as ASGI wants them, from the backend's raw ones: no decoding and re-encoding."""
+    headers = [(name, value) for name, value in backend_headers if name.lower() not in _HOP_HEADERS_RAW]
+    headers += [(name.encode(), value.encode("latin-1")) for name, value in extra.items()]
+    headers.append((b"content-length", b"%d" % length))
+    return headers
+
+
+class _WholeResponse:
+    """A relayed reply that is not streamed, its headers passed on as the backend sent them (Starlette's Response
+    would decode and encode each one again)."""
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status_code = status
+        self.raw_headers = headers
+        self.body = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class _RelayResponse(StreamingResponse):
