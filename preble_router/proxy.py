@@ -74,13 +74,20 @@ async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise _TooLarge
+    # ASGI messages read directly: Starlette's request.stream() keeps state for a later request.body(), unused here.
+    receive = request.receive
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise _TooLarge
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def _cached_tokens_from_usage(usage: Any) -> int | None:
@@ -250,6 +257,7 @@ class Proxy:
         parsed = await self._parse(request)
         if isinstance(parsed, Response):
             return parsed
+        parsed, _ = parsed
         endpoint = "chat" if "messages" in parsed else "completions"
         try:
             prepared = self.router.prepare(endpoint, parsed)
@@ -271,7 +279,8 @@ class Proxy:
         })
 
     # ---- the request path ------------------------------------------------------------------------
-    async def _parse(self, request: Request) -> dict[str, Any] | Response:
+    async def _parse(self, request: Request) -> tuple[dict[str, Any], bytes] | Response:
+        """The request's JSON object and its raw bytes (forwarded as they came), or an error response."""
         try:
             raw = await _read_body(request, self.config.max_body_bytes)
         except _TooLarge:
@@ -284,14 +293,14 @@ class Proxy:
             return error_response(400, f"malformed JSON body: {exc}", "invalid_json")
         if not isinstance(body, dict):
             return error_response(400, "the request body must be a JSON object", "invalid_json")
-        request.state.raw_body = raw
-        return body
+        return body, raw
 
     async def _handle(self, request: Request, endpoint: str, path: str) -> Response | _WholeResponse:
         received = time.perf_counter()
-        body = await self._parse(request)
-        if isinstance(body, Response):
-            return body
+        parsed = await self._parse(request)
+        if isinstance(parsed, Response):
+            return parsed
+        body, raw = parsed
         model = body.get("model")
         if model is not None and model not in self.router.known_models():
             return error_response(404, f"The model `{model}` does not exist.", "model_not_found", "model")
@@ -303,7 +312,7 @@ class Proxy:
             return error_response(400, str(exc), "invalid_prompt")
         stream = bool(body.get("stream"))
         if self._slots is None:
-            return await self._forward(request, endpoint, path, prepared, stream, received)
+            return await self._forward(request, raw, endpoint, path, prepared, stream, received)
         if self._slots.locked() and self._queued >= self.config.max_queue:
             self.metrics.rejected.inc()
             return error_response(429, "the router's queue is full; retry later", "queue_full")
@@ -313,7 +322,7 @@ class Proxy:
         finally:
             self._queued -= 1
         try:
-            response = await self._forward(request, endpoint, path, prepared, stream, received)
+            response = await self._forward(request, raw, endpoint, path, prepared, stream, received)
         except BaseException:
             self._slots.release()
             raise
@@ -323,7 +332,7 @@ class Proxy:
             self._slots.release()
         return response
 
-    async def _forward(self, request: Request, endpoint: str, path: str, prepared: PreparedRequest,
+    async def _forward(self, request: Request, raw: bytes, endpoint: str, path: str, prepared: PreparedRequest,
                        stream: bool, received: float) -> Response | _WholeResponse:
         assert self.session is not None
         # ASGI header names are lowercase bytes; decoding the raw list skips building Starlette's Headers.
@@ -363,7 +372,7 @@ class Proxy:
                 self.metrics.retries.inc()
             sent = time.perf_counter()
             try:
-                resp = await self.session.post(self._url(backend.url, path), data=request.state.raw_body,
+                resp = await self.session.post(self._url(backend.url, path), data=raw,
                                                headers=headers)
             except _TRANSPORT_ERRORS as exc:
                 last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
