@@ -6,6 +6,9 @@
     # cleanest per-request overhead: one client (no queueing) and a cheap load generator
     python -m benchmarks.overhead --concurrency 1,32 --client raw --bin-dir /tmp/bench-venv/bin
 
+    # each router 3 times, in alternating order: medians, and ours against smg round by round
+    python -m benchmarks.overhead --concurrency 1,32 --client raw --routers ours,smg --rounds 3
+
     # ours with one worker process and with two (`preble-router --workers 2`), side by side with smg
     python -m benchmarks.overhead --concurrency 32 --client raw --routers ours,ours-w2,smg
 
@@ -672,6 +675,37 @@ def _ours_with_workers(ours: RouterSpec, name: str, workers: int) -> RouterSpec:
 # ---------------------------------------------------------------------------------------------- report
 
 
+def summarize_rounds(results: list[dict[str, Any]], routers: list[str], levels: list[int]) -> dict[str, Any]:
+    """Medians over rounds, and each router's req/s and p50 against smg's in the same round (measured minutes
+    apart, so a slow phase of the machine hits both less than it hits a single run): printed and returned."""
+    def by_round(name: str, conc: int, key: str) -> dict[int, float]:
+        return {r["round"]: r["metrics"][key] for r in results if r.get("target") == name and not r.get("skipped")
+                and r.get("concurrency") == conc and r["metrics"].get(key) is not None}
+
+    summary: dict[str, Any] = {}
+    print("\nmedians over rounds (and against smg, round by round):")
+    for conc in levels:
+        for name in routers:
+            rps, p50 = by_round(name, conc, "rps"), by_round(name, conc, "p50_ms")
+            cpu = {r["round"]: r["router_cpu_ms_per_req"] for r in results if r.get("target") == name
+                   and r.get("concurrency") == conc and r.get("router_cpu_ms_per_req") is not None}
+            if not rps:
+                continue
+            row: dict[str, Any] = {"rps": statistics.median(rps.values()), "p50_ms": statistics.median(p50.values()),
+                                   "cpu_ms_per_req": statistics.median(cpu.values()) if cpu else None}
+            line = f"  {name} @{conc}: {row['rps']:.1f} req/s, p50 {row['p50_ms']:.2f} ms"
+            smg_rps, smg_p50 = by_round("smg", conc, "rps"), by_round("smg", conc, "p50_ms")
+            paired = sorted(set(rps) & set(smg_rps) & set(p50) & set(smg_p50))
+            if name != "smg" and paired:
+                row["rps_vs_smg"] = [round(rps[k] / smg_rps[k], 3) for k in paired]
+                row["p50_vs_smg"] = [round(p50[k] / smg_p50[k], 3) for k in paired]
+                line += (f"; vs smg: req/s {statistics.median(row['rps_vs_smg']):.2f}x (rounds {row['rps_vs_smg']}), "
+                         f"p50 {statistics.median(row['p50_vs_smg']):.2f}x (rounds {row['p50_vs_smg']})")
+            print(line)
+            summary[f"{name}@{conc}"] = row
+    return summary
+
+
 def _mb(x: int | None) -> float | None:
     return None if x is None else round(x / 2**20, 1)
 
@@ -744,6 +778,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready-timeout", type=float, default=120.0)
     ap.add_argument("--log-dir", default=None, help="router/backend logs (default: next to --out)")
     ap.add_argument("--no-final-baseline", action="store_true", help="skip the second direct run")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every router this many times, in reverse order every other round, and print "
+                         "medians and per-round ratios (this machine's speed moves by 1.5x within minutes)")
     a = ap.parse_args(argv)
 
     routers = [r.strip() for r in a.routers.split(",") if r.strip()]
@@ -846,17 +883,16 @@ def main(argv: list[str] | None = None) -> int:
                 bases[conc].append(rec)
                 results.append(rec)
 
-        baseline("direct")
-        for name in routers:
+        def run_router(name: str, round_no: int) -> None:
             spec = specs[name]
             if spec.build is None:
                 print(f"SKIP {name}: {spec.skip_reason}")
                 results.append({"target": name, "skipped": spec.skip_reason})
-                continue
+                return
             port = free_port()
             cmd = spec.build(port, urls, model_dir)
             print(f"{name}: {' '.join(cmd)}")
-            proc = Proc(name, cmd, log_dir / f"{name}.log", env)
+            proc = Proc(name, cmd, log_dir / (f"{name}.log" if a.rounds <= 1 else f"{name}-r{round_no}.log"), env)
             version = dist_version(spec.binary if spec.binary and os.path.isfile(spec.binary) else None,
                                    ROUTER_DISTS.get(name, ROUTER_DISTS["ours"]))
             try:
@@ -867,7 +903,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  ready in {ready_s:.1f}s (probe split {seen}), version {version}")
                 for conc in levels:
                     rec = measure(name, [router_url + "/v1/completions"], proc, conc)
-                    rec.update(command=cmd, version=version, ready_s=round(ready_s, 2), probe_split=seen)
+                    rec.update(command=cmd, version=version, ready_s=round(ready_s, 2), probe_split=seen,
+                               round=round_no)
                     if not proc.alive():
                         rec["died"] = f"exit {proc.p.returncode}"
                     results.append(rec)
@@ -878,6 +915,11 @@ def main(argv: list[str] | None = None) -> int:
                                 "command": cmd, "version": version, "error": msg})
             finally:
                 proc.stop()
+
+        baseline("direct")
+        for k in range(max(1, a.rounds)):
+            for name in routers if k % 2 == 0 else routers[::-1]:  # no router always goes first
+                run_router(name, k + 1)
         if not a.no_final_baseline:
             baseline("direct (end)")
     finally:
@@ -909,6 +951,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print_table(results)
+    rounds = summarize_rounds(results, routers, levels) if a.rounds > 1 else None
     report = {
         "benchmark": "router_overhead",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -919,6 +962,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "baseline": baseline_summary,
         "results": results,
+        "rounds": rounds,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=1))

@@ -146,3 +146,21 @@ def test_compare_routers_reports_medians_over_rounds():
                              "hit_rate": 0.6}
     assert med["smg"]["latency_avg"] == 3.0 and med["smg"]["rounds"] == 2 and med["smg"]["errors"] == 1
     assert "vllm-router" not in med
+
+
+def test_overhead_rounds_pair_each_router_with_smg_of_the_same_round():
+    from benchmarks.overhead import summarize_rounds
+
+    def rec(target: str, rnd: int, rps: float, p50: float) -> dict:
+        return {"target": target, "concurrency": 32, "round": rnd, "router_cpu_ms_per_req": 0.4,
+                "metrics": {"rps": rps, "p50_ms": p50}}
+
+    results = [{"target": "direct", "concurrency": 32, "metrics": {"rps": 9000.0, "p50_ms": 3.0}},
+               rec("ours", 1, 2000.0, 16.0), rec("smg", 1, 5000.0, 8.0),
+               rec("smg", 2, 4000.0, 5.0), rec("ours", 2, 2400.0, 10.0),
+               rec("ours", 3, 1000.0, 30.0), {"target": "smg", "skipped": "failed: boom"}]
+    rows = summarize_rounds(results, ["ours", "smg"], [32])
+    assert rows["ours@32"]["rps"] == 2000.0 and rows["ours@32"]["p50_ms"] == 16.0
+    # round 3 has no smg figure: it counts in ours' medians, not in the ratios
+    assert rows["ours@32"]["rps_vs_smg"] == [0.4, 0.6] and rows["ours@32"]["p50_vs_smg"] == [2.0, 2.0]
+    assert "rps_vs_smg" not in rows["smg@32"]
