@@ -219,7 +219,10 @@ class CacheIndex:
             holders, bit = self._holders[backend_id >> 6], 1 << (backend_id & 63)
             assert entry.lru is not None
             lru, touch = entry.lru, entry.lru.move_to_end
-            for key in keys:
+            # Tail first, so a prompt's first blocks are the most recently used: the LRU then evicts prefixes from
+            # their ends, as vLLM frees a request's blocks (tail first). Head first, it evicted a shared prefix's
+            # first block while the rest stayed, and no prompt matched that prefix any more.
+            for key in reversed(keys):
                 try:  # most of a prompt's blocks are there already: one call each, no membership test
                     touch(key)
                 except KeyError:

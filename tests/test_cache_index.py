@@ -97,12 +97,26 @@ def test_estimated_mode_is_lru_bounded():
     a = hash_blocks(list(range(8)), BS, ROOT)
     b = hash_blocks(list(range(100, 108)), BS, ROOT)
     index.record_routed(0, a, 0.0)
-    index.record_routed(0, b, 1.0)  # 4 blocks > capacity 3: a's oldest block goes
+    index.record_routed(0, b, 1.0)  # 4 blocks > capacity 3: one of a's goes
     assert index.blocks_held(0) == 3
     assert index.match(b, [0], 2.0) == {0: 2}
-    assert index.match(a, [0], 2.0) == {0: 0}  # its first block was evicted, so no prefix match
+    assert index.match(a, [0], 2.0) == {0: 1}  # its last block went: the prefix still matches
     index.remove_backend(0)
     assert len(index) == 0
+
+
+def test_estimated_lru_evicts_a_shared_prefix_from_its_end():
+    index = make(estimated=True, capacity=12)
+    shared = list(range(8 * BS))
+    a = hash_blocks(shared + list(range(1000, 1000 + 4 * BS)), BS, ROOT)
+    b = hash_blocks(shared + list(range(2000, 2000 + 4 * BS)), BS, ROOT)
+    index.record_routed(0, a, 0.0)
+    index.record_routed(0, b, 1.0)  # 16 distinct blocks, room for 12: a's own 4 go, the shared 8 stay
+    assert index.match(b, [0], 2.0) == {0: 12}
+    assert index.match(a, [0], 2.0) == {0: 8}
+    index.record_routed(0, hash_blocks(list(range(3000, 3000 + 2 * BS)), BS, ROOT), 3.0)
+    assert index.match(a, [0], 4.0) == {0: 8}  # b's tail goes next, not the shared prefix's first blocks
+    assert index.match(b, [0], 4.0) == {0: 10}
 
 
 def test_match_stops_per_backend():
@@ -141,7 +155,7 @@ class Model:
 
     def routed(self, b, keys, now):
         if b in self.lru:
-            for k in keys:
+            for k in reversed(keys):  # tail first: a prompt's first blocks are the most recently used
                 self.lru[b][k] = None
                 self.lru[b].move_to_end(k)
             while len(self.lru[b]) > self.capacity[b]:
@@ -308,5 +322,5 @@ def test_on_evicted_reports_estimated_lru_evictions():
     b = hash_blocks(list(range(100, 108)), BS, ROOT)
     index.record_routed(0, a, 0.0)
     assert calls == []
-    index.record_routed(0, b, 1.0)  # 5 blocks for 3 slots: the two oldest go
-    assert calls == [(0, a[:2])]
+    index.record_routed(0, b, 1.0)  # 5 blocks for 3 slots: the two oldest go, a's last two
+    assert calls == [(0, [a[2], a[1]])]
