@@ -414,15 +414,16 @@ class Proxy:
                 relay.on_close.append(abandon)
                 return relay
             resp.release()
-            output_tokens = None
+            content, output_tokens = first, None  # the whole reply
             if resp.status == 200:
                 with contextlib.suppress(ValueError, AttributeError):
-                    usage = _decode_json(first).get("usage")
+                    usage = _decode_json(content).get("usage")
                     self._observe_usage(usage, decision, backend)
                     output_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
             self._end(prepared, inflight, backend, endpoint, resp.status, ok=resp.status < 400,
                       output_tokens=output_tokens)
-            return _WholeResponse(resp.status, _whole_headers(resp.raw_headers, decision_headers, len(first)), first)
+            return _WholeResponse(resp.status, _whole_headers(resp.raw_headers, decision_headers, len(content)),
+                                  content)
         if not tried:
             return error_response(503, "no healthy backend", "no_healthy_backend")
         return error_response(502, f"all backends failed; last error: {last_error}", "backend_failure")
