@@ -7,7 +7,8 @@ Prompts of `--blocks` blocks (the overhead benchmark's ~3000 words at 32 tokens 
 simulated second. Two modes:
 - kv-events: blocks count as held through the router's own TTL predictions (what a burst relies on before the
   engine's BlockStored events arrive; the slowest case, since nothing is confirmed yet);
-- estimated: backends without KV events (an LRU of what was routed, bounded by capacity).
+- estimated: backends without KV events (an LRU of what was routed, in 16-block prompt windows, bounded by
+  capacity).
 Prints the best of --repeats passes in microseconds per request (this machine is noisy: compare within a run).
 """
 
@@ -32,8 +33,8 @@ def run(mode: str, requests: int, rate: float, blocks: int, shared: int, seed: i
     for i in range(requests):
         now += step
         keys = prompts[i % len(prompts)]
-        index.match(keys, (0, 1), now)
-        index.record_routed(i % 2, keys, now)
+        held = index.match(keys, (0, 1), now)
+        index.record_routed(i % 2, keys, now, held[i % 2])  # as the router does: what match() found there
     return (time.perf_counter() - start) / requests * 1e6
 
 

@@ -3,7 +3,7 @@
 Three sources write it, each for the backends it owns:
 - confirmed blocks, from vLLM's KV-cache events (exact: the engine says what it stored and evicted);
 - estimated blocks, for backends without events: what the router sent there, LRU-bounded by the backend's
-  capacity in blocks;
+  capacity in blocks (recency kept per window of 16 prompt blocks);
 - predicted blocks, from the router's own decisions, with a short TTL, so that a burst sharing a new prefix
   lands together before the engine's events arrive.
 
@@ -19,6 +19,7 @@ holder map of group g (one map for up to 64 backends).
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ _U64 = (1 << 64) - 1
 # match() walks a prompt over 2 * _WALK blocks only this far, then looks the rest up at once: a walk costs ~0.6 us
 # a block, the lookup ~15-30 us in all (16 took ~30 us less than 64 per 180-block prompt).
 _WALK = 16
+_WINDOW_BLOCKS = 16  # an estimated backend's LRU keeps prompt blocks in windows of this many
 
 
 def engine_hash_to_int(h: int | bytes) -> int:
@@ -56,7 +58,9 @@ class _BackendEntry:
     capacity_blocks: int | None
     blocks: int = 0  # confirmed or estimated blocks held
     orphan_blocks: int = 0  # stored blocks whose parent we never saw (cannot be keyed)
-    lru: OrderedDict[int, None] | None = None  # estimated mode only
+    # Estimated mode only: the blocks routed here, in windows of _WINDOW_BLOCKS prompt blocks keyed by a window's
+    # last key, least recently used first; each window owns the keys it added (a key has one owner).
+    windows: OrderedDict[int, array] | None = None
 
 
 class CacheIndex:
@@ -89,7 +93,7 @@ class CacheIndex:
     def add_backend(self, backend_id: int, *, model: str, estimated: bool, capacity_blocks: int | None) -> None:
         entry = _BackendEntry(model, estimated, capacity_blocks)
         if estimated:
-            entry.lru = OrderedDict()
+            entry.windows = OrderedDict()
         self._backends[backend_id] = entry
         while len(self._holders) <= backend_id >> 6:
             self._holders.append(U64Map())
@@ -190,8 +194,8 @@ class CacheIndex:
         self._extra_copies = {bk: n for bk, n in self._extra_copies.items() if bk[0] != backend_id}
         entry.blocks = 0
         entry.orphan_blocks = 0
-        if entry.lru is not None:
-            entry.lru.clear()
+        if entry.windows is not None:
+            entry.windows.clear()
         self._predicted.pop(backend_id, None)
         if dropped and self.on_evicted is not None:
             self.on_evicted(backend_id, dropped)
@@ -210,26 +214,14 @@ class CacheIndex:
                 self._match_group(holders, g << 6, group_alive, keys, now, result)
         return result
 
-    def record_routed(self, backend_id: int, keys: Sequence[int], now: float) -> None:
-        """A request with these prompt keys was sent to backend_id."""
+    def record_routed(self, backend_id: int, keys: Sequence[int], now: float, held: int = 0) -> None:
+        """A request with these prompt keys was sent to backend_id. `held`: how many leading keys match() just
+        found there (an estimated backend then only touches their windows)."""
         entry = self._backends.get(backend_id)
         if entry is None or not keys:
             return
         if entry.estimated:
-            holders, bit = self._holders[backend_id >> 6], 1 << (backend_id & 63)
-            assert entry.lru is not None
-            lru, touch = entry.lru, entry.lru.move_to_end
-            # Tail first, so a prompt's first blocks are the most recently used: the LRU then evicts prefixes from
-            # their ends, as vLLM frees a request's blocks (tail first). Head first, it evicted a shared prefix's
-            # first block while the rest stayed, and no prompt matched that prefix any more.
-            for key in reversed(keys):
-                try:  # most of a prompt's blocks are there already: one call each, no membership test
-                    touch(key)
-                except KeyError:
-                    lru[key] = None
-                    holders.put(key, holders.get(key, 0) | bit)
-                    entry.blocks += 1
-            self._evict_to_capacity(backend_id, entry)
+            self._record_estimated(backend_id, entry, keys, held)
             return
         self._predicted.setdefault(backend_id, {}).update(zip(keys, repeat(now + self.predicted_ttl)))
 
@@ -337,15 +329,43 @@ class CacheIndex:
         # Rebuilt at a fitted size even if all are live: that is the growth the caller was about to cause.
         self._engine_to_own.replace(hashes[held], keys[held])
 
+    def _record_estimated(self, backend_id: int, entry: _BackendEntry, keys: Sequence[int], held: int) -> None:
+        """The estimate of what an engine without KV events holds: an LRU of prompt windows, bounded by the
+        backend's capacity. Per window rather than per block: an OrderedDict entry and a Python int per block
+        cost ~110 bytes a block; a window's entry and its keys packed in an array ~20.
+        Windows are touched last first, so a prompt's first blocks are the most recently used and the LRU trims
+        prefixes from their ends, as vLLM frees a request's blocks (tail first)."""
+        windows, holders, bit = entry.windows, self._holders[backend_id >> 6], 1 << (backend_id & 63)
+        assert windows is not None
+        n, size = len(keys), _WINDOW_BLOCKS
+        for start in range((n - 1) // size * size, -1, -size):
+            stop = min(start + size, n)
+            window_key = keys[stop - 1]
+            owned = windows.get(window_key)
+            if owned is not None:
+                windows.move_to_end(window_key)
+            if stop <= held:
+                continue  # all held already (their keys may belong to other prompts' windows)
+            for key in keys[max(start, held):stop]:
+                mask = holders.get(key, 0)
+                if not mask & bit:
+                    holders.put(key, mask | bit)
+                    entry.blocks += 1
+                    if owned is None:
+                        owned = windows[window_key] = array("Q")
+                    owned.append(key)
+        self._evict_to_capacity(backend_id, entry)
+
     def _evict_to_capacity(self, backend_id: int, entry: _BackendEntry) -> None:
-        if entry.lru is None or entry.capacity_blocks is None:
+        if entry.windows is None or entry.capacity_blocks is None:
             return
         holders = self._holders[backend_id >> 6]
         dropped: list[int] = []
-        while len(entry.lru) > entry.capacity_blocks:
-            key, _ = entry.lru.popitem(last=False)
-            self._remove(backend_id, holders, entry, key)
-            dropped.append(key)
+        while entry.blocks > entry.capacity_blocks and entry.windows:
+            _, owned = entry.windows.popitem(last=False)
+            for key in owned:
+                self._remove(backend_id, holders, entry, key)
+            dropped += owned
         if dropped and self.on_evicted is not None:
             self.on_evicted(backend_id, dropped)
 

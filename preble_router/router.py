@@ -212,7 +212,10 @@ class Router:
         route = self.route_request(prepared)
         assert prepared.snapshot is not None, "dispatch() follows decide()"
         self.policy.on_dispatched(route, decision, prepared.snapshot)
-        self.index.record_routed(decision.backend_id, keys, now)
+        # Blocks match() found there a moment ago: an estimated backend then only touches them.
+        matched = prepared.snapshot.by_id(decision.backend_id).matched_tokens
+        held = matched // backend.block_size if backend.block_size else 0
+        self.index.record_routed(decision.backend_id, keys, now, held)
         inflight = self.load.begin(decision.backend_id, len(prepared.tokens) - decision.matched_tokens, now)
         inflight.route = route
         inflight.backend = backend

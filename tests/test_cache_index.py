@@ -97,26 +97,56 @@ def test_estimated_mode_is_lru_bounded():
     a = hash_blocks(list(range(8)), BS, ROOT)
     b = hash_blocks(list(range(100, 108)), BS, ROOT)
     index.record_routed(0, a, 0.0)
-    index.record_routed(0, b, 1.0)  # 4 blocks > capacity 3: one of a's goes
-    assert index.blocks_held(0) == 3
+    index.record_routed(0, b, 1.0)  # 4 blocks > capacity 3: the least recently used window, a's, goes whole
+    assert index.blocks_held(0) == 2
     assert index.match(b, [0], 2.0) == {0: 2}
-    assert index.match(a, [0], 2.0) == {0: 1}  # its last block went: the prefix still matches
+    assert index.match(a, [0], 2.0) == {0: 0}
     index.remove_backend(0)
     assert len(index) == 0
 
 
 def test_estimated_lru_evicts_a_shared_prefix_from_its_end():
-    index = make(estimated=True, capacity=12)
-    shared = list(range(8 * BS))
-    a = hash_blocks(shared + list(range(1000, 1000 + 4 * BS)), BS, ROOT)
-    b = hash_blocks(shared + list(range(2000, 2000 + 4 * BS)), BS, ROOT)
+    index = make(estimated=True, capacity=60)
+    shared = list(range(32 * BS))  # two windows of 16 blocks
+    a = hash_blocks(shared + list(range(1000, 1000 + 16 * BS)), BS, ROOT)
+    b = hash_blocks(shared + list(range(2000, 2000 + 16 * BS)), BS, ROOT)
     index.record_routed(0, a, 0.0)
-    index.record_routed(0, b, 1.0)  # 16 distinct blocks, room for 12: a's own 4 go, the shared 8 stay
-    assert index.match(b, [0], 2.0) == {0: 12}
-    assert index.match(a, [0], 2.0) == {0: 8}
-    index.record_routed(0, hash_blocks(list(range(3000, 3000 + 2 * BS)), BS, ROOT), 3.0)
-    assert index.match(a, [0], 4.0) == {0: 8}  # b's tail goes next, not the shared prefix's first blocks
-    assert index.match(b, [0], 4.0) == {0: 10}
+    index.record_routed(0, b, 1.0, held=32)  # 64 blocks > 60: a's own window goes, the shared two stay
+    assert index.blocks_held(0) == 48
+    assert index.match(b, [0], 2.0) == {0: 48} and index.match(a, [0], 2.0) == {0: 32}
+    index.record_routed(0, hash_blocks(list(range(3000, 3000 + 16 * BS)), BS, ROOT), 3.0)
+    assert index.match(a, [0], 4.0) == {0: 32}  # b's own window goes next, not the shared prefix
+    assert index.match(b, [0], 4.0) == {0: 32}
+
+
+def test_estimated_window_refills_the_blocks_it_lost():
+    # The shared part of a window belongs to the prompt that first brought it; when that prompt's window is
+    # evicted, the next prompt through it adds the missing blocks to its own window.
+    index = make(estimated=True, capacity=None)
+    a = hash_blocks(list(range(20 * BS)), BS, ROOT)  # windows: blocks 0-15, 16-19
+    b = hash_blocks(list(range(18 * BS)) + list(range(500, 500 + 6 * BS)), BS, ROOT)  # 0-15, then 16-23
+    index.record_routed(0, a, 0.0)
+    index.record_routed(0, b, 1.0, held=18)  # its second window owns blocks 18-23 only: 26 blocks held
+    index.set_capacity(0, 24)  # a's tail window (blocks 16-19) is the least recently used: it goes
+    assert index.blocks_held(0) == 22 and index.match(b, [0], 2.0) == {0: 16}
+    index.record_routed(0, b, 3.0, held=16)
+    assert index.match(b, [0], 4.0) == {0: 24} and index.blocks_held(0) == 24
+
+
+def test_estimated_index_bytes_per_block_within_target():
+    index = make(estimated=True, capacity=None)
+    rng = random.Random(0)
+    prompts = [[rng.getrandbits(64) for _ in range(64)] for _ in range(2 * 150)]
+    gc.collect()
+    tracemalloc.start()
+    for i, keys in enumerate(prompts):
+        index.record_routed(i % 2, keys, 0.0)
+    gc.collect()
+    used = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    del prompts
+    cached = index.blocks_held(0) + index.blocks_held(1)
+    assert cached == 2 * 150 * 64 and used / cached <= 100, used / cached
 
 
 def test_match_stops_per_backend():
@@ -143,34 +173,44 @@ class Model:
     def __init__(self, ttl: float, estimated: dict[int, int]) -> None:
         self.ttl = ttl
         self.copies: dict[int, Counter] = defaultdict(Counter)
-        self.lru = {b: OrderedDict() for b in estimated}
+        # estimated backends: window key -> keys it owns (the index's windows, the plain way), key -> window
+        self.windows = {b: OrderedDict() for b in estimated}
+        self.owner: dict[int, dict] = {b: {} for b in estimated}
         self.capacity = estimated
         self.pred: dict[tuple[int, int], float] = {}
 
     def holds(self, b, key, now):
-        return self.copies[b][key] > 0 or key in self.lru.get(b, ()) or self.pred.get((b, key), now) > now
+        return self.copies[b][key] > 0 or key in self.owner.get(b, ()) or self.pred.get((b, key), now) > now
 
     def match(self, keys, backends, now):
         return {b: next((i for i, k in enumerate(keys) if not self.holds(b, k, now)), len(keys)) for b in backends}
 
     def routed(self, b, keys, now):
-        if b in self.lru:
-            for k in reversed(keys):  # tail first: a prompt's first blocks are the most recently used
-                self.lru[b][k] = None
-                self.lru[b].move_to_end(k)
-            while len(self.lru[b]) > self.capacity[b]:
-                self.lru[b].popitem(last=False)
+        if b in self.windows:
+            windows, owner = self.windows[b], self.owner[b]
+            for start in reversed(range(0, len(keys), 16)):  # last window first: a prompt's head is the newest
+                window = keys[min(start + 16, len(keys)) - 1]
+                if window in windows:
+                    windows.move_to_end(window)
+                for k in keys[start:start + 16]:
+                    if k not in owner:
+                        owner[k] = window
+                        windows.setdefault(window, set()).add(k)
+            while len(owner) > self.capacity[b] and windows:
+                for k in windows.popitem(last=False)[1]:
+                    del owner[k]
         else:
             for k in keys:
                 self.pred[(b, k)] = now + self.ttl
 
     def cleared(self, b):
         self.copies[b].clear()
-        self.lru.get(b, {}).clear()
+        self.windows.get(b, {}).clear()
+        self.owner.get(b, {}).clear()
         self.pred = {bk: e for bk, e in self.pred.items() if bk[0] != b}
 
     def held(self, b):
-        return set(self.lru[b]) if b in self.lru else {k for k, c in self.copies[b].items() if c > 0}
+        return set(self.owner[b]) if b in self.owner else {k for k, c in self.copies[b].items() if c > 0}
 
 
 @pytest.mark.parametrize("ids", [(0, 1, 2, 3), (0, 1, 65, 3)])  # 65: a second holder group (backends 64..127)
@@ -322,5 +362,5 @@ def test_on_evicted_reports_estimated_lru_evictions():
     b = hash_blocks(list(range(100, 108)), BS, ROOT)
     index.record_routed(0, a, 0.0)
     assert calls == []
-    index.record_routed(0, b, 1.0)  # 5 blocks for 3 slots: the two oldest go, a's last two
-    assert calls == [(0, [a[2], a[1]])]
+    index.record_routed(0, b, 1.0)  # 5 blocks for 3 slots: the least recently used window goes, a's
+    assert calls == [(0, a)]

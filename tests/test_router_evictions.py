@@ -50,7 +50,8 @@ def test_router_forwards_estimated_evictions():
     router.index.set_capacity(0, 2)
     prepared = router.prepare_tokens(list(range(12)))
     router.index.record_routed(0, prepared.keys_by_block_size[BS], 0.0)
-    assert policy.evicted == [(0, prepared.keys_by_block_size[BS][-1:])]  # the prompt's last block
+    # Evicted per window: a prompt's window larger than the whole capacity does not stay.
+    assert policy.evicted == [(0, prepared.keys_by_block_size[BS])]
 
 
 def test_preble_tree_follows_the_engine_through_the_router():
