@@ -151,6 +151,50 @@ def _attn_tile_loop(
 
 
 @triton.jit
+def _attn_range(
+    acc,
+    m_i,
+    l_i,
+    q,
+    K_cache,
+    V_cache,
+    table_ptr,
+    kv_lo,
+    full_hi,
+    kv_hi,
+    kvh,
+    q_pos,
+    qk_scale,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_tb,
+    HEAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """``_attn_tile_loop`` over ``[kv_lo, kv_hi)``: the whole tiles below ``full_hi`` (keys every query of
+    the tile sees) unmasked, the rest masked."""
+    kv_mid = kv_lo + tl.maximum(full_hi - kv_lo, 0) // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _attn_tile_loop(
+        acc, m_i, l_i, q, K_cache, V_cache, table_ptr, kv_lo, kv_mid, kvh, q_pos, qk_scale,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_tb,
+        HEAD, BLOCK_SIZE, BLOCK_N, False, CAUSAL, DOT_F32,
+    )
+    acc, m_i, l_i = _attn_tile_loop(
+        acc, m_i, l_i, q, K_cache, V_cache, table_ptr, kv_mid, kv_hi, kvh, q_pos, qk_scale,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_tb,
+        HEAD, BLOCK_SIZE, BLOCK_N, True, CAUSAL, DOT_F32,
+    )
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _store_partial(
     O_part,
     LSE_part,
@@ -261,16 +305,10 @@ def _prefix_attn_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     table = PrefixTables + g.to(tl.int64) * stride_ptg
-    kv_mid = kv_lo + tl.maximum(kv_hi - kv_lo, 0) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _attn_tile_loop(
-        acc, m_i, l_i, q, K_cache, V_cache, table, kv_lo, kv_mid, kvh, t_idx, qk_scale,
+    acc, m_i, l_i = _attn_range(
+        acc, m_i, l_i, q, K_cache, V_cache, table, kv_lo, kv_hi, kv_hi, kvh, t_idx, qk_scale,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ptb,
-        HEAD, BLOCK_SIZE, BLOCK_N, False, False, DOT_F32,
-    )
-    acc, m_i, l_i = _attn_tile_loop(
-        acc, m_i, l_i, q, K_cache, V_cache, table, kv_mid, kv_hi, kvh, t_idx, qk_scale,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ptb,
-        HEAD, BLOCK_SIZE, BLOCK_N, True, False, DOT_F32,
+        HEAD, BLOCK_SIZE, BLOCK_N, False, DOT_F32,
     )
     out_rows = (b_idx * q_len + t_idx) * num_q_heads + h_idx
     _store_partial(O_part, LSE_part, pid_s, out_rows, row_mask, acc, m_i, l_i, stride_op, stride_on, stride_lp, HEAD)
@@ -355,16 +393,10 @@ def _suffix_attn_kernel(
     # Keys before the first query's position are visible to every query of the tile.
     table = SuffixTables + b64 * stride_stb
     full_hi = tl.minimum(kv_hi, seq_len - q_len + 1) if CAUSAL else kv_hi
-    kv_mid = kv_lo + tl.maximum(full_hi - kv_lo, 0) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _attn_tile_loop(
-        acc, m_i, l_i, q, K_cache, V_cache, table, kv_lo, kv_mid, kvh, q_pos, qk_scale,
+    acc, m_i, l_i = _attn_range(
+        acc, m_i, l_i, q, K_cache, V_cache, table, kv_lo, full_hi, kv_hi, kvh, q_pos, qk_scale,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_stc,
-        HEAD, BLOCK_SIZE, BLOCK_N, False, CAUSAL, DOT_F32,
-    )
-    acc, m_i, l_i = _attn_tile_loop(
-        acc, m_i, l_i, q, K_cache, V_cache, table, kv_mid, kv_hi, kvh, q_pos, qk_scale,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_stc,
-        HEAD, BLOCK_SIZE, BLOCK_N, True, CAUSAL, DOT_F32,
+        HEAD, BLOCK_SIZE, BLOCK_N, CAUSAL, DOT_F32,
     )
     out_rows = (b64 * q_len + t_idx) * num_q_heads + h_idx
     if FUSE_MERGE:
