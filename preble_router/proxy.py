@@ -17,10 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import httpx
 import msgspec
-import yarl
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -36,16 +34,17 @@ from preble_router.metrics import RouterMetrics
 from preble_router.policies import Decision
 from preble_router.router import PreparedRequest, Router
 from preble_router.tokens import PromptError
+from preble_router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
 # Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1), plus those the client recomputes.
 _HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                           "trailer", "transfer-encoding", "upgrade", "host", "content-length",
-                          "content-encoding", "accept-encoding"})
+                          "content-encoding", "accept-encoding", "expect"})
 _HOP_HEADERS_RAW = frozenset(name.encode() for name in _HOP_HEADERS)
-# What a forwarding attempt can fail with in transport (aiohttp raises the builtin TimeoutError on timeouts).
-_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+# What a forwarding attempt can fail with in transport.
+_TRANSPORT_ERRORS = (UpstreamError, TimeoutError)
 
 
 @dataclass
@@ -105,13 +104,12 @@ class Proxy:
         self.discovery: Discovery | None = None
         self.config = config or ProxyConfig()
         self.metrics = RouterMetrics(router)
-        # Two clients, one job each. Forwarded requests go through aiohttp's pooled session: measured on this
-        # proxy's path it costs 0.09-0.19 ms CPU per request where httpx costs 0.6-2.0 ms (httpcore scans
-        # every pooled connection per request). Probes, /v1/models and resets (a few per second) use httpx.
-        self.session: aiohttp.ClientSession | None = None
+        # Two clients, one job each. Forwarded requests go through upstream.UpstreamPool, built for this path
+        # alone (see its docstring for the measured reason). Probes, /v1/models and resets (a few per second)
+        # use httpx.
+        self.upstream: UpstreamPool | None = None
         self.client: httpx.AsyncClient | None = None
         self._health_task: asyncio.Task | None = None
-        self._urls: dict[tuple[str, str], yarl.URL] = {}
         self._slots = asyncio.Semaphore(self.config.max_concurrency) if self.config.max_concurrency > 0 else None
         self._queued = 0
 
@@ -121,12 +119,9 @@ class Proxy:
             timeout=httpx.Timeout(self.config.request_timeout, connect=self.config.connect_timeout),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
         )
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
-            timeout=aiohttp.ClientTimeout(total=self.config.request_timeout, connect=self.config.connect_timeout),
-            auto_decompress=False,  # bytes are relayed as the backend sent them
-            cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every client: never carry a cookie across
-        )
+        # No cookie jar, no decompression: one pool serves every client, and bytes go back as the backend sent them.
+        self.upstream = UpstreamPool(connect_timeout=self.config.connect_timeout,
+                                     request_timeout=self.config.request_timeout)
         if self._start_discovery is not None:  # before the first probe, so discovered backends are probed too
             self.discovery = await self._start_discovery(self.router)
         self.router.start_event_consumers()
@@ -149,8 +144,8 @@ class Proxy:
         await self.router.stop()
         if self.client:
             await self.client.aclose()
-        if self.session:
-            await self.session.close()
+        if self.upstream:
+            await self.upstream.close()
 
     async def _health_loop(self) -> None:
         assert self.client is not None
@@ -334,21 +329,8 @@ class Proxy:
 
     async def _forward(self, request: Request, raw: bytes, endpoint: str, path: str, prepared: PreparedRequest,
                        stream: bool, received: float) -> Response | _WholeResponse:
-        assert self.session is not None
-        # ASGI header names are lowercase bytes; decoding the raw list skips building Starlette's Headers.
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in request.scope["headers"]:
-            name = raw_name.decode("latin-1")
-            if name not in _HOP_HEADERS:
-                headers[name] = raw_value.decode("latin-1")
-        if self.config.backend_api_key:
-            headers["authorization"] = f"Bearer {self.config.backend_api_key}"
-        # The body parsed as JSON; say so, or aiohttp would label bytes application/octet-stream.
-        headers.setdefault("content-type", "application/json")
-        # Set here rather than listed in skip_auto_headers, which sends aiohttp down a slow path on every
-        # request: the bytes are relayed as the backend sends them, so ask for them uncompressed.
-        headers["accept-encoding"] = "identity"
-        headers.setdefault("user-agent", "preble-router")
+        assert self.upstream is not None
+        headers = _forwarded_headers(request.scope["headers"], self.config.backend_api_key)
         tried: set[int] = set()
         last_error = "no healthy backend"
         for attempt in range(self.config.max_attempts):
@@ -372,14 +354,13 @@ class Proxy:
                 self.metrics.retries.inc()
             sent = time.perf_counter()
             try:
-                resp = await self.session.post(self._url(backend.url, path), data=raw,
-                                               headers=headers)
+                resp = await self.upstream.post(backend.url, path, headers, raw)
             except _TRANSPORT_ERRORS as exc:
                 last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
                 continue
             if resp.status >= 500:
                 try:
-                    detail = (await resp.content.read(500)).decode(errors="replace")
+                    detail = (await resp.read_any())[:500].decode(errors="replace")
                 except _TRANSPORT_ERRORS:
                     detail = ""
                 resp.close()
@@ -390,22 +371,23 @@ class Proxy:
             relayed = stream and resp.status == 200
             try:
                 # A stream is relayed from its first chunk on; any other reply comes whole, so it is read whole.
-                first = await (resp.content.readany() if relayed else resp.read())
+                first = await (resp.read_any() if relayed else resp.read())
             except _TRANSPORT_ERRORS as exc:
                 resp.close()
                 last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
                 continue
+            except BaseException:  # cancelled (the server shutting down): the connection can't be reused
+                resp.close()
+                self._end(prepared, inflight, backend, endpoint, 499, ok=False)
+                raise
             self.router.first_token(inflight)
             self.metrics.child(self.metrics.ttft, backend.url).observe(time.perf_counter() - sent)
             decision_headers = self._decision_headers(backend, decision, attempt)
             if relayed:
-                out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
-                out_headers.update(decision_headers)
-                relay = _RelayResponse(
-                    self._relay(resp, first, prepared, inflight, backend, decision, endpoint),
-                    status_code=resp.status, headers=out_headers)
+                relay = _RelayResponse(self._relay(resp, first, prepared, inflight, backend, decision, endpoint),
+                                       resp.status, _relayed_headers(resp.headers, decision_headers))
 
-                async def abandon(resp: aiohttp.ClientResponse = resp, inflight: InFlight = inflight,
+                async def abandon(resp: UpstreamResponse = resp, inflight: InFlight = inflight,
                                   backend: Backend = backend) -> None:
                     # The client left before the relay started: the generator never ran, so end it here.
                     resp.close()
@@ -413,7 +395,6 @@ class Proxy:
 
                 relay.on_close.append(abandon)
                 return relay
-            resp.release()
             content, output_tokens = first, None  # the whole reply
             if resp.status == 200:
                 with contextlib.suppress(ValueError, AttributeError):
@@ -422,20 +403,20 @@ class Proxy:
                     output_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
             self._end(prepared, inflight, backend, endpoint, resp.status, ok=resp.status < 400,
                       output_tokens=output_tokens)
-            return _WholeResponse(resp.status, _whole_headers(resp.raw_headers, decision_headers, len(content)),
+            return _WholeResponse(resp.status, _relayed_headers(resp.headers, decision_headers, len(content)),
                                   content)
         if not tried:
             return error_response(503, "no healthy backend", "no_healthy_backend")
         return error_response(502, f"all backends failed; last error: {last_error}", "backend_failure")
 
-    async def _relay(self, resp: aiohttp.ClientResponse, first: bytes, prepared: PreparedRequest,
+    async def _relay(self, resp: UpstreamResponse, first: bytes, prepared: PreparedRequest,
                      inflight: InFlight, backend: Backend, decision: Decision, endpoint: str) -> AsyncIterator[bytes]:
         status, output_tokens = 499, None  # 499 (client closed) unless the loop ends otherwise
         tail = b""
         try:
             yield first
             tail = first[-4096:]
-            async for chunk in resp.content.iter_any():
+            while chunk := await resp.read_any():
                 yield chunk
                 # Keep the tail only: the usage chunk (when asked for) comes last, right before [DONE].
                 tail = (tail + chunk)[-8192:]
@@ -458,15 +439,6 @@ class Proxy:
             self._end(prepared, inflight, backend, endpoint, status, ok=status == 200, output_tokens=output_tokens)
 
     # ---- bookkeeping ----------------------------------------------------------------------------------
-    def _url(self, base: str, path: str) -> yarl.URL:
-        """Parsed once per backend and path (aiohttp parses a str URL on every request)."""
-        url = self._urls.get((base, path))
-        if url is None:
-            if len(self._urls) > 1024:  # backends come and go (discovery): never grow without bound
-                self._urls.clear()
-            url = self._urls[(base, path)] = yarl.URL(base + path)
-        return url
-
     def _transport_failure(self, prepared: PreparedRequest, inflight: InFlight, backend: Backend,
                            exc: Exception, endpoint: str) -> str:
         message = f"backend {backend.url} failed: {type(exc).__name__} {exc}".strip()
@@ -506,12 +478,35 @@ class Proxy:
         return headers
 
 
-def _whole_headers(backend_headers: tuple[tuple[bytes, bytes], ...], extra: dict[str, str],
-                   length: int) -> list[tuple[bytes, bytes]]:
-    """A whole reply's headers as ASGI wants them, from the backend's raw ones: no decoding and re-encoding."""
+def _forwarded_headers(client_headers: list[tuple[bytes, bytes]], backend_api_key: str | None
+                       ) -> list[tuple[bytes, bytes]]:
+    """The client's headers as they go to a backend, raw bytes as uvicorn parsed them (names lowercase)."""
+    headers = []
+    has_type = has_agent = False
+    for name, value in client_headers:
+        if name in _HOP_HEADERS_RAW or (backend_api_key and name == b"authorization"):
+            continue
+        has_type = has_type or name == b"content-type"
+        has_agent = has_agent or name == b"user-agent"
+        headers.append((name, value))
+    if backend_api_key:
+        headers.append((b"authorization", b"Bearer " + backend_api_key.encode("latin-1")))
+    if not has_type:  # the body was parsed as JSON: say so
+        headers.append((b"content-type", b"application/json"))
+    if not has_agent:
+        headers.append((b"user-agent", b"preble-router"))
+    headers.append((b"accept-encoding", b"identity"))  # bytes are relayed as the backend sends them
+    return headers
+
+
+def _relayed_headers(backend_headers: list[tuple[bytes, bytes]], extra: dict[str, str],
+                     length: int | None = None) -> list[tuple[bytes, bytes]]:
+    """A reply's headers as ASGI wants them, from the backend's raw ones (repeats such as Set-Cookie kept), plus
+    the router's; the length of a whole reply."""
     headers = [(name, value) for name, value in backend_headers if name.lower() not in _HOP_HEADERS_RAW]
     headers += [(name.encode(), value.encode("latin-1")) for name, value in extra.items()]
-    headers.append((b"content-length", b"%d" % length))
+    if length is not None:
+        headers.append((b"content-length", b"%d" % length))
     return headers
 
 
@@ -532,8 +527,9 @@ class _WholeResponse:
 class _RelayResponse(StreamingResponse):
     """A relayed stream whose cleanups run however the response ends, even if it never started streaming."""
 
-    def __init__(self, content: AsyncIterator[bytes], **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
+    def __init__(self, content: AsyncIterator[bytes], status_code: int, raw_headers: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(content, status_code=status_code)
+        self.raw_headers = raw_headers  # as the backend sent them (uvicorn frames the body in chunks)
         self.on_close: list[Callable[[], Any]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -126,9 +126,9 @@ def test_models_health_metrics_debug(router, fakes):
 
 
 def test_a_backend_cookie_never_reaches_another_client(fakes, tiny_model):
-    """One pooled session forwards every client's requests: a cookie one response sets must not be stored and
+    """One connection pool forwards every client's requests: a cookie one response sets must not be stored and
     sent on with the next request (the client gets its Set-Cookie, the backend sees only the client's own).
-    Backends named by host name: aiohttp's default jar ignores cookies from IP addresses only."""
+    Backends named by host name: a client library's cookie jar may ignore cookies from IP addresses only."""
     named = [u.replace("127.0.0.1", "localhost") for u in fakes]
     with serve_router(["--backends", *named, "--model", str(tiny_model), "--served-model-name", "tiny",
                        "--policy", "round_robin"]) as (router, _):

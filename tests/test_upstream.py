@@ -1,0 +1,229 @@
+"""upstream.UpstreamPool against FAKE HTTP servers (raw asyncio sockets scripted per test)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from preble_router.upstream import ConnectError, ConnectionLost, ProtocolError, UpstreamPool
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class FakeServer:
+    """A scripted HTTP server: `handler` runs once per connection; requests and connections are counted."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.server: asyncio.Server | None = None
+        self.url = ""
+        self._handlers: set[asyncio.Task] = set()
+
+    async def __aenter__(self) -> FakeServer:
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            task = asyncio.current_task()
+            assert task is not None
+            self._handlers.add(task)
+            try:
+                await self.handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.close()
+                self._handlers.discard(task)
+
+        self.server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        request = head + await reader.readexactly(length)
+        self.requests.append(request)
+        return request
+
+
+def reply(body: bytes, *extra: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n" + b"".join(h + b"\r\n" for h in extra) + \
+        b"content-length: %d\r\n\r\n" % len(body) + body
+
+
+HEADERS = [(b"content-type", b"application/json")]
+
+
+async def test_whole_replies_reuse_one_connection_and_frame_the_request() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(reply(b"hello", b"set-cookie: a=1", b"set-cookie: b=2"))
+
+    async with FakeServer(handler) as server:
+        pool = UpstreamPool()
+        for _ in range(3):
+            resp = await pool.post(server.url + "/base/", "/v1/completions", HEADERS, b'{"x": 1}')
+            assert resp.status == 200 and await resp.read() == b"hello"
+            assert [v for n, v in resp.headers if n.lower() == b"set-cookie"] == [b"a=1", b"b=2"]
+        await pool.close()
+    assert server.connections == 1
+    port = server.url.rsplit(":", 1)[1]
+    assert server.requests[0] == (b"POST /base/v1/completions HTTP/1.1\r\nhost: 127.0.0.1:" + port.encode() +
+                                  b"\r\ncontent-type: application/json\r\ncontent-length: 8\r\n\r\n{\"x\": 1}")
+
+
+async def test_a_chunked_reply_is_handed_on_piece_by_piece() -> None:
+    go_on = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await go_on.wait()
+        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        await reader.read()
+
+    async with FakeServer(handler) as server:
+        pool = UpstreamPool()
+        resp = await pool.post(server.url, "/v1/completions", HEADERS, b"{}")
+        assert await resp.read_any() == b"first"  # before the server sends the rest
+        go_on.set()
+        assert await resp.read_any() == b"second"
+        assert await resp.read_any() == b""
+        resp.release()
+        await pool.close()
+
+
+async def test_a_connection_the_backend_closed_while_idle_is_replaced() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(reply(b"once"))  # keep-alive as far as the headers say, then closed: a keep-alive timeout
+
+    async with FakeServer(handler) as server:
+        pool = UpstreamPool()
+        for _ in range(3):
+            resp = await pool.post(server.url, "/x", HEADERS, b"{}")
+            assert await resp.read() == b"once"
+        await pool.close()
+    assert server.connections == 3 and len(server.requests) == 3
+
+
+async def test_a_fresh_connection_closed_without_a_reply_fails() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)  # then closed, no reply
+
+    async with FakeServer(handler) as server:
+        pool = UpstreamPool()
+        with pytest.raises(ConnectionLost):
+            await pool.post(server.url, "/x", HEADERS, b"{}")
+        await pool.close()
+    assert server.connections == 1  # not retried: the request may have been read
+
+
+async def test_unreachable_backend_is_a_connect_error() -> None:
+    pool = UpstreamPool(connect_timeout=2)
+    with pytest.raises(ConnectError):
+        await pool.post("http://127.0.0.1:9", "/x", HEADERS, b"{}")
+    with pytest.raises(ConnectError):
+        await pool.post("ftp://example", "/x", HEADERS, b"{}")
+    await pool.close()
+
+
+async def test_a_backend_that_never_answers_times_out() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+        await asyncio.sleep(30)
+
+    async with FakeServer(handler) as server:
+        pool = UpstreamPool(request_timeout=0.3)
+        resp = await pool.post(server.url, "/x", HEADERS, b"{}")
+        assert await resp.read_any() == b"partial"
+        with pytest.raises(TimeoutError):  # the timeout covers the whole reply, not only its head
+            await asyncio.wait_for(resp.read_any(), 5)
+        resp.close()
+        await pool.close()
+
+
+async def test_a_reply_cut_off_mid_body_delivers_what_came_then_fails() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+        await writer.drain()
+
+    async with FakeServer(handler) as server:
+        pool = UpstreamPool()
+        resp = await pool.post(server.url, "/x", HEADERS, b"{}")
+        assert await resp.read_any() == b"0123456789"
+        with pytest.raises(ConnectionLost):
+            await resp.read_any()
+        resp.close()
+        await pool.close()
+
+
+async def test_a_body_without_length_runs_to_the_end_of_the_connection() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
+
+    async with FakeServer(handler) as server:
+        pool = UpstreamPool()
+        resp = await pool.post(server.url, "/x", HEADERS, b"{}")
+        assert await resp.read() == b"all of it"
+        await pool.close()
+
+
+async def test_an_interim_reply_is_skipped() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + reply(b"real"))
+        await reader.read()
+
+    async with FakeServer(handler) as server:
+        pool = UpstreamPool()
+        resp = await pool.post(server.url, "/x", HEADERS, b"{}")
+        assert resp.status == 200 and await resp.read() == b"real"
+        await pool.close()
+
+
+async def test_a_malformed_reply_is_a_protocol_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await reader.read()
+
+    async with FakeServer(handler) as server:
+        pool = UpstreamPool()
+        with pytest.raises(ProtocolError):
+            await pool.post(server.url, "/x", HEADERS, b"{}")
+        await pool.close()
+
+
+async def test_a_slow_reader_pauses_the_socket_and_still_gets_every_byte() -> None:
+    big = bytes(range(256)) * (12 * 1024 * 1024 // 256)  # 12 MiB, over the 4 MiB high-water mark
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(reply(big))
+        await writer.drain()
+        await reader.read()
+
+    async with FakeServer(handler) as server:
+        pool = UpstreamPool()
+        resp = await pool.post(server.url, "/x", HEADERS, b"{}")
+        await asyncio.sleep(0.5)  # the backend writes; nothing reads
+        conn = resp._conn
+        assert conn is not None and conn._paused and conn._buffered < 2 * len(big) // 3
+        assert await resp.read() == big
+        await pool.close()
