@@ -83,7 +83,7 @@ class _Connection(asyncio.Protocol):
     # ---- the request side -----------------------------------------------------------------------------------
     def send(self, head: bytes, body: bytes, timeout: float) -> None:
         assert self.transport is not None and not self.active
-        if self._paused:
+        if self._paused:  # (never, if the last reply was read to its end; a paused socket would never answer)
             self.transport.resume_reading()
         self._reset()
         self.active = True
@@ -108,9 +108,10 @@ class _Connection(asyncio.Protocol):
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self._chunks = []
         self._buffered = 0
-        if self._paused and self.transport is not None:
+        if self._paused:
             self._paused = False
-            self.transport.resume_reading()
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
         return data
 
     async def _wait(self) -> None:
@@ -266,7 +267,7 @@ class UpstreamPool:
     """Keep-alive connections to any number of backends, created on demand, reused most recent first."""
 
     def __init__(self, *, connect_timeout: float = 5.0, request_timeout: float = 600.0, idle_timeout: float = 3.0,
-                 max_idle_per_backend: int = 512) -> None:
+                 max_idle_per_backend: int = 512, ssl_context: ssl.SSLContext | None = None) -> None:
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout  # the whole reply, body included
         # Below uvicorn's (and so vLLM's) 5 s keep-alive, so a backend rarely closes a connection as it is reused.
@@ -276,7 +277,7 @@ class UpstreamPool:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._targets: dict[tuple[str, str], _Target] = {}
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context  # for https backends; the system's CAs when None
 
     async def post(self, base_url: str, path: str, headers: Sequence[tuple[bytes, bytes]],
                    body: bytes) -> UpstreamResponse:

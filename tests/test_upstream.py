@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -15,8 +19,9 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 class FakeServer:
     """A scripted HTTP server: `handler` runs once per connection; requests and connections are counted."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None) -> None:
         self.handler = handler
+        self.tls = tls
         self.connections = 0
         self.requests: list[bytes] = []
         self.server: asyncio.Server | None = None
@@ -31,13 +36,13 @@ class FakeServer:
             self._handlers.add(task)
             try:
                 await self.handler(reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, asyncio.CancelledError):
                 pass
             finally:
                 writer.close()
                 self._handlers.discard(task)
 
-        self.server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=self.tls)
         self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
         return self
 
@@ -227,3 +232,29 @@ async def test_a_slow_reader_pauses_the_socket_and_still_gets_every_byte() -> No
         assert conn is not None and conn._paused and conn._buffered < 2 * len(big) // 3
         assert await resp.read() == big
         await pool.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+async def test_https_backends_are_verified(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(reply(b"secure"))
+        await writer.drain()
+
+    async with FakeServer(handler, tls=server_tls) as server:
+        https = server.url.replace("http://", "https://")
+        trusting = UpstreamPool(ssl_context=ssl.create_default_context(cafile=str(cert)))
+        resp = await trusting.post(https, "/x", HEADERS, b"{}")
+        assert await resp.read() == b"secure"
+        await trusting.close()
+        default = UpstreamPool()  # the system's CAs: a self-signed certificate is refused
+        with pytest.raises(ConnectError):
+            await default.post(https, "/x", HEADERS, b"{}")
+        await default.close()
