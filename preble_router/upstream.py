@@ -56,7 +56,7 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection carrying one request at a time."""
 
     def __init__(self, pool: UpstreamPool, key: tuple[str, str, int]) -> None:
-        self._pool = pool
+        self.pool = pool
         self.key = key
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
@@ -87,7 +87,7 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         self._reset()
         self.active = True
-        self._timer = self._pool.loop.call_later(timeout, self._timed_out, timeout)
+        self._timer = self.pool.loop.call_later(timeout, self._timed_out, timeout)
         self.transport.writelines((head, body))
 
     async def wait_head(self) -> None:
@@ -115,7 +115,7 @@ class _Connection(asyncio.Protocol):
         return data
 
     async def _wait(self) -> None:
-        self._waiter = self._pool.loop.create_future()
+        self._waiter = self.pool.loop.create_future()
         try:
             await self._waiter
         finally:
@@ -143,7 +143,7 @@ class _Connection(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.closed = True
             self.transport.abort()
-            self._pool.forget(self)
+            self.pool.forget(self)
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -170,7 +170,7 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.closed = True
-        self._pool.forget(self)
+        self.pool.forget(self)
         if self.active and not self.complete and self.error is None:
             if self.head_done and not self._framed():
                 self.complete = True  # a body with neither length nor chunks runs to the end of the connection
@@ -252,7 +252,7 @@ class UpstreamResponse:
             return
         conn.active = False
         if conn.complete and conn.keep_alive and conn.error is None and not conn.closed:
-            conn._pool.put_idle(conn)
+            conn.pool.put_idle(conn)
         else:
             conn.abort()
 
