@@ -264,7 +264,8 @@ class CacheIndex:
         """_match_group() for keys[start:], looked up at once (~10x cheaper per block than the walk, but ~15 us
         fixed): records the depth of each backend that stops matching; returns the ones held to the end."""
         rest = keys[start:]
-        masks = holders.get_many(np.array(rest, np.uint64)) & np.uint64(alive)
+        # Through array("Q"): ~2x faster than np.array() on a list of Python ints.
+        masks = holders.get_many(np.frombuffer(array("Q", rest), np.uint64)) & np.uint64(alive)
         # held[i]: the alive backends holding every block of rest[:i + 1]. It changes at a few indices only,
         # where backends leave it; a prediction may carry one of them further.
         held = np.bitwise_and.accumulate(masks)
