@@ -137,6 +137,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def abort(self) -> None:
+        """Drop the connection, whatever state its reply is in; it never carries another request."""
+        self.active = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -259,7 +261,6 @@ class UpstreamResponse:
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.active = False
             conn.abort()
 
 
@@ -297,15 +298,10 @@ class UpstreamPool:
             conn.send(head, body, self.request_timeout)
             try:
                 await conn.wait_head()
-            except UpstreamError as exc:
-                conn.active = False
+            except BaseException as exc:
                 conn.abort()
                 if reused and not retry and isinstance(exc, ConnectionLost) and not conn.got_bytes:
                     continue  # closed by the backend while idle: the request was never read
-                raise
-            except BaseException:
-                conn.active = False
-                conn.abort()
                 raise
             return UpstreamResponse(conn)
         raise AssertionError("unreachable")

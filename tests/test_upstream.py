@@ -53,6 +53,20 @@ class FakeServer:
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
 
+    @classmethod
+    def answering(cls, raw: bytes, *, hold_open: bool = False, tls: ssl.SSLContext | None = None) -> FakeServer:
+        """A server that reads one request per connection and answers it with `raw`, then closes the connection
+        or, with hold_open, waits for the client to close it."""
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(raw)
+            await writer.drain()
+            if hold_open:
+                await reader.read()
+
+        server = cls(handler, tls)
+        return server
+
     async def read_request(self, reader: asyncio.StreamReader) -> bytes:
         head = await reader.readuntil(b"\r\n\r\n")
         length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
@@ -111,11 +125,8 @@ async def test_a_chunked_reply_is_handed_on_piece_by_piece() -> None:
 
 
 async def test_a_connection_the_backend_closed_while_idle_is_replaced() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(reply(b"once"))  # keep-alive as far as the headers say, then closed: a keep-alive timeout
-
-    async with FakeServer(handler) as server:
+    # Keep-alive as far as the headers say, then closed: a keep-alive timeout.
+    async with FakeServer.answering(reply(b"once")) as server:
         pool = UpstreamPool()
         for _ in range(3):
             resp = await pool.post(server.url, "/x", HEADERS, b"{}")
@@ -162,12 +173,7 @@ async def test_a_backend_that_never_answers_times_out() -> None:
 
 
 async def test_a_reply_cut_off_mid_body_delivers_what_came_then_fails() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
-        await writer.drain()
-
-    async with FakeServer(handler) as server:
+    async with FakeServer.answering(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789") as server:
         pool = UpstreamPool()
         resp = await pool.post(server.url, "/x", HEADERS, b"{}")
         assert await resp.read_any() == b"0123456789"
@@ -178,11 +184,7 @@ async def test_a_reply_cut_off_mid_body_delivers_what_came_then_fails() -> None:
 
 
 async def test_a_body_without_length_runs_to_the_end_of_the_connection() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
-
-    async with FakeServer(handler) as server:
+    async with FakeServer.answering(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it") as server:
         pool = UpstreamPool()
         resp = await pool.post(server.url, "/x", HEADERS, b"{}")
         assert await resp.read() == b"all of it"
@@ -190,12 +192,7 @@ async def test_a_body_without_length_runs_to_the_end_of_the_connection() -> None
 
 
 async def test_an_interim_reply_is_skipped() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + reply(b"real"))
-        await reader.read()
-
-    async with FakeServer(handler) as server:
+    async with FakeServer.answering(b"HTTP/1.1 100 Continue\r\n\r\n" + reply(b"real"), hold_open=True) as server:
         pool = UpstreamPool()
         resp = await pool.post(server.url, "/x", HEADERS, b"{}")
         assert resp.status == 200 and await resp.read() == b"real"
@@ -203,12 +200,7 @@ async def test_an_interim_reply_is_skipped() -> None:
 
 
 async def test_a_malformed_reply_is_a_protocol_error() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
-        await reader.read()
-
-    async with FakeServer(handler) as server:
+    async with FakeServer.answering(b"NOT HTTP AT ALL\r\n\r\n", hold_open=True) as server:
         pool = UpstreamPool()
         with pytest.raises(ProtocolError):
             await pool.post(server.url, "/x", HEADERS, b"{}")
@@ -218,13 +210,7 @@ async def test_a_malformed_reply_is_a_protocol_error() -> None:
 async def test_a_slow_reader_pauses_the_socket_and_still_gets_every_byte() -> None:
     big = bytes(range(256)) * (12 * 1024 * 1024 // 256)  # 12 MiB, over the 4 MiB high-water mark
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(reply(big))
-        await writer.drain()
-        await reader.read()
-
-    async with FakeServer(handler) as server:
+    async with FakeServer.answering(reply(big), hold_open=True) as server:
         pool = UpstreamPool()
         resp = await pool.post(server.url, "/x", HEADERS, b"{}")
         await asyncio.sleep(0.5)  # the backend writes; nothing reads
@@ -243,12 +229,7 @@ async def test_https_backends_are_verified(tmp_path: Path) -> None:
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_tls.load_cert_chain(cert, key)
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await server.read_request(reader)
-        writer.write(reply(b"secure"))
-        await writer.drain()
-
-    async with FakeServer(handler, tls=server_tls) as server:
+    async with FakeServer.answering(reply(b"secure"), tls=server_tls) as server:
         https = server.url.replace("http://", "https://")
         trusting = UpstreamPool(ssl_context=ssl.create_default_context(cafile=str(cert)))
         resp = await trusting.post(https, "/x", HEADERS, b"{}")
