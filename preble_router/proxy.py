@@ -39,10 +39,10 @@ from preble_router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 log = logging.getLogger(__name__)
 
 # Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1), plus those the client recomputes.
-_HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                          "trailer", "transfer-encoding", "upgrade", "host", "content-length",
-                          "content-encoding", "accept-encoding", "expect"})
-_HOP_HEADERS_RAW = frozenset(name.encode() for name in _HOP_HEADERS)
+# Lowercase bytes, as ASGI and the upstream pool carry header names.
+_HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+                          b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
+                          b"content-encoding", b"accept-encoding", b"expect"})
 # What a forwarding attempt can fail with in transport.
 _TRANSPORT_ERRORS = (UpstreamError, TimeoutError)
 
@@ -484,7 +484,7 @@ def _forwarded_headers(client_headers: list[tuple[bytes, bytes]], backend_api_ke
     headers = []
     has_type = has_agent = False
     for name, value in client_headers:
-        if name in _HOP_HEADERS_RAW or (backend_api_key and name == b"authorization"):
+        if name in _HOP_HEADERS or (backend_api_key and name == b"authorization"):
             continue
         has_type = has_type or name == b"content-type"
         has_agent = has_agent or name == b"user-agent"
@@ -503,7 +503,7 @@ def _relayed_headers(backend_headers: list[tuple[bytes, bytes]], extra: dict[str
                      length: int | None = None) -> list[tuple[bytes, bytes]]:
     """A reply's headers as ASGI wants them, from the backend's raw ones (repeats such as Set-Cookie kept), plus
     the router's; the length of a whole reply."""
-    headers = [(name, value) for name, value in backend_headers if name.lower() not in _HOP_HEADERS_RAW]
+    headers = [(name, value) for name, value in backend_headers if name.lower() not in _HOP_HEADERS]
     headers += [(name.encode(), value.encode("latin-1")) for name, value in extra.items()]
     if length is not None:
         headers.append((b"content-length", b"%d" % length))
