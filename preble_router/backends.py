@@ -11,6 +11,7 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -39,6 +40,9 @@ class Backend:
     engine_waiting: int | None = None
     engine_pending_prefill_tokens: int | None = None
     load_source: str | None = None
+    # --kv-events auto: where its events come from is read from the engine (GET /kv_event_sources) once it answers.
+    kv_auto: bool = False
+    kv_problem: str | None = None  # why its events cannot be followed, or what is wrong with them
     last_error: str | None = None
     probed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -125,3 +129,18 @@ def mark_failure(backend: Backend, error: str) -> None:
     if backend.healthy:
         log.warning("backend %s marked down after a request failed: %s", backend.url, error)
     backend.healthy = False
+
+
+async def fetch_kv_event_sources(client: httpx.AsyncClient, backend: Backend, timeout: float = 5.0) -> Any:
+    """The engine's KV-event publisher config per DP rank (vLLM >= 0.32's GET /kv_event_sources); {} when the
+    server does not serve it (older vLLM, another server), None when the backend did not answer."""
+    try:
+        r = await client.get(f"{backend.url}/kv_event_sources", timeout=timeout)
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return {}
+    try:
+        return r.json()
+    except ValueError:
+        return {}

@@ -4,8 +4,14 @@ Three sources write it, each for the backends it owns:
 - confirmed blocks, from vLLM's KV-cache events (exact: the engine says what it stored and evicted);
 - estimated blocks, for backends without events: what the router sent there, LRU-bounded by the backend's
   capacity in blocks (recency kept per window of 16 prompt blocks);
-- predicted blocks, from the router's own decisions, with a short TTL, so that a burst sharing a new prefix
-  lands together before the engine's events arrive.
+- predicted blocks, from the router's own decisions, so that requests sharing a new prefix land together before
+  the engine's events arrive. A routed request's new blocks count as held from dispatch until the engine's
+  BlockStored confirms them, or until the request ended plus a short grace (`predicted_ttl`) for events still in
+  flight: a request waiting in a long engine queue keeps its prediction however long it waits.
+
+A backend is in one of two modes, switched at run time (`set_estimated`): events (confirmed + predicted blocks)
+or estimated. The router moves a backend to the estimate when its event stream goes silent, and back when events
+flow again (kv_events.KvEventSubscriber owns that decision; docs/design.md, "Event health").
 
 Keys are the router's own chained block keys (block_hash.py). The engine's hashes are kept only to map its
 BlockRemoved events back to our keys. Holders are bitmasks over small backend ids, so a lookup is
@@ -35,6 +41,19 @@ _U64 = (1 << 64) - 1
 # a block, the lookup ~15-30 us in all (16 took ~30 us less than 64 per 180-block prompt).
 _WALK = 16
 _WINDOW_BLOCKS = 16  # an estimated backend's LRU keeps prompt blocks in windows of this many
+# A prediction's value is its expiry time, or, while its request is in flight, a pin: _PIN_BASE plus the pin's
+# number. Pins are far in the future of any clock, so match() needs one comparison for both, and exact integers
+# in a float (below 2**53), so a request's release can tell its own pins from a later request's.
+_PIN_BASE = float(1 << 52)
+
+
+@dataclass(slots=True)
+class RoutedBlocks:
+    """The prediction one routed request holds on its backend (events mode): record_routed() -> release_routed()."""
+
+    backend_id: int
+    keys: Sequence[int]  # the request's keys beyond those already held there at dispatch
+    pin: float
 
 
 def engine_hash_to_int(h: int | bytes) -> int:
@@ -75,15 +94,17 @@ class CacheIndex:
     """
 
     def __init__(self, *, predicted_ttl: float = 3.0) -> None:
-        self.predicted_ttl = predicted_ttl
+        self.predicted_ttl = predicted_ttl  # the grace after a request ended, for its events still in flight
+        self._pins = 0
         self._backends: dict[int, _BackendEntry] = {}
         self._holders: list[U64Map] = []  # [g]: own key -> mask of backends 64g..64g+63 holding it
         self._engine_to_own = U64Map()
         self._extra_copies: dict[tuple[int, int], int] = {}  # (backend, key) -> copies beyond the first
-        # backend -> {key: expiry}: one bulk update per routed request; expired entries are ignored at lookup and
-        # purged once per TTL (a per-key expiry queue cost ~0.2 us a block, twice, on every request).
+        # backend -> {key: expiry or pin}: one bulk update per routed request; confirmed keys leave at their
+        # BlockStored, expired ones are ignored at lookup and purged once per grace period.
         self._predicted: dict[int, dict[int, float]] = {}
         self._next_purge = 0.0
+        self._last_now = 0.0  # the latest time match() or record_routed() was given
         # Called with (backend, own keys) whenever a backend stops holding blocks: BlockRemoved events,
         # AllBlocksCleared (and gaps/removal, which clear), estimated-LRU evictions. The router forwards it to
         # its policy (Policy.on_blocks_evicted), so the policy's usage history forgets what the engine dropped.
@@ -102,6 +123,36 @@ class CacheIndex:
         entry = self._backends[backend_id]
         entry.capacity_blocks = capacity_blocks
         self._evict_to_capacity(backend_id, entry)
+
+    def is_estimated(self, backend_id: int) -> bool:
+        entry = self._backends.get(backend_id)
+        return entry is not None and entry.estimated
+
+    def set_estimated(self, backend_id: int, estimated: bool) -> None:
+        """Switch a backend between events mode and the estimate.
+
+        To the estimate (its events went silent): what the index knew there stays, as the least recently used
+        windows, followed by its live predictions (requests still in flight), and the LRU bounds it from then on.
+        To events (events flow again): the estimate is dropped; the caller replays the engine's state into the
+        index (KvEventSubscriber resyncs from the replay socket)."""
+        entry = self._backends.get(backend_id)
+        if entry is None or entry.estimated == estimated:
+            return
+        if not estimated:
+            self.apply_cleared(backend_id)
+            entry.estimated, entry.windows = False, None
+            return
+        holders, bit = self._holders[backend_id >> 6], np.uint64(1 << (backend_id & 63))
+        keys, masks = holders.items()
+        held = keys[(masks & bit) != 0].tolist()
+        self._extra_copies = {bk: n for bk, n in self._extra_copies.items() if bk[0] != backend_id}
+        now_pred = self._predicted.pop(backend_id, {})
+        entry.estimated, entry.windows = True, OrderedDict()
+        for start in range(0, len(held), _WINDOW_BLOCKS):
+            window = held[start:start + _WINDOW_BLOCKS]
+            entry.windows[window[-1]] = array("Q", window)
+        live = [key for key, expiry in now_pred.items() if expiry > self._last_now]
+        self._record_estimated(backend_id, entry, live, 0)
 
     def remove_backend(self, backend_id: int) -> None:
         self.apply_cleared(backend_id)
@@ -153,6 +204,10 @@ class CacheIndex:
         for engine_hash, key in zip(block_hashes, own_keys):
             engine_to_own.put(engine_hash_to_int(engine_hash), key)
             self._add(backend_id, holders, bit, entry, key)
+        predicted = self._predicted.get(backend_id)
+        if predicted:  # confirmed: the prediction has done its job
+            for key in own_keys:
+                predicted.pop(key, None)
 
     def apply_removed(self, backend_id: int, block_hashes: list[int | bytes]) -> None:
         entry = self._backends.get(backend_id)
@@ -203,6 +258,7 @@ class CacheIndex:
     # ---- routing ----------------------------------------------------------------------------------
     def match(self, keys: Sequence[int], backend_ids: Iterable[int], now: float) -> dict[int, int]:
         """Leading blocks of `keys` each backend holds (confirmed, estimated or predicted)."""
+        self._last_now = now
         self._expire(now)
         alive = 0
         for b in backend_ids:
@@ -214,16 +270,37 @@ class CacheIndex:
                 self._match_group(holders, g << 6, group_alive, keys, now, result)
         return result
 
-    def record_routed(self, backend_id: int, keys: Sequence[int], now: float, held: int = 0) -> None:
+    def record_routed(self, backend_id: int, keys: Sequence[int], now: float, held: int = 0) -> RoutedBlocks | None:
         """A request with these prompt keys was sent to backend_id. `held`: how many leading keys match() just
-        found there (an estimated backend then only touches their windows)."""
+        found there (an estimated backend then only touches their windows; an events backend predicts the rest).
+
+        Events mode: returns the request's prediction, pinned until release_routed() (the request ended)."""
+        self._last_now = now
         entry = self._backends.get(backend_id)
         if entry is None or not keys:
-            return
+            return None
         if entry.estimated:
             self._record_estimated(backend_id, entry, keys, held)
+            return None
+        new = keys[held:] if held else keys
+        if not new:
+            return None
+        self._pins += 1
+        pin = _PIN_BASE + self._pins
+        self._predicted.setdefault(backend_id, {}).update(zip(new, repeat(pin)))
+        return RoutedBlocks(backend_id, new, pin)
+
+    def release_routed(self, routed: RoutedBlocks, now: float) -> None:
+        """The request ended: its blocks not yet confirmed stay predicted for the grace period only. Keys pinned
+        again by a later request keep that request's pin."""
+        predicted = self._predicted.get(routed.backend_id)
+        if not predicted:
             return
-        self._predicted.setdefault(backend_id, {}).update(zip(keys, repeat(now + self.predicted_ttl)))
+        pin, expiry = routed.pin, now + self.predicted_ttl
+        get = predicted.get
+        for key in routed.keys:
+            if get(key) == pin:
+                predicted[key] = expiry
 
     # ---- internals ----------------------------------------------------------------------------------
     def _match_group(self, holders: U64Map, base: int, alive: int, keys: Sequence[int], now: float,
@@ -371,7 +448,8 @@ class CacheIndex:
             self.on_evicted(backend_id, dropped)
 
     def _expire(self, now: float) -> None:
-        """Drop expired predictions, at most once per TTL: memory stays within two TTLs of routed blocks."""
+        """Drop expired predictions, at most once per grace period: memory stays within the keys of requests in
+        flight plus two grace periods of ended ones (pins never expire here)."""
         if now < self._next_purge:
             return
         self._next_purge = now + self.predicted_ttl

@@ -54,13 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None,
                    help="The model name clients send (default: what the backends' /v1/models reports first).")
     p.add_argument("--policy", default="preble", choices=sorted(POLICIES), help="Routing policy.")
-    p.add_argument("--kv-events", nargs="+", default=[], metavar="URL=ENDPOINT[|REPLAY]",
-                   help="vLLM KV-event ZMQ publisher (and optional replay endpoint) per backend, e.g. "
-                        "http://127.0.0.1:8001=tcp://127.0.0.1:5557|tcp://127.0.0.1:5558. Backends without "
-                        "one use an estimated index (what the router sent, LRU-bounded by capacity).")
+    p.add_argument("--kv-events", nargs="+", default=["auto"], metavar="auto|off|URL=ENDPOINT[|REPLAY]",
+                   help="Where each backend's vLLM KV events come from. 'auto': subscribe to what each engine "
+                        "advertises at GET /kv_event_sources (a wildcard host becomes the backend's host; also for "
+                        "backends found by discovery). 'off': no events. Or a ZMQ publisher (and optional replay "
+                        "endpoint) per backend, e.g. http://127.0.0.1:8001=tcp://127.0.0.1:5557|tcp://127.0.0.1:5558 "
+                        "(may be combined with auto). Backends without events use an estimated index (what the "
+                        "router sent, LRU-bounded by capacity).")
+    p.add_argument("--kv-events-silence", type=float, default=5.0,
+                   help="Seconds requests that store new blocks may wait for a KV event before that backend's "
+                        "events count as silent: a WARNING, the preble_kv_event_feed metric and /debug/backends "
+                        "say so, and the backend is routed on the estimated index until events flow again.")
     p.add_argument("--predicted-ttl", type=float, default=3.0,
-                   help="Seconds a routed request's blocks count as cached on its backend before the engine's "
-                        "events confirm them (so bursts sharing a new prefix land together).")
+                   help="A routed request's new blocks count as cached on its backend from dispatch until the "
+                        "engine's events confirm them, or until the request ends plus this many seconds (events "
+                        "still in flight).")
     pre = p.add_argument_group("preble policy (PREBLE_SPEC.md)")
     pre.add_argument("--preble-window", type=float, default=PrebleConfig.window,
                      help="H: seconds of history behind load, prefix-use and TTFT figures.")
@@ -148,9 +156,14 @@ def build_policy(args: argparse.Namespace) -> Policy:
 
 def build_proxy(args: argparse.Namespace) -> Proxy:
     tokenizer = PromptTokenizer(args.tokenizer or args.model)
+    modes = {m for m in args.kv_events if m in ("auto", "off")}
+    if modes == {"auto", "off"}:
+        raise SystemExit("--kv-events: 'auto' and 'off' exclude each other")
     router = Router(model=args.served_model_name or args.model, tokenizer=tokenizer,
-                    policy=build_policy(args), predicted_ttl=args.predicted_ttl)
-    kv = {url: (endpoint, replay) for url, endpoint, replay in map(parse_kv_source, args.kv_events)}
+                    policy=build_policy(args), predicted_ttl=args.predicted_ttl, kv_events_auto="auto" in modes,
+                    events_silence=args.kv_events_silence)
+    kv = {url: (endpoint, replay)
+          for url, endpoint, replay in map(parse_kv_source, [m for m in args.kv_events if m not in modes])}
     backends = _split_list(args.backends)
     unknown = set(kv) - {b.rstrip("/") for b in backends}
     if unknown:

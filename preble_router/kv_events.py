@@ -11,11 +11,18 @@ Wire format (VLLM_NOTES.md section 2):
 The index fed by the sink must never claim blocks the engine no longer holds, so whenever the event
 stream cannot be made whole (engine restart, unrepairable gap) we tell the sink to forget the backend;
 under-knowledge only costs routing quality and predicted state rebuilds it.
+
+Feed health (docs/design.md, "Event health"): a subscriber is CONNECTING until the engine answers (a replay
+or a live batch), then FLOWING. It turns SILENT when requests that must make the engine store new blocks were
+routed there `silence_after` seconds ago and no live batch came since: the engine's publisher is unreachable or
+stopped. The router then routes that backend on its estimate (what it sent there) and says so (a WARNING, a
+metric, /debug/backends); the next live batch resyncs from the replay socket and switches back to events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -57,6 +64,12 @@ class KvEventSink(Protocol):
     def apply_cleared(self, backend_id: int) -> None: ...  # drop everything known for this backend
 
 
+class FeedState(str, enum.Enum):
+    CONNECTING = "connecting"  # nothing heard from the engine yet: the backend is routed on the estimate
+    FLOWING = "flowing"  # the index follows the engine's events
+    SILENT = "silent"  # events stopped while requests needed them: routed on the estimate until they resume
+
+
 @dataclass
 class KvEventStats:
     """Counters for one backend's event stream; plain attributes, updated in place by the subscriber."""
@@ -78,6 +91,10 @@ class KvEventStats:
     last_seq: int | None = None
     last_event_time: float | None = None  # time.monotonic() of the last applied batch
     last_batch_ts: float | None = None  # engine wall-clock ts of the last applied batch
+    last_live_time: float | None = None  # time.monotonic() of the last live (not replayed) batch
+    replay_ok: bool | None = None  # the last replay request was answered (None: none sent yet)
+    routed_since_event: int = 0  # requests that must store new blocks, routed there since the last live batch
+    silences: int = 0  # times the feed went SILENT
 
 
 class KvEventSubscriber:
@@ -85,7 +102,11 @@ class KvEventSubscriber:
 
     def __init__(self, backend_id: int, endpoint: str, sink: KvEventSink, *, replay_endpoint: str | None = None,
                  topic: str = "", ctx: zmq.asyncio.Context | None = None, replay_timeout: float = 2.0,
-                 gpu_only: bool = True) -> None:
+                 gpu_only: bool = True, silence_after: float = 5.0,
+                 on_feed_change: Callable[[int, bool], None] | None = None) -> None:
+        """on_feed_change(backend_id, flowing) is called when the index should switch modes: flowing=True just
+        before the engine's state is (re)applied from a replay or a first live batch, False when the feed went
+        silent."""
         self.backend_id = backend_id
         self.endpoint = endpoint
         self.replay_endpoint = replay_endpoint
@@ -102,6 +123,12 @@ class KvEventSubscriber:
         self._last_payload: bytes | None = None  # lets a replay prove it comes from the same engine
         self._synced_upto: int | None = None  # live batches up to this seq were applied by the initial replay
         self._task: asyncio.Task | None = None
+        self.silence_after = silence_after
+        self.on_feed_change = on_feed_change
+        self.state = FeedState.CONNECTING
+        self._awaiting_since: float | None = None  # dispatch time of the oldest request awaiting a live batch
+        self._started = time.monotonic()
+        self._warned_unreachable = False
 
     def start(self) -> asyncio.Task:
         if self._task is None or self._task.done():
@@ -150,10 +177,60 @@ class KvEventSubscriber:
 
     # ---- live stream -------------------------------------------------------------------------------
 
+    # ---- feed health ----------------------------------------------------------------------------------
+
+    def note_routed(self, now: float) -> None:
+        """A request that will make the engine store new blocks was routed to this backend (events expected)."""
+        self.stats.routed_since_event += 1
+        if self._awaiting_since is None:
+            self._awaiting_since = now
+
+    def check(self, now: float) -> FeedState:
+        """Re-evaluate the feed (the router's health loop calls this): FLOWING turns SILENT once requests have
+        waited silence_after seconds for a live batch. Warns once when nothing accepts the SUB connection."""
+        waited = None if self._awaiting_since is None else now - self._awaiting_since
+        if not self.stats.connected and not self._warned_unreachable and (
+                time.monotonic() - self._started >= self.silence_after or (waited or 0.0) >= self.silence_after):
+            self._warned_unreachable = True
+            logger.warning(
+                "kv events backend %d: nothing accepts connections at %s. vLLM's publisher binds only when its "
+                "endpoint has '*' (\"endpoint\": \"tcp://*:5557\" in --kv-events-config); with a plain "
+                "tcp://HOST:PORT it connects instead and no subscriber can reach it. Routing this backend on the "
+                "estimated index meanwhile.", self.backend_id, self.endpoint)
+        if self.state is not FeedState.SILENT and waited is not None and waited >= self.silence_after:
+            self.state = FeedState.SILENT
+            self.stats.silences += 1
+            logger.warning(
+                "kv events backend %d: no event from %s for %.1f s while %d requests that store new blocks were "
+                "routed there; routing it on the estimated index until events flow again (is the engine's "
+                "publisher reachable? --kv-events-config's endpoint must bind, e.g. tcp://*:5557)",
+                self.backend_id, self.endpoint, waited, self.stats.routed_since_event)
+            self._feed_changed(False)
+        return self.state
+
+    def _feed_changed(self, flowing: bool) -> None:
+        if self.on_feed_change is not None:
+            try:
+                self.on_feed_change(self.backend_id, flowing)
+            except Exception:
+                logger.exception("kv events backend %d: feed change callback failed", self.backend_id)
+
+    def _flowing(self) -> None:
+        """The engine answered: from here on the index follows its events (the caller applies its state next)."""
+        if self.state is FeedState.FLOWING:
+            return
+        if self.state is FeedState.SILENT:
+            logger.warning("kv events backend %d: events flow again from %s; resyncing from the replay socket and "
+                           "routing on events", self.backend_id, self.endpoint)
+        self.state = FeedState.FLOWING
+        self._feed_changed(True)
+
     async def _initial_sync(self) -> None:
         """Learn what the engine already caches before any new event: another router that started earlier,
         or an idle engine, must not leave this index empty until the engine's next step."""
         got = await self._replay(0, 1 << 63)
+        if got is not None:
+            self._flowing()
         if got:
             await self._apply_replayed(got, sorted(got))
             self._synced_upto = self.stats.last_seq
@@ -170,8 +247,17 @@ class KvEventSubscriber:
             if seq <= self._synced_upto:
                 return  # queued while the initial replay ran: already applied from it
             self._synced_upto = None
+        if self.state is not FeedState.FLOWING:
+            if self.state is FeedState.SILENT:
+                # The index switches back from its estimate with nothing known: learn the engine's whole state
+                # again (replay from 0), as for a subscriber that joins late.
+                self.stats.last_seq, self._last_payload = None, None
+            self._flowing()
         await self._catch_up(seq)
         self._apply_batch(seq, payload, replayed=False)
+        self._awaiting_since = None
+        self.stats.routed_since_event = 0
+        self.stats.last_live_time = self.stats.last_event_time
 
     async def _catch_up(self, seq: int) -> None:
         """Bring the sink up to date with everything before live batch `seq`."""
@@ -236,12 +322,14 @@ class KvEventSubscriber:
                     continue
                 seq_bytes, payload = frames
                 if seq_bytes == END_SEQ:
+                    self.stats.replay_ok = True
                     return got
                 seq = int.from_bytes(seq_bytes, "big")
                 if start <= seq < end:
                     got[seq] = payload
         except asyncio.TimeoutError:
             self.stats.replay_failures += 1
+            self.stats.replay_ok = False
             logger.warning("kv events backend %d: replay from %d timed out", self.backend_id, start)
             self._close_dealer()  # late replies die with the socket
             return None
@@ -349,3 +437,59 @@ def _tune(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX_MS)
     sock.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
+
+
+@dataclass(frozen=True, slots=True)
+class AdvertisedFeed:
+    """Where to subscribe to one engine's events, from what its API server advertises (GET /kv_event_sources)."""
+
+    endpoint: str | None  # None: nothing to subscribe to (see problem)
+    publishes: bool = True  # False: the engine has KV events off (a choice, not a fault)
+    replay_endpoint: str | None = None
+    topic: str = ""
+    problem: str | None = None  # why not, or what is wrong, in words a user can act on
+
+
+def _bind_host_for_subscriber(endpoint: str, host: str) -> tuple[str | None, str | None]:
+    """(address a subscriber connects to, problem) for an endpoint the engine uses. The engine binds when its
+    endpoint has '*' or '::' or is ipc:// / inproc:// (vllm ZmqEventPublisher); a wildcard host becomes the
+    backend's host. A plain tcp://HOST:PORT makes the engine connect, so nothing listens there."""
+    if endpoint.startswith("ipc://"):
+        local = host in ("127.0.0.1", "localhost", "::1")
+        return endpoint, None if local else f"{endpoint} is a local socket on the engine's host"
+    if endpoint.startswith("inproc://"):
+        return None, f"{endpoint} is inside the engine's process"
+    scheme, sep, rest = endpoint.partition("://")
+    if scheme != "tcp" or not sep:
+        return None, f"unsupported endpoint {endpoint!r}"
+    addr, _, port = rest.rpartition(":")
+    if addr in ("*", "[::]", "::", "0.0.0.0", "[*]"):
+        bracketed = f"[{host}]" if ":" in host else host
+        return f"tcp://{bracketed}:{port}", None
+    if "*" in addr or "::" in addr:
+        return f"tcp://{host}:{port}", None
+    return None, (f"the engine connects to {endpoint} instead of binding it (an endpoint without '*'), so no "
+                  f"subscriber can reach it; start vLLM with \"endpoint\": \"tcp://*:{port or 5557}\" in "
+                  f"--kv-events-config")
+
+
+def advertised_feed(sources: Any, backend_host: str) -> AdvertisedFeed:
+    """The feed to follow for a backend from its /kv_event_sources reply ({dp_rank: KVEventsConfig})."""
+    if not isinstance(sources, dict) or not sources:
+        return AdvertisedFeed(None, False, problem="the engine publishes no KV events (start vLLM with "
+                              "--kv-events-config '{\"enable_kv_cache_events\":true,\"publisher\":\"zmq\","
+                              "\"endpoint\":\"tcp://*:5557\",\"replay_endpoint\":\"tcp://*:5558\"}')")
+    ranks = sorted(sources, key=lambda r: int(r) if str(r).isdigit() else 0)
+    config = sources[ranks[0]]
+    if not isinstance(config, dict) or not config.get("enable_kv_cache_events") or \
+            config.get("publisher") not in (None, "zmq"):
+        return advertised_feed({}, backend_host)
+    endpoint, problem = _bind_host_for_subscriber(str(config.get("endpoint") or "tcp://*:5557"), backend_host)
+    replay = config.get("replay_endpoint")
+    replay_addr = _bind_host_for_subscriber(str(replay), backend_host)[0] if replay else None
+    if len(ranks) > 1 and problem is None:
+        problem = (f"{len(ranks)} data-parallel engines share this API server; following rank {ranks[0]} only "
+                   "(give each rank its own backend URL to route on all of them)")
+    topic = config.get("topic")
+    return AdvertisedFeed(endpoint, True, replay_addr if endpoint else None, topic if isinstance(topic, str) else "",
+                          problem)

@@ -35,6 +35,7 @@ class InFlight:
     done: bool = False
     route: Any = None  # the policy's view of the request (RouteRequest), for its callbacks
     backend: Any = None  # the Backend it was sent to, to tell a departed backend from a reused id
+    predicted: Any = None  # its blocks predicted on that backend (cache_index.RoutedBlocks), released when it ends
 
 
 class LoadTracker:

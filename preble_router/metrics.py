@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from preble_router.kv_events import FeedState
+
 if TYPE_CHECKING:
     from preble_router.router import Router
 
@@ -34,6 +36,12 @@ STATE_GAUGES: dict[str, tuple[str, tuple[str, ...], bool, str]] = {
     "preble_kv_events": ("KV events applied", ("backend",), True, "livemax"),
     "preble_kv_event_gaps": ("Sequence gaps in a KV-event stream", ("backend",), True, "livemax"),
     "preble_kv_event_resets": ("Index resets (engine restart / unrepairable gap)", ("backend",), True, "livemax"),
+    "preble_kv_event_silences": ("Times a backend's KV events went silent while requests needed them",
+                                 ("backend",), True, "livemax"),
+    "preble_kv_event_feed": ("1 for the state of a backend's KV-event feed (connecting, flowing, silent)",
+                             ("backend", "state"), False, "livemax"),
+    "preble_cache_index_estimated": ("1 if the backend is routed on the estimated index (no or silent KV events)",
+                                     ("backend",), False, "livemax"),
 }
 
 
@@ -52,11 +60,15 @@ def state_values(router: Router) -> Iterator[tuple[str, tuple[str, ...], float]]
         yield "preble_cache_index_orphan_blocks", (b.url,), router.index.orphan_blocks(b.backend_id)
         if b.engine_waiting is not None:
             yield "preble_backend_engine_waiting", (b.url, b.load_source or ""), b.engine_waiting
+        yield "preble_cache_index_estimated", (b.url,), 1.0 if router.index.is_estimated(b.backend_id) else 0.0
         sub = router.subscriber(b.backend_id)
         if sub is not None:
             yield "preble_kv_events", (b.url,), sub.stats.events
             yield "preble_kv_event_gaps", (b.url,), sub.stats.gaps
             yield "preble_kv_event_resets", (b.url,), sub.stats.resets
+            yield "preble_kv_event_silences", (b.url,), sub.stats.silences
+            for state in FeedState:
+                yield "preble_kv_event_feed", (b.url, state.value), 1.0 if sub.state is state else 0.0
 
 
 class RouterMetrics:

@@ -29,6 +29,7 @@ from starlette.routing import Route
 from preble_router.backends import Backend, mark_failure, probe_backend
 from preble_router.discovery import Discovery
 from preble_router.errors import error_response, sse_error_event
+from preble_router.kv_events import KvEventSubscriber
 from preble_router.load import InFlight
 from preble_router.metrics import RouterMetrics
 from preble_router.policies import Decision
@@ -153,6 +154,7 @@ class Proxy:
             await asyncio.sleep(self.config.health_interval)
             try:
                 await self.router.probe_all(self.client)
+                self.router.check_event_feeds()
             except Exception:  # a probe bug must never stop health checking
                 log.exception("health probe failed")
             self.metrics.publish_state()
@@ -212,7 +214,20 @@ class Proxy:
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    @staticmethod
+    def _feed_view(backend: Backend, sub: KvEventSubscriber | None, now: float) -> dict[str, Any] | None:
+        if sub is None:
+            return {"state": "auto_pending", "problem": backend.kv_problem} if backend.kv_auto else (
+                {"state": "none", "problem": backend.kv_problem} if backend.kv_problem else None)
+        st = sub.stats
+        return {"state": sub.state.value, "endpoint": sub.endpoint, "replay_endpoint": sub.replay_endpoint,
+                "connected": st.connected, "replay_ok": st.replay_ok, "events": st.events, "batches": st.batches,
+                "last_event_age_s": None if st.last_live_time is None else round(now - st.last_live_time, 3),
+                "routed_since_event": st.routed_since_event, "silences": st.silences, "gaps": st.gaps,
+                "resets": st.resets, "last_seq": st.last_seq, "problem": backend.kv_problem}
+
     async def debug_backends(self, request: Request) -> Response:
+        now = time.monotonic()
         out = []
         for b in self.router.backends.values():
             load = self.router.load.get(b.backend_id)
@@ -224,9 +239,8 @@ class Proxy:
                 "indexed_blocks": self.router.index.blocks_held(b.backend_id),
                 "engine_load": {"source": b.load_source, "running": b.engine_running, "waiting": b.engine_waiting,
                                 "pending_prefill_tokens": b.engine_pending_prefill_tokens},
-                "kv_events": None if sub is None else {
-                    "events": sub.stats.events, "gaps": sub.stats.gaps, "resets": sub.stats.resets,
-                    "last_seq": sub.stats.last_seq},
+                "index": "estimated" if self.router.index.is_estimated(b.backend_id) else "events",
+                "kv_events": self._feed_view(b, sub, now),
             })
         return JSONResponse({"policy": self.router.policy.name, "backends": out})
 

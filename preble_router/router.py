@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from preble_router.backends import Backend, probe_backend
+from urllib.parse import urlsplit
+
+from preble_router.backends import Backend, fetch_kv_event_sources, probe_backend
 from preble_router.block_hash import BlockKeyCache, chain_root
 from preble_router.cache_index import CacheIndex
-from preble_router.kv_events import KvEventSubscriber
+from preble_router.kv_events import KvEventSubscriber, advertised_feed
 from preble_router.load import InFlight, LoadTracker
 from preble_router.policies import BackendState, ClusterSnapshot, Decision, Policy, RouteRequest
 
@@ -56,8 +58,16 @@ class Router:
         policy: Policy,
         predicted_ttl: float = 3.0,
         clock: Callable[[], float] = time.monotonic,
+        kv_events_auto: bool = False,
+        events_silence: float = 5.0,
     ) -> None:
+        """predicted_ttl: seconds a request's predicted blocks outlive the request (events still in flight).
+        kv_events_auto: backends given no event endpoint subscribe to what the engine advertises.
+        events_silence: seconds requests may wait for a live KV event before the backend's feed counts as silent
+        and it is routed on the estimate."""
         self.model = model
+        self.kv_events_auto = kv_events_auto
+        self.events_silence = events_silence
         self.tokenizer = tokenizer
         self.policy = policy
         self.clock = clock
@@ -72,26 +82,73 @@ class Router:
     # ---- backends -------------------------------------------------------------------------------
     def add_backend(self, url: str, kv_endpoint: str | None = None, replay_endpoint: str | None = None, *,
                     external_events: bool = False) -> Backend:
-        """Register a backend. Its blocks come from its KV events (kv_endpoint, or fed to self.index by the
-        caller when external_events, as the simulator does), else from the router's own estimate."""
+        """Register a backend. Its blocks come from its KV events (kv_endpoint; or, with kv_events_auto, the
+        endpoint the engine advertises; or fed to self.index by the caller when external_events, as the simulator
+        does), else from the router's own estimate. A backend with events is routed on the estimate until they
+        flow (KvEventSubscriber's feed state)."""
         url = url.rstrip("/")
         for b in self.backends.values():
             if b.url == url:
                 return b
         backend_id = min(set(range(len(self.backends) + 1)) - set(self.backends))
-        backend = Backend(backend_id, url, kv_endpoint, replay_endpoint)
+        backend = Backend(backend_id, url, kv_endpoint, replay_endpoint,
+                          kv_auto=self.kv_events_auto and kv_endpoint is None and not external_events)
         self.backends[backend_id] = backend
-        self.index.add_backend(backend_id, model=self.model, estimated=kv_endpoint is None and not external_events,
-                               capacity_blocks=None)
+        self.index.add_backend(backend_id, model=self.model, estimated=not external_events, capacity_blocks=None)
         self.load.add_backend(backend_id)
         if kv_endpoint:
-            sub = KvEventSubscriber(backend_id, kv_endpoint, self.index, replay_endpoint=replay_endpoint)
-            self._subscribers[backend_id] = sub
-            try:
-                sub.start()
-            except RuntimeError:  # no running loop yet: start_event_consumers() will do it
-                pass
+            self._subscribe(backend, kv_endpoint, replay_endpoint)
         return backend
+
+    def _subscribe(self, backend: Backend, endpoint: str, replay_endpoint: str | None, topic: str = "") -> None:
+        backend.kv_endpoint, backend.replay_endpoint = endpoint, replay_endpoint
+        sub = KvEventSubscriber(backend.backend_id, endpoint, self.index, replay_endpoint=replay_endpoint,
+                                topic=topic, silence_after=self.events_silence, on_feed_change=self._feed_changed)
+        self._subscribers[backend.backend_id] = sub
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no running loop yet: start_event_consumers() will start it
+            return
+        sub.start()
+
+    def _feed_changed(self, backend_id: int, flowing: bool) -> None:
+        """A backend's event feed started or stopped: its index entry follows events or the estimate."""
+        if backend_id in self.backends:
+            self.index.set_estimated(backend_id, not flowing)
+
+    async def discover_kv_events(self, client: httpx.AsyncClient, backend: Backend) -> None:
+        """--kv-events auto: subscribe to what the engine advertises, once it answers."""
+        sources = await fetch_kv_event_sources(client, backend)
+        if sources is None or not backend.kv_auto or backend.backend_id in self._subscribers:
+            return  # no answer yet (next probe), or settled meanwhile
+        backend.kv_auto = False
+        feed = advertised_feed(sources, urlsplit(backend.url).hostname or "127.0.0.1")
+        backend.kv_problem = feed.problem
+        if feed.endpoint is None:
+            # An engine without events is a choice (INFO); one whose events cannot be reached is a mistake.
+            log.log(logging.WARNING if feed.publishes else logging.INFO, "backend %s: routed on the estimated index: %s", backend.url, feed.problem)
+            return
+        if feed.problem:
+            log.warning("backend %s: %s", backend.url, feed.problem)
+        log.info("backend %s: following its KV events at %s (replay %s)", backend.url, feed.endpoint,
+                 feed.replay_endpoint)
+        self._subscribe(backend, feed.endpoint, feed.replay_endpoint, feed.topic)
+
+    def check_event_feeds(self) -> None:
+        """Re-evaluate every event feed (the health loop calls this): silent feeds fall back to the estimate."""
+        now = self.clock()
+        for backend_id, sub in self._subscribers.items():
+            backend = self.backends.get(backend_id)
+            if backend is not None and backend.healthy:
+                sub.check(now)
+
+    def feed_state(self, backend_id: int) -> str:
+        """How the index knows a backend's blocks: a FeedState value, "external" (fed by the caller) or
+        "estimated" (no events configured)."""
+        sub = self._subscribers.get(backend_id)
+        if sub is not None:
+            return sub.state.value
+        return "estimated" if self.index.is_estimated(backend_id) else "external"
 
     async def remove_backend(self, url: str) -> None:
         for backend_id, b in list(self.backends.items()):
@@ -114,6 +171,7 @@ class Router:
         for sub in self._subscribers.values():
             sub.start()
 
+
     async def stop(self) -> None:
         for sub in self._subscribers.values():
             await sub.stop()
@@ -126,6 +184,9 @@ class Router:
         for b in self.backends.values():
             if b.capacity_blocks is not None:
                 self.index.set_capacity(b.backend_id, b.capacity_blocks)
+        pending = [b for b in self.backends.values() if b.kv_auto and b.healthy]
+        if pending:
+            await asyncio.gather(*(self.discover_kv_events(client, b) for b in pending))
 
     def healthy(self) -> list[Backend]:
         return [b for b in self.backends.values() if b.healthy]
@@ -215,10 +276,13 @@ class Router:
         # Blocks match() found there a moment ago: an estimated backend then only touches them.
         matched = prepared.snapshot.by_id(decision.backend_id).matched_tokens
         held = matched // backend.block_size if backend.block_size else 0
-        self.index.record_routed(decision.backend_id, keys, now, held)
+        predicted = self.index.record_routed(decision.backend_id, keys, now, held)
+        if len(keys) > held and (sub := self._subscribers.get(decision.backend_id)) is not None:
+            sub.note_routed(now)  # new blocks there: their BlockStored events are due
         inflight = self.load.begin(decision.backend_id, len(prepared.tokens) - decision.matched_tokens, now)
         inflight.route = route
         inflight.backend = backend
+        inflight.predicted = predicted
         return inflight
 
     def _still_there(self, inflight: InFlight) -> bool:
@@ -235,4 +299,6 @@ class Router:
         now = self.clock()
         if not inflight.done and self._still_there(inflight):
             self.policy.on_finished(inflight.route, inflight.backend_id, now, output_tokens, ok)
+            if inflight.predicted is not None:
+                self.index.release_routed(inflight.predicted, now)
         self.load.finish(inflight, now, ok=ok, output_tokens=output_tokens)

@@ -75,21 +75,63 @@ def test_salt_changes_namespace():
     assert index.match(hash_blocks(list(range(4)), BS, chain_root("m", cache_salt="tenantA")), [0], 0.0) == {0: 1}
 
 
-def test_predicted_blocks_expire():
-    index = make()
+def test_predicted_blocks_expire_a_grace_after_their_request_ended():
+    index = make()  # grace (predicted_ttl) 2 s
     keys = hash_blocks(list(range(8)), BS, ROOT)
-    index.record_routed(1, keys, now=10.0)
+    routed = index.record_routed(1, keys, now=10.0)
     assert index.match(keys, [0, 1], now=11.0) == {0: 0, 1: 2}
-    assert index.match(keys, [0, 1], now=12.5) == {0: 0, 1: 0}
+    assert index.match(keys, [0, 1], now=100.0) == {0: 0, 1: 2}  # still in flight (queued): still predicted
+    index.release_routed(routed, now=100.0)
+    assert index.match(keys, [0, 1], now=101.5) == {0: 0, 1: 2}
+    assert index.match(keys, [0, 1], now=102.5) == {0: 0, 1: 0}
     assert index.blocks_held(1) == 0  # predictions are not confirmed blocks
 
 
-def test_prediction_renewed_is_not_expired_by_older_entry():
+def test_prediction_pinned_again_outlives_the_earlier_release():
     index = make()
     keys = hash_blocks(list(range(4)), BS, ROOT)
-    index.record_routed(0, keys, now=0.0)
-    index.record_routed(0, keys, now=1.5)
-    assert index.match(keys, [0], now=2.5) == {0: 1}
+    first = index.record_routed(0, keys, now=0.0)
+    index.record_routed(0, keys, now=1.5)  # a second request of the same new prefix, before any event
+    index.release_routed(first, now=2.0)
+    assert index.match(keys, [0], now=50.0) == {0: 1}  # the second one is still in flight
+
+
+def test_confirmed_blocks_leave_the_predictions():
+    index = make()
+    tokens = list(range(2 * BS))
+    keys = hash_blocks(tokens, BS, ROOT)
+    routed = index.record_routed(0, keys, now=0.0)
+    stored(index, 0, tokens, [11, 12])
+    index.apply_removed(0, [11, 12])  # the engine evicted them after they were confirmed
+    assert index.match(keys, [0], now=1.0) == {0: 0}
+    index.release_routed(routed, now=1.0)  # nothing left to keep for the grace either
+    assert index.match(keys, [0], now=1.5) == {0: 0}
+
+
+def test_held_keys_are_not_predicted_again():
+    index = make()
+    tokens = list(range(3 * BS))
+    keys = hash_blocks(tokens, BS, ROOT)
+    stored(index, 0, tokens[:BS], [11])
+    routed = index.record_routed(0, keys, now=0.0, held=1)
+    assert list(routed.keys) == keys[1:]
+    assert index.record_routed(0, keys[:1], now=0.0, held=1) is None  # nothing new: no prediction
+
+
+def test_switch_to_estimate_keeps_what_was_known_and_back_clears_it():
+    index = make(capacity=None)
+    tokens = list(range(4 * BS))
+    keys = hash_blocks(tokens, BS, ROOT)
+    stored(index, 0, tokens[:2 * BS], [11, 12])
+    index.record_routed(0, keys, now=0.0, held=2)  # blocks 3-4 predicted (in flight)
+    assert index.match(keys, [0], now=0.5) == {0: 4}
+    index.set_estimated(0, True)  # events went silent
+    assert index.is_estimated(0)
+    assert index.match(keys, [0], now=100.0) == {0: 4}  # confirmed and in-flight blocks carried into the estimate
+    assert index.blocks_held(0) == 4
+    index.set_estimated(0, False)  # events flow again: the engine's state is replayed from scratch
+    assert not index.is_estimated(0)
+    assert index.match(keys, [0], now=100.0) == {0: 0} and index.blocks_held(0) == 0
 
 
 def test_estimated_mode_is_lru_bounded():
@@ -180,7 +222,8 @@ class Model:
         self.pred: dict[tuple[int, int], float] = {}
 
     def holds(self, b, key, now):
-        return self.copies[b][key] > 0 or key in self.owner.get(b, ()) or self.pred.get((b, key), now) > now
+        p = self.pred.get((b, key), now)
+        return self.copies[b][key] > 0 or key in self.owner.get(b, ()) or not isinstance(p, float) or p > now
 
     def match(self, keys, backends, now):
         return {b: next((i for i, k in enumerate(keys) if not self.holds(b, k, now)), len(keys)) for b in backends}
@@ -199,9 +242,22 @@ class Model:
             while len(owner) > self.capacity[b] and windows:
                 for k in windows.popitem(last=False)[1]:
                     del owner[k]
-        else:
+        elif keys:  # pinned (inf) by this request until it ends
+            pin = object()
             for k in keys:
+                self.pred[(b, k)] = pin
+            return (b, keys, pin)
+        return None
+
+    def released(self, handle, now):
+        b, keys, pin = handle
+        for k in keys:
+            if self.pred.get((b, k)) is pin:
                 self.pred[(b, k)] = now + self.ttl
+
+    def confirmed(self, b, keys):
+        for k in keys:
+            self.pred.pop((b, k), None)
 
     def cleared(self, b):
         self.copies[b].clear()
@@ -232,6 +288,7 @@ def test_random_events_and_requests_match_the_model(ids):
     docs = [shared[: rng.randrange(0, 600) * BS] + [rng.randrange(1000) for _ in range(rng.randrange(1, 300) * BS)]
             for _ in range(8)]
     now = 0.0
+    in_flight: list = []
     for step in range(600):
         now += rng.random() * 0.3
         doc = rng.choice(docs)
@@ -247,6 +304,7 @@ def test_random_events_and_requests_match_the_model(ids):
             index.apply_stored(b, [eh(b, k) for k in keys[i0:i1]], parent, doc[i0 * BS:i1 * BS], BS, None, None)
             for k in keys[i0:i1]:
                 model.copies[b][k] += 1
+            model.confirmed(b, keys[i0:i1])
         elif op < 0.65:  # remove some blocks, held or not
             gone = rng.sample(keys, rng.randrange(1, min(len(keys), 80) + 1))
             index.apply_removed(b, [eh(b, k) for k in gone])
@@ -263,8 +321,15 @@ def test_random_events_and_requests_match_the_model(ids):
             backends = rng.sample(ids, rng.randrange(1, 5))
             assert index.match(prompt, backends, now) == model.match(prompt, backends, now)
             target = rng.choice((b0, b1, b2, est))
-            index.record_routed(target, prompt, now)
-            model.routed(target, prompt, now)
+            routed = index.record_routed(target, prompt, now)
+            handle = model.routed(target, prompt, now)
+            assert (routed is None) == (handle is None)
+            if routed is not None:
+                in_flight.append((routed, handle))
+            if in_flight and rng.random() < 0.5:  # a request ends
+                routed, handle = in_flight.pop(rng.randrange(len(in_flight)))
+                index.release_routed(routed, now)
+                model.released(handle, now)
         if step % 50 == 0:
             for b in ids:
                 assert index.blocks_held(b) == len(model.held(b))
