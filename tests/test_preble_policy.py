@@ -341,8 +341,9 @@ def test_rebalancing_never_moves_a_group_whose_recompute_exceeds_its_recurring_l
     last = _rebalance_workload(p)
     assert last["doc"] == 0  # 200 blocks to recompute on backend 1 for a few short questions: stays
     assert any(last[g] == 1 for g in range(4))  # cheap tool groups still move
-    for node, target, _ in p._moved.values():
-        assert p.config.rebalance_recompute * p.recompute_ms(node, target) <= p._group_load[0][id(node)][2] + 1e-9
+    for move in p._moved.values():
+        assert (p.config.rebalance_recompute * p.recompute_ms(move.group, move.target)
+                <= p._group_load[0][id(move.group)].recurring_ms + 1e-9)
 
 
 def test_paper_rebalancing_moves_the_long_group_too():
@@ -356,8 +357,8 @@ def test_recurring_load_excludes_the_groups_own_cold_prefill():
     doc = list(range(100))
     send(p, request("cold", doc + [5000], prompt_tokens=101 * BS + 1, max_tokens=10), snap(0, backend(0), backend(1)))
     slot = next(iter(p._group_load[0].values()))
-    assert slot[0] > p.time.prefill_ms(100 * BS, 100 * BS)  # the window load counts the cold prefill
-    assert slot[2] < slot[0] / 10  # the recurring load does not: a move would not save it
+    assert slot.ms > p.time.prefill_ms(100 * BS, 100 * BS)  # the window load counts the cold prefill
+    assert slot.recurring_ms < slot.ms / 10  # the recurring load does not: a move would not save it
 
 
 def test_recompute_counts_only_what_the_light_backend_lacks():

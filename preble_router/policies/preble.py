@@ -23,10 +23,12 @@ Pure: no I/O, no clock (time comes in the snapshot and the callbacks).
 
 from __future__ import annotations
 
+import heapq
 import math
 import statistics
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from itertools import count
 
 from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, RouteRequest
 from preble_router.policies.prefix_tree import Node, PrefixTree
@@ -78,18 +80,157 @@ class PrebleConfig:
     rebalance_interval: float = 1.0  # seconds between rebalancing checks
 
 
+# M walks a backend's LRU from its oldest prefix group; past this many groups it stops and charges the blocks
+# still to free at the mean value per block of the groups walked, so a decision costs the same however many groups
+# the window holds.
+_EVICTION_WALK = 64
+
+
+@dataclass(slots=True)
+class _LoadEntry:
+    """One request's compute in its backend's load window (L over H); the cost is corrected when it ends."""
+
+    time: float
+    cost_ms: float
+
+
+@dataclass(slots=True)
+class _GroupLoad:
+    """A prefix group's share of one backend's load, fading with time constant H/2."""
+
+    group: Node
+    ms: float = 0.0  # all the compute its requests sent there
+    recurring_ms: float = 0.0  # what a move would save: that compute less (re)computing the group's own prefix
+
+
+@dataclass(slots=True)
+class _Move:
+    """Rebalancing sent a prefix group's exploits to `target` until `until`."""
+
+    group: Node
+    target: int
+    until: float
+
+
+@dataclass(slots=True)
+class _Replica:
+    """A hot prefix group served by several backends (replication)."""
+
+    group: Node
+    holders: set[int]
+
+
 @dataclass(slots=True)
 class _Flight:
     backend_id: int
     dispatched: float
     missed: int
+    missed_blocks: int
     prompt: int
     idle: bool  # the backend had nothing in flight: its TTFT measures the prefill alone
     group: Node | None
-    entry: list  # [time, cost] in the backend's load window
+    entry: _LoadEntry  # its entry in the backend's load window
     est_output: int
     prefill_ms: float = 0.0  # estimated at dispatch
     first_token: float | None = None
+    decode_end: float = 0.0  # when its decode is expected to end (set at the first token)
+    decode_counted: bool = False  # its decode_end is in its backend's _DecodeSet sums
+
+
+class _HitWindow:
+    """Cached and prompt tokens sent to one backend within a window of seconds, as running sums."""
+
+    __slots__ = ("window", "entries", "cached", "prompt")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.entries: deque[tuple[float, int, int]] = deque()  # (time, cached, prompt)
+        self.cached = 0
+        self.prompt = 0
+
+    def add(self, now: float, cached: int, prompt: int) -> None:
+        self.entries.append((now, cached, prompt))
+        self.cached += cached
+        self.prompt += prompt
+
+    def ratio(self, now: float) -> float:
+        entries, horizon = self.entries, now - self.window
+        while entries and entries[0][0] < horizon:
+            _, cached, prompt = entries.popleft()
+            self.cached -= cached
+            self.prompt -= prompt
+        return self.cached / self.prompt if self.prompt else 0.0
+
+
+class _PrefillQueue:
+    """One backend's requests sent and still before their first token, oldest first, with running sums."""
+
+    __slots__ = ("flights", "ms", "tokens", "blocks")
+
+    def __init__(self) -> None:
+        self.flights: OrderedDict[str, _Flight] = OrderedDict()
+        self.ms = 0.0  # their estimated prefill
+        self.tokens = 0  # their uncached prompt tokens
+        self.blocks = 0  # the KV blocks those tokens will take
+
+    def add(self, request_id: str, flight: _Flight) -> None:
+        self.flights[request_id] = flight
+        self.ms += flight.prefill_ms
+        self.tokens += flight.missed
+        self.blocks += flight.missed_blocks
+
+    def remove(self, request_id: str) -> None:
+        flight = self.flights.pop(request_id, None)
+        if flight is not None:
+            self.ms -= flight.prefill_ms
+            self.tokens -= flight.missed
+            self.blocks -= flight.missed_blocks
+        if not self.flights:  # no float drift carried from one busy period to the next
+            self.ms, self.tokens, self.blocks = 0.0, 0, 0
+
+    def oldest_dispatch(self, default: float) -> float:
+        return next(iter(self.flights.values())).dispatched if self.flights else default
+
+
+class _DecodeSet:
+    """One backend's requests past their first token. Decode work still ahead is the sum over them of
+    max(0, expected end - now): kept as the sum of the ends not yet passed and their count, with a heap that
+    retires ends as time passes, so reading it costs O(1) amortized."""
+
+    __slots__ = ("flights", "_heap", "_ends", "_live", "_seq")
+
+    def __init__(self) -> None:
+        self.flights = 0  # requests decoding (expected end passed or not)
+        self._heap: list[tuple[float, int, _Flight]] = []
+        self._ends = 0.0
+        self._live = 0
+        self._seq = count()
+
+    def add(self, flight: _Flight, end: float) -> None:
+        self.flights += 1
+        flight.decode_end, flight.decode_counted = end, True
+        self._ends += end
+        self._live += 1
+        heapq.heappush(self._heap, (end, next(self._seq), flight))
+
+    def remove(self, flight: _Flight) -> None:
+        self.flights -= 1
+        self._uncount(flight)
+
+    def remaining_ms(self, now: float) -> float:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            self._uncount(heapq.heappop(heap)[2])
+        if not self._live:
+            self._ends = 0.0
+            return 0.0
+        return max(0.0, (self._ends - self._live * now) * 1000.0)
+
+    def _uncount(self, flight: _Flight) -> None:
+        if flight.decode_counted:
+            flight.decode_counted = False
+            self._ends -= flight.decode_end
+            self._live -= 1
 
 
 @dataclass
@@ -105,15 +246,15 @@ class PreblePolicy:
         self.config = config or PrebleConfig()
         self.time = time_model or TimeModel()
         self.tree = PrefixTree(self.config.window)
-        self._load: dict[int, deque[list]] = {}  # backend -> [time, cost ms] within H
+        self._load: dict[int, deque[_LoadEntry]] = {}  # backend -> its requests' compute within H
         self._load_sum: dict[int, float] = {}
-        self._group_load: dict[int, dict[int, list]] = {}  # backend -> id(group) -> [ms, node, recurring ms]
-        self._hits: dict[int, deque[tuple[float, int, int]]] = {}  # backend -> (time, cached, prompt)
+        self._group_load: dict[int, dict[int, _GroupLoad]] = {}  # backend -> id(group) -> its load there
+        self._hits: dict[int, _HitWindow] = {}  # backend -> cached / prompt tokens within pd_window
         self._flights: dict[str, _Flight] = {}
-        self._prefilling: dict[int, dict[str, _Flight]] = {}  # backend -> flights before their first token
-        self._decoding: dict[int, dict[str, _Flight]] = {}  # backend -> flights past their first token
-        self._moved: dict[int, tuple[Node, int, float]] = {}  # id(group) -> (group, target, until)
-        self._replicas: dict[int, tuple[Node, set[int]]] = {}  # id(group) -> (group, holders)
+        self._prefilling: dict[int, _PrefillQueue] = {}  # backend -> flights before their first token
+        self._decoding: dict[int, _DecodeSet] = {}  # backend -> flights past their first token
+        self._moved: dict[int, _Move] = {}  # id(group) -> where rebalancing sent it
+        self._replicas: dict[int, _Replica] = {}  # id(group) -> its holders
         self._routed = 0
         self._block_size = 16  # learned from requests; only sizes the long-chain rule
         self._last_rebalance = -math.inf
@@ -132,13 +273,14 @@ class PreblePolicy:
 
         for node in self._ancestors(group):
             replica = self._replicas.get(id(node))
-            if replica and len(replica[1] & backends.keys()) > 1 and exploit:
-                costs = {i: loads[i] + self._prefill(request, backends[i]) for i in replica[1] & backends.keys()}
+            if replica and len(replica.holders & backends.keys()) > 1 and exploit:
+                costs = {i: loads[i] + self._prefill(request, backends[i]) for i in replica.holders & backends.keys()}
                 chosen = min(costs, key=costs.__getitem__)
                 return Decision(chosen, "replica", backends[chosen].matched_tokens, costs)
             moved = self._moved.get(id(node))
-            if moved and moved[1] in backends and moved[2] > now and exploit:
-                return Decision(moved[1], "rebalance", backends[moved[1]].matched_tokens, {moved[1]: loads[moved[1]]})
+            if moved and moved.target in backends and moved.until > now and exploit:
+                return Decision(moved.target, "rebalance", backends[moved.target].matched_tokens,
+                                {moved.target: loads[moved.target]})
 
         if exploit:
             holders = [b for b in snapshot.backends if b.matched_tokens == cached]
@@ -192,26 +334,24 @@ class PreblePolicy:
 
     def _remaining_decode_ms(self, b: BackendState, now: float) -> float:
         """Decode work still ahead on b: for what we sent, each request's expected output (max_tokens or its
-        group's median) minus the tokens its time since the first token has produced; another router's running
-        requests count half the default output."""
-        per_token = self.time.decode_ms_per_token(b.backend_id)
-        decoding = self._decoding.get(b.backend_id) or {}
-        own = 0.0
-        for f in decoding.values():
-            own += max(0.0, f.est_output * per_token - (now - (f.first_token or now)) * 1000.0)
-        other = max(0, b.running_decode - len(decoding))
-        return own + other * per_token * self.config.default_output_tokens / 2
+        group's median) at the decode speed known at its first token, less the time it has decoded since; another
+        router's running requests count half the default output."""
+        decoding = self._decoding.get(b.backend_id)
+        own = decoding.remaining_ms(now) if decoding else 0.0
+        other = max(0, b.running_decode - (decoding.flights if decoding else 0))
+        if not other:
+            return own
+        return own + other * self.time.decode_ms_per_token(b.backend_id) * self.config.default_output_tokens / 2
 
     def _remaining_prefill_ms(self, b: BackendState, now: float) -> float:
         """Prefill work still ahead of a new request on b: the backend works through what we sent it since the
         oldest request still waiting for its first token, so subtract the time since then; prefill we did not
         send (another router's) counts whole."""
         pending = self._prefilling.get(b.backend_id)
-        own_ms, own_tokens, since = 0.0, 0, now
-        for f in (pending or {}).values():
-            own_ms += f.prefill_ms
-            own_tokens += f.missed
-            since = min(since, f.dispatched)
+        if pending is None:
+            own_ms, own_tokens, since = 0.0, 0, now
+        else:
+            own_ms, own_tokens, since = pending.ms, pending.tokens, pending.oldest_dispatch(now)
         other = max(0, b.pending_prefill_tokens - own_tokens)
         return max(0.0, own_ms - (now - since) * 1000.0) + self.time.prefill_ms(other, other)
 
@@ -221,8 +361,8 @@ class PreblePolicy:
         if not q:
             return 0.0
         horizon = now - self.config.window
-        while q and q[0][0] < horizon:
-            self._load_sum[backend_id] -= q.popleft()[1]
+        while q and q[0].time < horizon:
+            self._load_sum[backend_id] -= q.popleft().cost_ms
         return max(self._load_sum[backend_id], 0.0)
 
     def _prefill(self, request: RouteRequest, b: BackendState) -> float:
@@ -237,13 +377,17 @@ class PreblePolicy:
         need = math.ceil((request.prompt_tokens - b.matched_tokens) / request.block_size)
         skip = 0  # LRU blocks the requests queued ahead will evict (charged to them)
         if self.config.eviction_pending:
-            pending = sum(math.ceil(f.missed / request.block_size)
-                          for f in (self._prefilling.get(b.backend_id) or {}).values())
+            queue = self._prefilling.get(b.backend_id)
+            pending = queue.blocks if queue else 0
             skip, free = max(0, pending - free), max(0, free - pending)
         if need <= free:
             return 0.0
         to_free, cost, horizon = need - free, 0.0, now - self.config.window
-        for node in self.tree.lru_oldest_first(b.backend_id):
+        walked_blocks = 0
+        for walked, node in enumerate(self.tree.lru_oldest_first(b.backend_id)):
+            if walked == _EVICTION_WALK:
+                cost += cost / max(walked_blocks, 1) * to_free
+                break
             # The engine evicts block by block: when only part of this node must go, only its tail does, and
             # only that part is recomputed later (charging the whole node made a backend holding one hot long
             # document look ruinous to evict from, so every new document went to the other backend). A node the
@@ -260,19 +404,15 @@ class PreblePolicy:
             if hits:
                 end = (node.start_blocks + held) * request.block_size
                 cost += self.time.prefill_ms(take * request.block_size, end) * hits
+            walked_blocks += take
             to_free -= take
             if to_free <= 0:
                 break
         return cost
 
     def _hit_ratio(self, backend_id: int, now: float) -> float:
-        q = self._hits.get(backend_id)
-        if not q:
-            return 0.0
-        while q and q[0][0] < now - self.config.pd_window:
-            q.popleft()
-        prompt = sum(p for _, _, p in q)
-        return sum(c for _, c, _ in q) / prompt if prompt else 0.0
+        hits = self._hits.get(backend_id)
+        return hits.ratio(now) if hits else 0.0
 
     # ---- bookkeeping after the decision --------------------------------------------------------------
     def on_dispatched(self, request: RouteRequest, decision: Decision, snapshot: ClusterSnapshot) -> None:
@@ -288,22 +428,28 @@ class PreblePolicy:
                                             else self.config.default_output_tokens)
         prefill_ms = self.time.prefill_ms(missed, request.prompt_tokens)
         cost = prefill_ms + est_output * self.time.decode_ms_per_token(b)
-        entry = [now, cost]
+        entry = _LoadEntry(now, cost)
         self._load.setdefault(b, deque()).append(entry)
         self._load_sum[b] = self._load_sum.get(b, 0.0) + cost
         if group is not None:
-            slot = self._group_load.setdefault(b, {}).setdefault(id(group), [0.0, group, 0.0])
-            slot[0] += cost
+            slot = self._group_load.setdefault(b, {}).get(id(group))
+            if slot is None:
+                slot = self._group_load[b][id(group)] = _GroupLoad(group)
+            slot.ms += cost
             # Recurring work: what the request costs beyond (re)computing the group's own prefix, which a move
             # would not save (it was paid once here and would be paid once more on the new backend).
             group_tokens = min(group.end_blocks * (request.block_size or self._block_size), request.prompt_tokens)
             prefix_missed = max(0, group_tokens - decision.matched_tokens)
-            slot[2] += max(0.0, cost - self.time.prefill_ms(prefix_missed, group_tokens))
-        self._hits.setdefault(b, deque()).append((now, decision.matched_tokens, request.prompt_tokens))
-        flight = _Flight(b, now, missed, request.prompt_tokens, state.in_flight == 0, group, entry, est_output,
-                         prefill_ms)
+            slot.recurring_ms += max(0.0, cost - self.time.prefill_ms(prefix_missed, group_tokens))
+        hits = self._hits.get(b)
+        if hits is None:
+            hits = self._hits[b] = _HitWindow(self.config.pd_window)
+        hits.add(now, decision.matched_tokens, request.prompt_tokens)
+        missed_blocks = math.ceil(missed / request.block_size) if request.block_size else 0
+        flight = _Flight(b, now, missed, missed_blocks, request.prompt_tokens, state.in_flight == 0, group, entry,
+                         est_output, prefill_ms)
         self._flights[request.request_id] = flight
-        self._prefilling.setdefault(b, {})[request.request_id] = flight
+        self._prefilling.setdefault(b, _PrefillQueue()).add(request.request_id, flight)
         self._routed += 1
         if now - self._last_rebalance >= self.config.rebalance_interval:
             self._last_rebalance = now
@@ -313,10 +459,15 @@ class PreblePolicy:
         flight = self._flights.get(request.request_id)
         if flight is None:
             return
+        if flight.first_token is not None:
+            return
         ttft = now - flight.dispatched
         flight.first_token = now
-        self._prefilling.get(flight.backend_id, {}).pop(request.request_id, None)
-        self._decoding.setdefault(flight.backend_id, {})[request.request_id] = flight
+        queue = self._prefilling.get(flight.backend_id)
+        if queue is not None:
+            queue.remove(request.request_id)
+        end = now + flight.est_output * self.time.decode_ms_per_token(flight.backend_id) / 1000.0
+        self._decoding.setdefault(flight.backend_id, _DecodeSet()).add(flight, end)
         if flight.idle and flight.missed > 0:
             self.time.observe_prefill(flight.missed, flight.prompt, ttft * 1000.0)
         if flight.group is not None:
@@ -326,15 +477,19 @@ class PreblePolicy:
                     output_tokens: int | None = None, ok: bool = True) -> None:
         flight = self._flights.pop(request.request_id, None)
         if flight is not None:
-            self._prefilling.get(flight.backend_id, {}).pop(request.request_id, None)
-            self._decoding.get(flight.backend_id, {}).pop(request.request_id, None)
+            if flight.first_token is None:
+                queue = self._prefilling.get(flight.backend_id)
+                if queue is not None:
+                    queue.remove(request.request_id)
+            elif (decoding := self._decoding.get(flight.backend_id)) is not None:
+                decoding.remove(flight)
         if flight is None or not ok or not output_tokens:
             return
         if flight.first_token is not None and output_tokens > 1:
             self.time.observe_decode(backend_id, (now - flight.first_token) * 1000.0 / (output_tokens - 1))
         delta = (output_tokens - flight.est_output) * self.time.decode_ms_per_token(backend_id)
-        if self._load.get(backend_id) and flight.entry[0] >= now - self.config.window:
-            flight.entry[1] += delta
+        if self._load.get(backend_id) and flight.entry.time >= now - self.config.window:
+            flight.entry.cost_ms += delta
             self._load_sum[backend_id] += delta
         if flight.group is not None:
             _group_state(flight.group).outputs.append(output_tokens)
@@ -363,16 +518,16 @@ class PreblePolicy:
         self._review_replicas(loads, now)
         if loads[heavy] < cfg.bal_threshold * max(loads[light], 1e-9) or loads[heavy] <= 0:
             return
-        groups = sorted(self._group_load.get(heavy, {}).values(), key=lambda s: s[0])
-        for load, node, _ in groups:
-            if self._hot(node, now) and load >= cfg.replicate_share * loads[heavy]:
-                holders = self._replicas.setdefault(id(node), (node, {heavy}))[1]
-                holders.add(light)
+        groups = sorted(self._group_load.get(heavy, {}).values(), key=lambda g: g.ms)
+        for slot in groups:
+            if self._hot(slot.group, now) and slot.ms >= cfg.replicate_share * loads[heavy]:
+                self._replicas.setdefault(id(slot.group), _Replica(slot.group, {heavy})).holders.add(light)
                 return
         if self._routed < cfg.warmup_per_backend * len(ids):
             return
         moved, added = 0.0, 0.0  # load taken off heavy; load (plus recompute) put on light
-        for load, node, recurring in groups:
+        for slot in groups:
+            load, node, recurring = slot.ms, slot.group, slot.recurring_ms
             if load <= 0 or node.end_blocks * self._block_size > cfg.chain_tokens or id(node) in self._moved:
                 continue
             recompute = self.recompute_ms(node, light) if math.isfinite(cfg.rebalance_recompute) else 0.0
@@ -380,7 +535,7 @@ class PreblePolicy:
                 continue  # recomputing its prefix there costs more than the group's recurring work on heavy
             if loads[heavy] - moved - load <= loads[light] + added + load + recompute:
                 break  # moving it would just swap the imbalance
-            self._moved[id(node)] = (node, light, now + cfg.window)
+            self._moved[id(node)] = _Move(node, light, now + cfg.window)
             moved += load
             added += load + recompute
             if loads[heavy] - moved < cfg.bal_threshold * (loads[light] + added):
@@ -414,24 +569,27 @@ class PreblePolicy:
 
     def _review_replicas(self, loads: dict[int, float], now: float) -> None:
         """Stop using extra holders once the group no longer dominates any of them or is no longer hot."""
-        for key, (node, holders) in list(self._replicas.items()):
-            share = max((self._group_load.get(b, {}).get(key, [0.0])[0] / loads[b] if loads.get(b) else 0.0)
-                        for b in holders)
-            if share < self.config.replicate_share / 2 and not self._hot(node, now):
+        for key, replica in list(self._replicas.items()):
+            share = max((self._group_ms(b, key) / loads[b] if loads.get(b) else 0.0) for b in replica.holders)
+            if share < self.config.replicate_share / 2 and not self._hot(replica.group, now):
                 del self._replicas[key]
-        for key, (_, _, until) in list(self._moved.items()):
-            if until <= now:
+        for key, move in list(self._moved.items()):
+            if move.until <= now:
                 del self._moved[key]
+
+    def _group_ms(self, backend_id: int, key: int) -> float:
+        slot = self._group_load.get(backend_id, {}).get(key)
+        return slot.ms if slot else 0.0
 
     def _expire_group_loads(self, now: float) -> None:
         """Group loads fade exponentially (time constant H/2) instead of keeping per-request windows."""
         keep = math.exp(-(now - self._last_decay) / (self.config.window / 2)) if self._last_decay <= now else 1.0
         self._last_decay = now
         for table in self._group_load.values():
-            for key in list(table):
-                table[key][0] *= keep
-                table[key][2] *= keep
-                if table[key][0] < 1e-3:
+            for key, slot in list(table.items()):
+                slot.ms *= keep
+                slot.recurring_ms *= keep
+                if slot.ms < 1e-3:
                     del table[key]
 
     @staticmethod
