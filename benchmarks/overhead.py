@@ -266,6 +266,53 @@ def build_workload(model: str, n_bodies: int = 256, num_prefixes: int = 4, prefi
     return Workload(bodies, prefix_of, prefix_words + suffix_words + 4, num_prefixes)
 
 
+PROMPT_MODES = ("hot", "unique", "novel", "shared")
+
+
+def build_hot_workload(model: str, prompt_words: int = 3000, max_tokens: int = 8) -> Workload:
+    """One prompt for every request: the router has seen it after the first request (its cost as windows fill)."""
+    words = _license_words()
+    prompt = "Hot prompt: " + " ".join((words * (1 + prompt_words // max(1, len(words))))[:prompt_words])
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                       "stream": False}).encode()
+    return Workload([body], [0], prompt_words, 1)
+
+
+@dataclass
+class UniqueBodies:
+    """A prompt no router has seen before for every request: ~prompt_words of corpus text (one of a few dozen
+    passages) behind a marker with the request's number, so every block key is new (keys chain from the first
+    token) while the text after the marker recurs, as a template's or a document's would (a tokenizer's chunk
+    cache still applies). `novel`: a marker between every ~100 words too, so no tokenizer chunk recurs either
+    (text never seen anywhere: the worst case, dominated by tokenization). Built by joining bytes."""
+
+    variants: list[list[bytes]]  # per variant: the JSON body split where the markers go
+    prompt_words: int
+
+    def body(self, i: int) -> bytes:
+        parts = self.variants[i % len(self.variants)]
+        marker = b" r%dq" % i
+        return marker.join(parts)
+
+
+def build_unique_bodies(model: str, prompt_words: int = 3000, max_tokens: int = 8, variants: int = 64,
+                        seed: int = 0, novel: bool = False) -> UniqueBodies:
+    rng = random.Random(seed)
+    words = _license_words()
+    n = len(words)
+    out = []
+    for _ in range(variants):
+        start = rng.randrange(0, max(1, n - prompt_words))
+        text = words[start:start + prompt_words]
+        pieces = [" ".join(text[j:j + 100]) for j in range(0, len(text), 100)]
+        sep = "\u0000SPLIT\u0000"
+        text = sep.join(pieces) if novel else " ".join(pieces)
+        body = json.dumps({"model": model, "prompt": "Unique:" + sep + text, "max_tokens": max_tokens,
+                           "temperature": 0.0, "stream": False}).encode()
+        out.append(body.split(json.dumps(sep)[1:-1].encode()))
+    return UniqueBodies(out, prompt_words)
+
+
 # ---------------------------------------------------------------------------------------------- load
 
 
@@ -278,6 +325,7 @@ class LoadResult:
     prefix_backend: dict[int, dict[str, int]] = field(default_factory=dict)
     elapsed: float = 0.0
     loadgen_cpu_s: float = 0.0
+    done_at: list[float] = field(default_factory=list)  # seconds from the start, per latency
 
 
 class RawHttpConn:
@@ -340,24 +388,31 @@ class RawHttpConn:
             raise
 
 
-async def closed_loop(urls: list[str], wl: Workload, concurrency: int, duration: float,
+async def closed_loop(urls: list[str], wl: Workload | UniqueBodies, concurrency: int, duration: float,
                       client: str = "httpx", timeout: float = 60.0, seed: int = 1) -> LoadResult:
     """`concurrency` clients, each sending its next request as soon as the last one answers.
 
     Request i goes to urls[i % len(urls)] (direct baseline: alternate between backends) with a body
-    drawn at random from the workload, so prefix groups are spread over the backends in the baseline.
+    drawn at random from the workload, so prefix groups are spread over the backends in the baseline
+    (UniqueBodies: body i, never seen before, in its own group).
     """
     res = LoadResult()
     counter = itertools.count()
     rng = random.Random(seed)
-    order = [rng.randrange(len(wl.bodies)) for _ in range(4096)]
+    unique = isinstance(wl, UniqueBodies)
+    order = [0] if unique else [rng.randrange(len(wl.bodies)) for _ in range(4096)]
     headers = {"content-type": "application/json"}
-    end = time.perf_counter() + duration
+    start = time.perf_counter()
+    end = start + duration
+
+    def body_of(i: int, k: int) -> bytes:
+        return wl.body(i) if unique else wl.bodies[k]
 
     def record(k: int, dt: float, backend: str) -> None:
+        res.done_at.append(time.perf_counter() - start)
         res.latencies.append(dt)
         res.backend_counts[backend] = res.backend_counts.get(backend, 0) + 1
-        pb = res.prefix_backend.setdefault(wl.prefix_of[k], {})
+        pb = res.prefix_backend.setdefault(-1 if unique else wl.prefix_of[k], {})
         pb[backend] = pb.get(backend, 0) + 1
 
     def fail(msg: str) -> None:
@@ -373,7 +428,7 @@ async def closed_loop(urls: list[str], wl: Workload, concurrency: int, duration:
                 k = order[i % len(order)]
                 t0 = time.perf_counter()
                 try:
-                    r = await c.post(urls[i % len(urls)], content=wl.bodies[k], headers=headers)
+                    r = await c.post(urls[i % len(urls)], content=body_of(i, k), headers=headers)
                 except httpx.HTTPError as e:
                     fail(f"{type(e).__name__}: {e}")
                     await asyncio.sleep(0.01)
@@ -393,7 +448,7 @@ async def closed_loop(urls: list[str], wl: Workload, concurrency: int, duration:
                 conn = conns[i % len(urls)]
                 t0 = time.perf_counter()
                 try:
-                    status, hdrs, data = await asyncio.wait_for(conn.post(wl.bodies[k]), timeout)
+                    status, hdrs, data = await asyncio.wait_for(conn.post(body_of(i, k)), timeout)
                 except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
                         TimeoutError) as e:
                     fail(f"{type(e).__name__}: {e}")
@@ -418,7 +473,7 @@ async def closed_loop(urls: list[str], wl: Workload, concurrency: int, duration:
     return res
 
 
-def run_load(urls: list[str], wl: Workload, concurrency: int, duration: float,
+def run_load(urls: list[str], wl: Workload | UniqueBodies, concurrency: int, duration: float,
              client: str = "httpx") -> LoadResult:
     coro = closed_loop(urls, wl, concurrency, duration, client)
     try:
@@ -437,7 +492,25 @@ def pct(xs: list[float], q: float) -> float:
     return s[i]
 
 
-def summarize(res: LoadResult) -> dict[str, Any]:
+def segments(res: LoadResult, seconds: float) -> list[dict[str, Any]]:
+    """req/s and p50 in successive `seconds` of the measurement: does throughput hold as the router's windows
+    fill? (A last, partial segment shorter than half of `seconds` is left out.)"""
+    if seconds <= 0 or not res.done_at:
+        return []
+    buckets: dict[int, list[float]] = {}
+    for t, dt in zip(res.done_at, res.latencies):
+        buckets.setdefault(int(t // seconds), []).append(dt)
+    out = []
+    for k in sorted(buckets):
+        span = min(seconds, res.elapsed - k * seconds)
+        if span < seconds / 2:
+            continue
+        lat = buckets[k]
+        out.append({"segment": k, "rps": round(len(lat) / span, 2), "p50_ms": round(pct(lat, 50) * 1e3, 3)})
+    return out
+
+
+def summarize(res: LoadResult, segment_s: float = 0.0) -> dict[str, Any]:
     lat = res.latencies
     n = len(lat)
     # Prefix affinity: share of each prefix group's requests that went to its most-used backend.
@@ -458,6 +531,7 @@ def summarize(res: LoadResult) -> dict[str, Any]:
         "backend_counts": res.backend_counts,
         "prefix_affinity": round(aff_hits / aff_total, 3) if aff_total else None,
         "prefix_backend": {str(k): v for k, v in sorted(res.prefix_backend.items())},
+        "segments": segments(res, segment_s),
     }
 
 
@@ -635,7 +709,8 @@ def router_specs(bin_dirs: list[str]) -> dict[str, RouterSpec]:
             pass
     specs["ours"] = RouterSpec(
         "ours", ours or (ours_prefix and "python -c preble_router.cli.main"),
-        (lambda port, be, model: [*ours_prefix, "--backends", *be, "--model", model, "--policy", "cache_aware",
+        # As the README starts it: the default policy and flags (ours:POLICY adds --policy POLICY).
+        (lambda port, be, model: [*ours_prefix, "--backends", *be, "--model", model,
                                   "--host", HOST, "--port", str(port), "--log-level", "warning"])
         if ours_prefix else None,
         None if ours_prefix else "preble-router not found (not on PATH, not beside sys.executable, "
@@ -659,48 +734,87 @@ def router_specs(bin_dirs: list[str]) -> dict[str, RouterSpec]:
     return specs
 
 
-def _ours_workers(name: str) -> int | None:
-    """`ours-wN` -> N (preble-router --workers N); None for any other name."""
-    prefix, _, n = name.partition("-w")
-    return int(n) if prefix == "ours" and n.isdigit() and int(n) >= 1 else None
+def _ours_variant(name: str) -> tuple[str | None, int] | None:
+    """`ours[:POLICY][-wN]` -> (POLICY or None for the default, N worker processes); None for other names."""
+    base, _, n = name.partition("-w")
+    if n and not (n.isdigit() and int(n) >= 1):
+        return None
+    head, _, policy = base.partition(":")
+    if head != "ours":
+        return None
+    return (policy or None), int(n) if n else 1
 
 
-def _ours_with_workers(ours: RouterSpec, name: str, workers: int) -> RouterSpec:
+def _ours_with(ours: RouterSpec, name: str, policy: str | None, workers: int) -> RouterSpec:
     build = ours.build
+    extra = (["--policy", policy] if policy else []) + (["--workers", str(workers)] if workers > 1 else [])
     return RouterSpec(name, ours.binary,
-                      (lambda port, be, model: [*build(port, be, model), "--workers", str(workers)]) if build else None,
+                      (lambda port, be, model: [*build(port, be, model), *extra]) if build else None,
                       ours.skip_reason)
+
+
+def default_routers() -> list[str]:
+    """Ours with every policy, the default first (no --policy flag), then the peers."""
+    from preble_router.cli import build_parser
+    from preble_router.policies import POLICIES
+
+    default = build_parser().get_default("policy")
+    return ["ours", *(f"ours:{p}" for p in sorted(POLICIES) if p != default), "smg", "vllm-router"]
 
 
 # ---------------------------------------------------------------------------------------------- report
 
 
-def summarize_rounds(results: list[dict[str, Any]], routers: list[str], levels: list[int]) -> dict[str, Any]:
+def summarize_rounds(results: list[dict[str, Any]], routers: list[str], levels: list[int],
+                     mode: str = "") -> dict[str, Any]:
     """Medians over rounds, and each router's req/s and p50 against smg's in the same round (measured minutes
-    apart, so a slow phase of the machine hits both less than it hits a single run): printed and returned."""
-    def by_round(name: str, conc: int, key: str) -> dict[int, float]:
-        return {r["round"]: r["metrics"][key] for r in results if r.get("target") == name and not r.get("skipped")
-                and r.get("concurrency") == conc and r["metrics"].get(key) is not None}
+    apart, so a slow phase of the machine hits both less than it hits a single run): printed and returned.
+
+    Per segment too: each of a router's segments against the median segment of smg's run in the same round (does
+    it hold up as its windows fill?), and its last segment against its first."""
+    def runs(name: str, conc: int) -> dict[int, dict[str, Any]]:
+        return {r["round"]: r["metrics"] for r in results if r.get("target") == name and not r.get("skipped")
+                and r.get("concurrency") == conc and r["metrics"].get("rps")}
 
     summary: dict[str, Any] = {}
-    print("\nmedians over rounds (and against smg, round by round):")
+    print(f"\n[{mode}] medians over rounds (and against smg, round by round):")
     for conc in levels:
+        smg = runs("smg", conc)
         for name in routers:
-            rps, p50 = by_round(name, conc, "rps"), by_round(name, conc, "p50_ms")
-            cpu = {r["round"]: r["router_cpu_ms_per_req"] for r in results if r.get("target") == name
-                   and r.get("concurrency") == conc and r.get("router_cpu_ms_per_req") is not None}
-            if not rps:
+            mine = runs(name, conc)
+            if not mine:
                 continue
-            row: dict[str, Any] = {"rps": statistics.median(rps.values()), "p50_ms": statistics.median(p50.values()),
-                                   "cpu_ms_per_req": statistics.median(cpu.values()) if cpu else None}
+            cpu = [r["router_cpu_ms_per_req"] for r in results if r.get("target") == name
+                   and r.get("concurrency") == conc and r.get("router_cpu_ms_per_req") is not None]
+            row: dict[str, Any] = {"rps": statistics.median(m["rps"] for m in mine.values()),
+                                   "p50_ms": statistics.median(m["p50_ms"] for m in mine.values()),
+                                   "cpu_ms_per_req": statistics.median(cpu) if cpu else None}
             line = f"  {name} @{conc}: {row['rps']:.1f} req/s, p50 {row['p50_ms']:.2f} ms"
-            smg_rps, smg_p50 = by_round("smg", conc, "rps"), by_round("smg", conc, "p50_ms")
-            paired = sorted(set(rps) & set(smg_rps) & set(p50) & set(smg_p50))
+            segs = {k: m.get("segments") or [] for k, m in mine.items()}
+            holds = [round(g[-1]["rps"] / g[0]["rps"], 3) for g in segs.values() if len(g) > 1 and g[0]["rps"]]
+            if holds:
+                row["last_vs_first_segment"] = holds
+                line += f"; last/first segment {holds}"
+            paired = sorted(set(mine) & set(smg))
             if name != "smg" and paired:
-                row["rps_vs_smg"] = [round(rps[k] / smg_rps[k], 3) for k in paired]
-                row["p50_vs_smg"] = [round(p50[k] / smg_p50[k], 3) for k in paired]
+                row["rps_vs_smg"] = [round(mine[k]["rps"] / smg[k]["rps"], 3) for k in paired]
+                row["p50_vs_smg"] = [round(mine[k]["p50_ms"] / smg[k]["p50_ms"], 3) for k in paired]
                 line += (f"; vs smg: req/s {statistics.median(row['rps_vs_smg']):.2f}x (rounds {row['rps_vs_smg']}), "
                          f"p50 {statistics.median(row['p50_vs_smg']):.2f}x (rounds {row['p50_vs_smg']})")
+                seg_rps, seg_p50 = [], []
+                for k in paired:
+                    ref = smg[k].get("segments") or []
+                    if not ref or not segs[k]:
+                        continue
+                    ref_rps = statistics.median(g["rps"] for g in ref)
+                    ref_p50 = statistics.median(g["p50_ms"] for g in ref)
+                    seg_rps.append([round(g["rps"] / ref_rps, 3) for g in segs[k]])
+                    seg_p50.append([round(g["p50_ms"] / ref_p50, 3) for g in segs[k]])
+                if seg_rps:
+                    row["segment_rps_vs_smg"], row["segment_p50_vs_smg"] = seg_rps, seg_p50
+                    worst_rps = min(min(x) for x in seg_rps)
+                    worst_p50 = max(max(x) for x in seg_p50)
+                    line += f"; every segment: req/s >= {worst_rps:.2f}x smg, p50 <= {worst_p50:.2f}x"
             print(line)
             summary[f"{name}@{conc}"] = row
     return summary
@@ -762,8 +876,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds before each measurement")
     ap.add_argument("--concurrency", default="32",
                     help="closed-loop clients; a comma list (e.g. 1,32) runs each level in turn")
-    ap.add_argument("--routers", default=",".join(ALL_ROUTERS),
-                    help=f"comma list of {','.join(ALL_ROUTERS)} (empty: baseline only)")
+    ap.add_argument("--routers", default=None,
+                    help="comma list of ours (the default policy, as the README starts it), ours:POLICY, "
+                         "ours[:POLICY]-wN (N worker processes), smg, vllm-router (default: ours with every "
+                         "policy, the default first, then the peers; empty: baseline only)")
+    ap.add_argument("--prompts", default="hot,unique",
+                    help="comma list of prompt mixes, each measured in turn: hot (one prompt for every request), "
+                         "unique (a prompt never seen before per request: new block keys throughout, recurring "
+                         "text after its first words), novel (text never seen anywhere: tokenization-bound), "
+                         "shared (--num-prefixes prefixes with varied suffixes)")
+    ap.add_argument("--segment", type=float, default=10.0,
+                    help="report req/s and p50 per this many seconds of each measurement (0: off)")
     ap.add_argument("--client", choices=("httpx", "raw"), default="httpx",
                     help="load generator: httpx.AsyncClient, or a minimal asyncio HTTP/1.1 client that uses "
                          "~10x less CPU (leaves more of a small machine to the router under test)")
@@ -783,10 +906,13 @@ def main(argv: list[str] | None = None) -> int:
                          "medians and per-round ratios (this machine's speed moves by 1.5x within minutes)")
     a = ap.parse_args(argv)
 
-    routers = [r.strip() for r in a.routers.split(",") if r.strip()]
+    routers = default_routers() if a.routers is None else [r.strip() for r in a.routers.split(",") if r.strip()]
     for r in routers:
-        if r not in ALL_ROUTERS and _ours_workers(r) is None:
-            ap.error(f"unknown router {r!r}; choose from {ALL_ROUTERS} or ours-wN (N worker processes)")
+        if r not in ALL_ROUTERS and _ours_variant(r) is None:
+            ap.error(f"unknown router {r!r}; choose from {ALL_ROUTERS}, ours:POLICY or ours[:POLICY]-wN")
+    modes = [m.strip() for m in a.prompts.split(",") if m.strip()]
+    if not modes or set(modes) - set(PROMPT_MODES):
+        ap.error(f"--prompts takes a comma list of {', '.join(PROMPT_MODES)}")
     try:
         levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
     except ValueError:
@@ -801,7 +927,8 @@ def main(argv: list[str] | None = None) -> int:
     specs = router_specs(list(a.bin_dir))
     for r in routers:
         if r not in specs:
-            specs[r] = _ours_with_workers(specs["ours"], r, _ours_workers(r) or 1)
+            policy, workers = _ours_variant(r)  # type: ignore[misc]
+            specs[r] = _ours_with(specs["ours"], r, policy, workers)
 
     if any(r.startswith("ours") for r in routers) and specs["ours"].build is not None:
         md = Path(a.model_dir) if a.model_dir else REPO / ".cache" / "overhead-model"
@@ -812,16 +939,25 @@ def main(argv: list[str] | None = None) -> int:
     served_model = model_dir  # like vLLM's default served name: the --model argument
 
     suffix = max(50, a.prompt_words // 6)
-    wl = build_workload(served_model, num_prefixes=a.num_prefixes, prefix_words=max(1, a.prompt_words - suffix),
-                        suffix_words=suffix, max_tokens=a.max_tokens)
-    print(f"workload: {len(wl.bodies)} distinct bodies, ~{wl.prompt_words} words each, "
-          f"{wl.num_prefixes} shared prefixes, max_tokens {a.max_tokens}, concurrency {levels}, "
-          f"client {a.client}, {a.duration}s measured (+{a.warmup}s warm-up) per level")
+    workloads: dict[str, Workload | UniqueBodies] = {}
+    for mode in modes:
+        if mode == "hot":
+            workloads[mode] = build_hot_workload(served_model, a.prompt_words, a.max_tokens)
+        elif mode in ("unique", "novel"):
+            workloads[mode] = build_unique_bodies(served_model, a.prompt_words, a.max_tokens, novel=mode == "novel")
+        else:
+            workloads[mode] = build_workload(served_model, num_prefixes=a.num_prefixes,
+                                             prefix_words=max(1, a.prompt_words - suffix), suffix_words=suffix,
+                                             max_tokens=a.max_tokens)
+    print(f"workloads: {', '.join(modes)} (~{a.prompt_words} words a prompt; shared: {a.num_prefixes} prefixes), "
+          f"max_tokens {a.max_tokens}, concurrency {levels}, client {a.client}, {a.duration}s measured "
+          f"(+{a.warmup}s warm-up) per level, segments of {a.segment}s")
+    wl: Workload | UniqueBodies = workloads[modes[0]]
 
     env = child_env()
     backends: list[Proc] = []
     results: list[dict[str, Any]] = []
-    bases: dict[int, list[dict[str, Any]]] = {c: [] for c in levels}
+    bases: dict[tuple[str, int], list[dict[str, Any]]] = {(m, c): [] for m in modes for c in levels}
     try:
         ports = [free_port(), free_port()]
         while ports[0] == ports[1]:
@@ -858,8 +994,9 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_load(url_list, wl, conc, a.duration, a.client)
                 cpu1 = None
             f1 = fakes_cpu()
-            m = summarize(res)
+            m = summarize(res, a.segment)
             rec["metrics"] = m
+            rec["prompts"] = mode
             if m["requests"]:
                 if cpu0 is not None and cpu1 is not None:
                     rec["router_cpu_s"] = round(cpu1 - cpu0, 3)
@@ -868,8 +1005,9 @@ def main(argv: list[str] | None = None) -> int:
                     rec["fakes_cpu_ms_per_req"] = round((f1 - f0) * 1e3 / m["requests"], 3)
             if m["errors"]:
                 print(f"  {target} @{conc}: {m['errors']} errors, e.g. {m['error_samples'][:2]}")
-            print(f"  {target} @{conc}: {m['rps']} req/s, p50 {m['p50_ms']} ms, p99 {m['p99_ms']} ms, "
+            print(f"  {target} [{mode}] @{conc}: {m['rps']} req/s, p50 {m['p50_ms']} ms, p99 {m['p99_ms']} ms, "
                   f"mean {m['mean_ms']} ms, errors {m['errors']}, split {m['backend_counts']}"
+                  + (f", segments {[g['rps'] for g in m['segments']]} req/s" if m["segments"] else "")
                   + (f", RSS {rec['rss']['start_mb']}->{rec['rss']['end_mb']} MB (max {rec['rss']['max_mb']})"
                      if rec.get("rss") else ""))
             return rec
@@ -877,22 +1015,22 @@ def main(argv: list[str] | None = None) -> int:
         direct_urls = [u + "/v1/completions" for u in urls]
 
         def baseline(label: str) -> None:
-            print(f"{label} (no router) ...")
+            print(f"{label} (no router) [{mode}] ...")
             for conc in levels:
                 rec = measure(label, direct_urls, None, conc)
-                bases[conc].append(rec)
+                bases[(mode, conc)].append(rec)
                 results.append(rec)
 
         def run_router(name: str, round_no: int) -> None:
             spec = specs[name]
             if spec.build is None:
                 print(f"SKIP {name}: {spec.skip_reason}")
-                results.append({"target": name, "skipped": spec.skip_reason})
+                results.append({"target": name, "skipped": spec.skip_reason, "prompts": mode})
                 return
             port = free_port()
             cmd = spec.build(port, urls, model_dir)
             print(f"{name}: {' '.join(cmd)}")
-            proc = Proc(name, cmd, log_dir / (f"{name}.log" if a.rounds <= 1 else f"{name}-r{round_no}.log"), env)
+            proc = Proc(name, cmd, log_dir / f"{name.replace(':', '-')}-{mode}-r{round_no}.log", env)
             version = dist_version(spec.binary if spec.binary and os.path.isfile(spec.binary) else None,
                                    ROUTER_DISTS.get(name, ROUTER_DISTS["ours"]))
             try:
@@ -912,16 +1050,18 @@ def main(argv: list[str] | None = None) -> int:
                 msg = f"{type(e).__name__}: {str(e)[:1500]}"
                 print(f"FAILED {name}: {msg}")
                 results.append({"target": name, "skipped": f"failed: {msg.splitlines()[0][:200]}",
-                                "command": cmd, "version": version, "error": msg})
+                                "command": cmd, "version": version, "error": msg, "prompts": mode})
             finally:
                 proc.stop()
 
-        baseline("direct")
-        for k in range(max(1, a.rounds)):
-            for name in routers if k % 2 == 0 else routers[::-1]:  # no router always goes first
-                run_router(name, k + 1)
-        if not a.no_final_baseline:
-            baseline("direct (end)")
+        for mode in modes:
+            wl = workloads[mode]
+            baseline("direct")
+            for k in range(max(1, a.rounds)):
+                for name in routers if k % 2 == 0 else routers[::-1]:  # no router always goes first
+                    run_router(name, k + 1)
+            if not a.no_final_baseline:
+                baseline("direct (end)")
     finally:
         for b in backends:
             b.stop()
@@ -932,16 +1072,19 @@ def main(argv: list[str] | None = None) -> int:
         vals = [b["metrics"][key] for b in recs if b["metrics"].get(key) is not None]
         return round(statistics.fmean(vals), 3) if vals else None
 
-    for conc, recs in bases.items():
+    for (mode, conc), recs in bases.items():
+        if not recs:
+            continue
         bs = {k: bmean(recs, k) for k in ("rps", "p50_ms", "p99_ms", "mean_ms")}
         if len(recs) == 2 and recs[0]["metrics"]["mean_ms"] and recs[1]["metrics"]["mean_ms"]:
             bs["drift"] = round(recs[1]["metrics"]["mean_ms"] / recs[0]["metrics"]["mean_ms"] - 1, 3)
             if abs(bs["drift"]) > 0.2:
                 print(f"warning: direct baseline @{conc} moved {bs['drift']:+.0%} between start and end "
                       f"(noisy machine)")
-        baseline_summary[str(conc)] = bs
+        baseline_summary[f"{mode}@{conc}"] = bs
         for r in results:
-            if r.get("skipped") or r["target"].startswith("direct") or r.get("concurrency") != conc:
+            if (r.get("skipped") or r["target"].startswith("direct") or r.get("concurrency") != conc
+                    or r.get("prompts") != mode):
                 continue
             m = r["metrics"]
             r["overhead"] = {k: (round(m[k] - bs[k], 3) if m.get(k) is not None and bs[k] is not None else None)
@@ -951,13 +1094,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print_table(results)
-    rounds = summarize_rounds(results, routers, levels) if a.rounds > 1 else None
+    rounds = {mode: summarize_rounds([r for r in results if r.get("prompts") == mode], routers, levels, mode)
+              for mode in modes}
     report = {
         "benchmark": "router_overhead",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": {"duration_s": a.duration, "warmup_s": a.warmup, "concurrency": levels, "client": a.client,
-                   "prompt_words": wl.prompt_words, "num_prefixes": wl.num_prefixes,
-                   "distinct_bodies": len(wl.bodies), "max_tokens": a.max_tokens, "stream": False,
+                   "prompt_words": a.prompt_words, "num_prefixes": a.num_prefixes, "prompts": modes,
+                   "segment_s": a.segment, "rounds": a.rounds, "max_tokens": a.max_tokens, "stream": False,
                    "routers": routers, "model_dir": model_dir},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "baseline": baseline_summary,

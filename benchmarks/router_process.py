@@ -32,6 +32,8 @@ def router_argv(backends: Sequence, model_dir: str | os.PathLike, *, policy: str
                if kv_events and getattr(b, "kv_endpoint", None)]
     if sources:
         argv += ["--kv-events", *sources]
+    elif not kv_events:
+        argv += ["--kv-events", "off"]  # the router's default is auto: it would follow what the engines advertise
     return argv + list(extra)
 
 

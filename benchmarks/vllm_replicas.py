@@ -351,10 +351,12 @@ def start_replicas(
     replicas: list[Replica] = []
     try:
         for i, port in enumerate(ports):
-            if kv_transport == "tcp":  # for consumers that only speak tcp (vllm-router); '*' makes vLLM bind
+            if kv_transport in ("tcp", "tcp-connect"):  # for consumers that only speak tcp (vllm-router)
                 kv_port, replay_port = _free_ports(2)
-                bind_kv, bind_replay = f"tcp://*:{kv_port}", f"tcp://*:{replay_port}"
+                bind_kv, bind_replay = f"tcp://*:{kv_port}", f"tcp://*:{replay_port}"  # '*' makes vLLM bind
                 kv_ep, replay_ep = f"tcp://127.0.0.1:{kv_port}", f"tcp://127.0.0.1:{replay_port}"
+                if kv_transport == "tcp-connect":  # a user's easy mistake: no '*', so vLLM's publisher connects
+                    bind_kv = kv_ep
             else:
                 kv_ep = bind_kv = f"ipc://{run_dir}/kv{i}"
                 replay_ep = bind_replay = f"ipc://{run_dir}/replay{i}"

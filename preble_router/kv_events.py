@@ -13,9 +13,9 @@ stream cannot be made whole (engine restart, unrepairable gap) we tell the sink 
 under-knowledge only costs routing quality and predicted state rebuilds it.
 
 Feed health (docs/design.md, "Event health"): a subscriber is CONNECTING until the engine answers (a replay
-or a live batch), then FLOWING. It turns SILENT when requests that must make the engine store new blocks were
-routed there `silence_after` seconds ago and no live batch came since: the engine's publisher is unreachable or
-stopped. The router then routes that backend on its estimate (what it sent there) and says so (a WARNING, a
+or a live batch), then FLOWING. It turns SILENT when a request that made the engine store new blocks (its prompt
+was not all cached there, by vLLM's own count where the reply says) ended `silence_after` seconds ago and no live
+batch came since its dispatch: the engine's publisher is unreachable or stopped. The router then routes that backend on its estimate (what it sent there) and says so (a WARNING, a
 metric, /debug/backends); the next live batch resyncs from the replay socket and switches back to events.
 """
 
@@ -179,8 +179,12 @@ class KvEventSubscriber:
 
     # ---- feed health ----------------------------------------------------------------------------------
 
-    def note_routed(self, now: float) -> None:
-        """A request that will make the engine store new blocks was routed to this backend (events expected)."""
+    def note_routed(self, now: float, dispatched: float) -> None:
+        """A request dispatched at `dispatched` made the engine store new blocks and has ended: their events are
+        due, unless a live batch came after its dispatch (the stream is alive)."""
+        last = self.stats.last_live_time
+        if last is not None and last >= dispatched:
+            return
         self.stats.routed_since_event += 1
         if self._awaiting_since is None:
             self._awaiting_since = now
@@ -195,8 +199,7 @@ class KvEventSubscriber:
             logger.warning(
                 "kv events backend %d: nothing accepts connections at %s. vLLM's publisher binds only when its "
                 "endpoint has '*' (\"endpoint\": \"tcp://*:5557\" in --kv-events-config); with a plain "
-                "tcp://HOST:PORT it connects instead and no subscriber can reach it. Routing this backend on the "
-                "estimated index meanwhile.", self.backend_id, self.endpoint)
+                "tcp://HOST:PORT it connects instead and no subscriber can reach it.", self.backend_id, self.endpoint)
         if self.state is not FeedState.SILENT and waited is not None and waited >= self.silence_after:
             self.state = FeedState.SILENT
             self.stats.silences += 1

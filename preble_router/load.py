@@ -36,6 +36,7 @@ class InFlight:
     route: Any = None  # the policy's view of the request (RouteRequest), for its callbacks
     backend: Any = None  # the Backend it was sent to, to tell a departed backend from a reused id
     predicted: Any = None  # its blocks predicted on that backend (cache_index.RoutedBlocks), released when it ends
+    cacheable_tokens: int = 0  # > 0: it should store new blocks there (KV events due); the most vLLM reports cached
 
 
 class LoadTracker:

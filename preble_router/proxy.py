@@ -409,14 +409,14 @@ class Proxy:
 
                 relay.on_close.append(abandon)
                 return relay
-            content, output_tokens = first, None  # the whole reply
+            content, output_tokens, usage = first, None, None  # the whole reply
             if resp.status == 200:
                 with contextlib.suppress(ValueError, AttributeError):
                     usage = _decode_json(content).get("usage")
                     self._observe_usage(usage, decision, backend)
                     output_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
             self._end(prepared, inflight, backend, endpoint, resp.status, ok=resp.status < 400,
-                      output_tokens=output_tokens)
+                      output_tokens=output_tokens, cached_tokens=_cached_tokens_from_usage(usage))
             return _WholeResponse(resp.status, _relayed_headers(resp.headers, decision_headers, len(content)),
                                   content)
         if not tried:
@@ -450,7 +450,8 @@ class Proxy:
             if usage is not None:
                 self._observe_usage(usage, decision, backend)
                 output_tokens = usage.get("completion_tokens")
-            self._end(prepared, inflight, backend, endpoint, status, ok=status == 200, output_tokens=output_tokens)
+            self._end(prepared, inflight, backend, endpoint, status, ok=status == 200, output_tokens=output_tokens,
+                      cached_tokens=_cached_tokens_from_usage(usage))
 
     # ---- bookkeeping ----------------------------------------------------------------------------------
     def _transport_failure(self, prepared: PreparedRequest, inflight: InFlight, backend: Backend,
@@ -464,11 +465,11 @@ class Proxy:
         return message
 
     def _end(self, prepared: PreparedRequest, inflight: InFlight, backend: Backend, endpoint: str, status: int,
-             *, ok: bool, output_tokens: int | None = None) -> None:
+             *, ok: bool, output_tokens: int | None = None, cached_tokens: int | None = None) -> None:
         """Every dispatched request ends here exactly once, whatever path it took."""
         if inflight.done:
             return
-        self.router.finish(prepared, inflight, ok=ok, output_tokens=output_tokens)
+        self.router.finish(prepared, inflight, ok=ok, output_tokens=output_tokens, cached_tokens=cached_tokens)
         self.metrics.child(self.metrics.requests, backend.url, endpoint, str(status)).inc()
         if ok:
             self.metrics.child(self.metrics.prompt_tokens, backend.url).inc(len(prepared.tokens))

@@ -39,6 +39,7 @@ class PreparedRequest:
     max_tokens: int | None
     keys_by_block_size: dict[int, list[int]] = field(default_factory=dict)
     snapshot: ClusterSnapshot | None = None  # what the latest decision saw
+    matched_blocks: dict[int, int] = field(default_factory=dict)  # per backend, leading blocks the index holds
     route: RouteRequest | None = None  # the policy's view, built once (keys do not change after prepare)
 
 
@@ -230,6 +231,7 @@ class Router:
             ids = [b.backend_id for b in eligible if b.block_size == block_size]
             if ids:
                 matches.update(self.index.match(keys, ids, now))
+        prepared.matched_blocks = matches
         for b in eligible:
             load = self.load.get(b.backend_id)
             matched = cacheable_tokens(matches.get(b.backend_id, 0), b.block_size or 1, len(prepared.tokens))
@@ -273,16 +275,17 @@ class Router:
         route = self.route_request(prepared)
         assert prepared.snapshot is not None, "dispatch() follows decide()"
         self.policy.on_dispatched(route, decision, prepared.snapshot)
-        # Blocks match() found there a moment ago: an estimated backend then only touches them.
-        matched = prepared.snapshot.by_id(decision.backend_id).matched_tokens
-        held = matched // backend.block_size if backend.block_size else 0
+        # Blocks match() found there a moment ago (all of them: a prompt's last block counts, though vLLM never
+        # reports it cached): an estimated backend then only touches them, an events backend predicts the rest.
+        held = prepared.matched_blocks.get(decision.backend_id, 0)
         predicted = self.index.record_routed(decision.backend_id, keys, now, held)
-        if len(keys) > held and (sub := self._subscribers.get(decision.backend_id)) is not None:
-            sub.note_routed(now)  # new blocks there: their BlockStored events are due
         inflight = self.load.begin(decision.backend_id, len(prepared.tokens) - decision.matched_tokens, now)
         inflight.route = route
         inflight.backend = backend
         inflight.predicted = predicted
+        if len(keys) > held and decision.backend_id in self._subscribers:
+            # It should make the engine store blocks: once it ends, their events are due (feed health).
+            inflight.cacheable_tokens = cacheable_tokens(len(keys), backend.block_size or 1, len(prepared.tokens))
         return inflight
 
     def _still_there(self, inflight: InFlight) -> bool:
@@ -295,10 +298,18 @@ class Router:
             self.policy.on_first_token(inflight.route, inflight.backend_id, now)
         self.load.first_token(inflight, now)
 
-    def finish(self, prepared: PreparedRequest, inflight: InFlight, *, ok: bool, output_tokens: int | None) -> None:
+    def finish(self, prepared: PreparedRequest, inflight: InFlight, *, ok: bool, output_tokens: int | None,
+               cached_tokens: int | None = None) -> None:
+        """The request ended. cached_tokens: what the engine reported as cached (usage), when it did."""
         now = self.clock()
         if not inflight.done and self._still_there(inflight):
             self.policy.on_finished(inflight.route, inflight.backend_id, now, output_tokens, ok)
             if inflight.predicted is not None:
                 self.index.release_routed(inflight.predicted, now)
+            expected = inflight.cacheable_tokens
+            # New blocks were stored unless the engine says it had all it could report cached.
+            if ok and expected and (cached_tokens is None or cached_tokens < expected):
+                sub = self._subscribers.get(inflight.backend_id)
+                if sub is not None:
+                    sub.note_routed(now, inflight.started)
         self.load.finish(inflight, now, ok=ok, output_tokens=output_tokens)

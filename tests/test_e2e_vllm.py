@@ -190,3 +190,23 @@ def test_two_routers_agree_from_the_same_events(cluster, tiny_model):
             mine = {b["url"]: b["matched_tokens"] for b in httpx.post(url + "/debug/route", json=body).json()["backends"]}
             theirs = {b["url"]: b["matched_tokens"] for b in httpx.post(other + "/debug/route", json=body).json()["backends"]}
             assert mine == theirs and max(mine.values()) >= 288
+
+
+def test_kv_events_auto_follows_the_advertised_endpoints(cluster, tiny_model):
+    """A router started with no event flags at all (the default, --kv-events auto) subscribes to what each engine
+    advertises at /kv_event_sources, and predicts exactly what vLLM then reports as cached."""
+    _, replicas = cluster
+    argv = router_argv([r.url for r in replicas], tiny_model, policy="preble", extra=["--health-interval", "0.5"])
+    assert "--kv-events" not in argv
+    with start_router(argv) as url:
+        wait_for(lambda: all((v["kv_events"] or {}).get("state") == "flowing" for v in backends_view(url).values()),
+                 timeout=20, what="auto subscription")
+        view = backends_view(url)
+        assert {v["kv_events"]["endpoint"] for v in view.values()} == {r.kv_endpoint for r in replicas}, view
+        prefix = text(7, 400)
+        pairs = []
+        for i in range(4):
+            r = completion(url, prefix + f" q{i} " + text(300 + i, 20))
+            pairs.append((int(r.headers["x-preble-matched-tokens"]), observed_cached(r.json()["usage"])))
+            time.sleep(0.3)
+        assert pairs[0] == (0, 0) and all(p == o for p, o in pairs) and all(o > 0 for _, o in pairs[1:]), pairs

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 import zmq.asyncio
 
-from preble_router.kv_events import KvEventSubscriber
+from preble_router.kv_events import FeedState, KvEventSubscriber, advertised_feed
 from tests.fakes.vllm_kv_publisher import EventBatch, FakeVllmKvPublisher
 
 pytestmark = pytest.mark.timeout(10)
@@ -328,3 +328,90 @@ async def test_late_subscriber_learns_an_idle_engine_from_replay(publishers, sub
     pub.publish(block(pub, 2))  # live batches continue the sequence without a gap or a reset
     await until(lambda: sub.stats.last_seq == 2)
     assert (sub.stats.gaps, sub.stats.resets) == (0, 0)
+
+
+# ---- feed health ---------------------------------------------------------------------------------------------
+async def test_feed_goes_silent_then_resyncs_when_events_flow_again(publishers, subscribe, caplog):
+    pub, sink, changes = publishers(), RecordingSink(), []
+    sub = await subscribe(pub, sink, silence_after=0.2, on_feed_change=lambda b, flowing: changes.append(flowing))
+    await until(lambda: sub.state is FeedState.FLOWING)  # the engine answered the initial replay
+    assert changes == [True] and sub.stats.replay_ok
+    pub.publish(block(pub, 0))
+    await until(lambda: sub.stats.last_seq == 0)
+    sub.note_routed(time.monotonic(), time.monotonic())  # a request that stored new blocks ended there...
+    pub.publish(block(pub, 1), drop=True)  # ...and its events never arrive (a publisher cut off)
+    assert sub.check(time.monotonic()) is FeedState.FLOWING  # not yet: silence_after has not passed
+    await asyncio.sleep(0.25)
+    assert sub.check(time.monotonic()) is FeedState.SILENT
+    assert changes == [True, False] and sub.stats.silences == 1
+    assert any("no event from" in r.message and r.levelname == "WARNING" for r in caplog.records)
+    pub.publish(block(pub, 2))  # events flow again: the whole state comes back from the replay
+    await until(lambda: sub.state is FeedState.FLOWING and sub.stats.last_seq == 2)
+    assert changes == [True, False, True]
+    assert sink.kinds()[-3:] == [("stored", [0]), ("stored", [1]), ("stored", [2])]
+    assert sub.stats.routed_since_event == 0
+
+
+async def test_requests_needing_no_new_blocks_never_make_a_feed_silent(publishers, subscribe):
+    pub, sink = publishers(), RecordingSink()
+    sub = await subscribe(pub, sink, silence_after=0.05)
+    await until(lambda: sub.state is FeedState.FLOWING)
+    await asyncio.sleep(0.1)  # idle engine, nothing routed that needs an event: all is well
+    assert sub.check(time.monotonic()) is FeedState.FLOWING
+    dispatched = time.monotonic()
+    pub.publish(block(pub, 0))  # the request's events arrived before the request ended
+    await until(lambda: sub.stats.last_seq == 0)
+    sub.note_routed(time.monotonic(), dispatched)
+    await asyncio.sleep(0.1)  # the engine is idle again: no event is due
+    assert sub.check(time.monotonic()) is FeedState.FLOWING
+
+
+async def test_unreachable_publisher_is_reported(tmp_path, ctx, caplog):
+    # The engine was started with a connect-style endpoint (tcp://HOST:PORT, no '*'): nothing listens there.
+    from tests.fakes.vllm_kv_publisher import _free_port
+
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    sub = KvEventSubscriber(BID, endpoint, RecordingSink(), replay_endpoint=f"tcp://127.0.0.1:{_free_port()}",
+                            ctx=ctx, replay_timeout=0.1, silence_after=0.1)
+    sub.start()
+    try:
+        await asyncio.sleep(0.3)
+        sub.note_routed(time.monotonic() - 1.0, time.monotonic() - 1.5)
+        assert sub.check(time.monotonic()) is FeedState.SILENT
+        assert sub.stats.replay_ok is False and not sub.stats.connected
+        warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+        assert any("nothing accepts connections" in m and "tcp://*:5557" in m for m in warnings), warnings
+    finally:
+        await asyncio.wait_for(sub.stop(), 2)
+
+
+@pytest.mark.parametrize("advertised, host, expect", [
+    ({"0": {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:5557",
+            "replay_endpoint": "tcp://*:5558", "topic": "kv"}}, "10.0.0.5",
+     ("tcp://10.0.0.5:5557", "tcp://10.0.0.5:5558", "kv", None)),
+    ({"0": {"enable_kv_cache_events": True, "endpoint": "ipc:///tmp/kv0", "replay_endpoint": None}}, "127.0.0.1",
+     ("ipc:///tmp/kv0", None, "", None)),
+    ({"0": {"enable_kv_cache_events": True, "endpoint": "tcp://[::]:5557"}}, "fd00::5",
+     ("tcp://[fd00::5]:5557", None, "", None)),
+])
+def test_advertised_feed_is_subscribable(advertised, host, expect):
+    feed = advertised_feed(advertised, host)
+    assert (feed.endpoint, feed.replay_endpoint, feed.topic, feed.problem) == expect and feed.publishes
+
+
+def test_advertised_connect_style_endpoint_says_how_to_fix_it():
+    feed = advertised_feed({"0": {"enable_kv_cache_events": True, "endpoint": "tcp://127.0.0.1:5557"}}, "127.0.0.1")
+    assert feed.endpoint is None and feed.publishes
+    assert "connects to tcp://127.0.0.1:5557" in feed.problem and '"endpoint": "tcp://*:5557"' in feed.problem
+
+
+@pytest.mark.parametrize("advertised", [{}, {"0": {"enable_kv_cache_events": False}}, None, [1]])
+def test_engine_without_events_is_a_choice(advertised):
+    feed = advertised_feed(advertised, "h")
+    assert feed.endpoint is None and not feed.publishes
+
+
+def test_data_parallel_ranks_follow_rank_zero_and_say_so():
+    cfg = {"enable_kv_cache_events": True, "endpoint": "tcp://*:5557"}
+    feed = advertised_feed({"1": {**cfg, "endpoint": "tcp://*:5558"}, "0": cfg}, "h")
+    assert feed.endpoint == "tcp://h:5557" and "2 data-parallel engines" in feed.problem

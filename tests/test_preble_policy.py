@@ -396,6 +396,17 @@ def test_evicted_blocks_leave_the_tree_and_m():
     assert evict_cost(8) == 0.0
 
 
+def test_eviction_cuts_a_node_at_its_earliest_evicted_block_whatever_the_order():
+    from preble_router.policies.prefix_tree import PrefixTree
+
+    tree = PrefixTree(window=100.0)
+    tree.insert(list(range(40)), 0, 0.0)
+    tree.evict(0, [35, 36, 20, 37])  # a window, then a block nearer the start, out of order
+    assert tree.deepest_shared(range(40)).held_keys(0) == 20
+    tree.evict(0, [38, 39])  # below the cut already: nothing changes
+    assert tree.deepest_shared(range(40)).held_keys(0) == 20
+
+
 def test_eviction_of_a_parent_block_drops_the_subtree_and_routing_restores_it():
     from preble_router.policies.prefix_tree import PrefixTree
 

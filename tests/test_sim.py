@@ -253,3 +253,21 @@ def test_router_index_follows_the_simulated_caches_through_evictions_and_preempt
     for eng in sim.engines:
         assert index_content(sim, eng.backend_id) == set(eng.cache)
         assert not eng.running and eng.free + len(eng.lru) == eng.capacity
+
+
+def test_prediction_outlives_a_queue_longer_than_the_grace():
+    # Four long cold prompts fill both engines' queues for seconds (the slow profile). A new prefix's first request
+    # waits behind them; its second request comes 3 s later, long after the 0.5 s grace, while the first has not
+    # reached the engine's prefill yet (so no BlockStored event): the prediction lives with the request, so the
+    # second one still finds the prefix there and follows it.
+    slow = parse_profile("a=0.001,b=0.001,e=0,c=0,d=0")
+    cold = [explicit(f"cold{i}", list(range(10_000 * (i + 1), 10_000 * (i + 1) + 3000)), 2, 0.01 * i)
+            for i in range(4)]
+    shared = list(range(500, 1500))
+    first = explicit("first", shared + list(range(90_000, 90_050)), 2, 0.1)
+    second = explicit("second", shared + list(range(91_000, 91_050)), 2, 3.1)
+    sim, _, recs = run([*cold, first, second], "cache_aware", gpus=2, profile=slow, predicted_ttl=0.5)
+    assert recs["first"]["admitted"] > recs["second"]["start"]  # still queued when the second was routed
+    assert recs["second"]["decision"] == "cache_hit" and recs["second"]["matched_tokens"] >= 960
+    assert recs["second"]["gpu"] == recs["first"]["gpu"]
+    check_all(sim)

@@ -131,12 +131,27 @@ class PrefixTree:
         lru = self._lru.get(backend_id)
         if not lru:
             return 0
-        dropped = 0
+        # Per node, only the evicted block nearest its start matters. Evictions come a window of a prompt at a
+        # time, so group them by node and find that block with C-level scans (one list.index, one set check),
+        # not a list.index per key (each O(node length)).
+        groups: dict[int, tuple[Node, int, set[int]]] = {}
+        by_key = self._by_key
         for key in keys:
-            node = self._by_key.get(key)
+            node = by_key.get(key)
             if node is None or backend_id not in node.last_use:
                 continue
-            at = node.keys.index(key)
+            group = groups.get(id(node))
+            if group is None:
+                groups[id(node)] = (node, key, {key})
+            else:
+                group[2].add(key)
+        dropped = 0
+        for node, first, gone in groups.values():
+            if backend_id not in node.last_use:
+                continue  # dropped meanwhile, below an earlier group's cut
+            at = node.keys.index(first)
+            if len(gone) > 1 and not gone.isdisjoint(node.keys[:at]):
+                at = next(i for i, k in enumerate(node.keys) if k in gone)
             if at >= node.held_keys(backend_id):
                 continue  # already cut below this block
             stack = list(node.children.values())
