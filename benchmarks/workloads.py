@@ -1,7 +1,7 @@
 """Seeded, offline generators of Preble's five workloads (and a mix).
 
 No data set is downloaded: each generator reproduces the *prefix structure* and the length distributions
-of one workload of the Preble paper (PREBLE_SPEC.md, "The workloads"):
+of one workload of the Preble paper (arXiv 2407.00023, section 2; docs/design.md lists them):
 
 | name               | what shares a prefix                                         | prompt      | output |
 |--------------------|--------------------------------------------------------------|-------------|--------|

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A routed request's new blocks count as cached on its backend from dispatch until the "
                         "engine's events confirm them, or until the request ends plus this many seconds (events "
                         "still in flight).")
-    pre = p.add_argument_group("preble policy (PREBLE_SPEC.md)")
+    pre = p.add_argument_group("preble policy (docs/design.md)")
     pre.add_argument("--preble-window", type=float, default=PrebleConfig.window,
                      help="H: seconds of history behind load, prefix-use and TTFT figures.")
     pre.add_argument("--preble-bal-threshold", type=float, default=PrebleConfig.bal_threshold,

@@ -1,6 +1,6 @@
 """Consumer of vLLM's KV-cache events for one backend (ZMQ SUB + DEALER replay).
 
-Wire format (VLLM_NOTES.md section 2):
+Wire format (docs/design.md, "KV events, as the router relies on them"):
   live:    SUB frames (topic, seq: 8 bytes big-endian, msgpack [ts, [events...], dp_rank]);
            seq starts at 0 when the engine process starts.
   replay:  DEALER sends (b"", start_seq8) to the engine's ROUTER and receives (b"", topic, seq8, payload)

@@ -1,4 +1,4 @@
-"""Preble's E2 global scheduling (arXiv 2407.00023), as specified in PREBLE_SPEC.md.
+"""Preble's E2 global scheduling (arXiv 2407.00023); docs/design.md gives each term and why.
 
 Per request:
 - exploit: when the best backend's cached prompt tokens outnumber its missed ones, send to the longest
