@@ -11,6 +11,7 @@
                           --workload tool_use --rates 1,2 --requests 200 --scale 0.1 --vocab 1024
     preble-bench sim-vs-live runs/compare [runs/compare_rr]   # a compare_routers run, replayed in the simulator
     preble-bench matrix   [--workloads tool_use,video_qa] [--gpus 4,8]    # every workload near saturation
+    preble-bench policy-bench [--rates 100,1000,10000]    # us per routing decision as policy windows fill
 
 Rates are requests per second for the whole cluster (the paper gives its rates per 2 GPUs).
 """
@@ -205,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
                    description="For each workload and GPU count, find the rate at which least_load's avg latency "
                    "reaches 3x its low-load latency, run round_robin, least_load, cache_aware and preble there, and "
                    "write matrix.json and matrix.md (benchmarks/sim_matrix.py).")
+
+    from benchmarks import policy_bench
+
+    sub.add_parser("policy-bench", parents=[policy_bench.build_parser(add_help=False)], formatter_class=fmt,
+                   help="Microseconds per routing decision (decide + dispatch) per policy x rate, no HTTP.",
+                   description="benchmarks/policy_bench.py: every policy through the real Router on a simulated "
+                   "clock; us per decision in segments as the history windows fill, and whether it stays flat.")
     return p
 
 
@@ -402,8 +410,15 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_bench(args: argparse.Namespace) -> int:
+    from benchmarks import policy_bench
+
+    policy_bench.run(args)
+    return 0
+
+
 COMMANDS = {"workload": cmd_workload, "sim": cmd_sim, "live": cmd_live, "compare": cmd_compare,
-            "sim-vs-live": cmd_sim_vs_live, "matrix": cmd_matrix}
+            "sim-vs-live": cmd_sim_vs_live, "matrix": cmd_matrix, "policy-bench": cmd_policy_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
