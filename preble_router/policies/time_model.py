@@ -28,6 +28,9 @@ PROFILES: dict[str, tuple[float, float, float, float, float]] = {
 }
 
 
+REFIT_EVERY = 8  # prefill samples between two least-squares refits
+
+
 @dataclass
 class TimeModel:
     a: float = 10.0
@@ -41,6 +44,7 @@ class TimeModel:
     _fit_samples: int = 0
     _scale: float = 1.0  # observed / profiled prefill time, until enough samples for a full fit
     _decode: dict[int, deque[float]] = field(default_factory=dict, repr=False)
+    _decode_median: dict[int, float] = field(default_factory=dict, repr=False)  # of _decode, kept current
 
     @classmethod
     def from_profile(cls, name_or_path: str) -> TimeModel:
@@ -58,8 +62,8 @@ class TimeModel:
         return (self.a + self.b * n + self.d * c + self.e * n * c) * self._scale
 
     def decode_ms_per_token(self, backend_id: int) -> float:
-        samples = self._decode.get(backend_id)
-        return statistics.median(samples) if samples else self.decode_ms
+        # Read several times per decision: the median is computed when a sample arrives, not here.
+        return self._decode_median.get(backend_id, self.decode_ms)
 
     def observe_prefill(self, new_tokens: int, context_tokens: int, ms: float) -> None:
         """An idle backend's time to first token for n new tokens on c context: refit by least squares."""
@@ -77,14 +81,18 @@ class TimeModel:
             for j in range(4):
                 self._xtx[i][j] = self._xtx[i][j] * decay + x[i] * x[j]
         self._fit_samples += 1
-        if self._fit_samples >= self.min_fit_samples:
+        # Refit every REFIT_EVERY samples once enough have come: the sums above take every sample, and solving
+        # the 4x4 system on each one would cost more than the rest of a decision.
+        if self._fit_samples >= self.min_fit_samples and (self._fit_samples - self.min_fit_samples) % REFIT_EVERY == 0:
             coef = _solve(self._xtx, self._xty)
             if coef is not None and all(v >= 0 for v in coef) and coef[1] > 0:
                 self.a, self.b, self.d, self.e = coef
                 self._scale = 1.0
 
     def observe_decode(self, backend_id: int, ms_per_token: float) -> None:
-        self._decode.setdefault(backend_id, deque(maxlen=64)).append(ms_per_token)
+        samples = self._decode.setdefault(backend_id, deque(maxlen=64))
+        samples.append(ms_per_token)
+        self._decode_median[backend_id] = statistics.median(samples)
 
 
 def _solve(m: list[list[float]], v: list[float]) -> list[float] | None:
