@@ -23,6 +23,7 @@ Pure: no I/O, no clock (time comes in the snapshot and the callbacks).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import statistics
@@ -78,12 +79,12 @@ class PrebleConfig:
     # blocks not stored yet) and together pushed out a third document that the next request then exploited.
     eviction_pending: bool = True
     rebalance_interval: float = 1.0  # seconds between rebalancing checks
+    # M reads each backend's LRU through a summary (an _EvictionCurve) rebuilt at most this often, or when a request
+    # needs more of the LRU than it covers: a lookup is then a binary search, not a walk of the prefix groups, and a
+    # rebuild (a walk) happens a few times a second whatever the rate. 0: rebuilt for every decision.
+    eviction_refresh: float = 0.25
 
 
-# M walks a backend's LRU from its oldest prefix group; past this many groups it stops and charges the blocks
-# still to free at the mean value per block of the groups walked, so a decision costs the same however many groups
-# the window holds.
-_EVICTION_WALK = 64
 
 
 @dataclass(slots=True)
@@ -135,6 +136,27 @@ class _Flight:
     first_token: float | None = None
     decode_end: float = 0.0  # when its decode is expected to end (set at the first token)
     decode_counted: bool = False  # its decode_end is in its backend's _DecodeSet sums
+
+
+class _EvictionCurve:
+    """One backend's LRU as M sees it: per prefix-tree node, oldest first, the blocks it holds there, where its
+    held part ends (tokens of context) and its uses within H, with running sums of blocks and of the value of
+    evicting each node whole (its recompute time x its uses). Built as deep as a query needed (and twice that,
+    so deeper queries rarely rebuild); M of a request is then two binary searches and three node terms."""
+
+    __slots__ = ("built", "complete", "held", "end", "hits", "cum_blocks", "cum_cost")
+
+    def __init__(self, built: float) -> None:
+        self.built = built
+        self.complete = False  # the whole LRU is in it
+        self.held: list[int] = []
+        self.end: list[int] = []  # start_blocks + held, in blocks
+        self.hits: list[int] = []
+        self.cum_blocks: list[int] = []  # blocks of nodes 0..i
+        self.cum_cost: list[float] = []  # value of evicting nodes 0..i whole
+
+    def covers(self, blocks: int) -> bool:
+        return self.complete or (bool(self.cum_blocks) and self.cum_blocks[-1] >= blocks)
 
 
 class _HitWindow:
@@ -253,6 +275,7 @@ class PreblePolicy:
         self._flights: dict[str, _Flight] = {}
         self._prefilling: dict[int, _PrefillQueue] = {}  # backend -> flights before their first token
         self._decoding: dict[int, _DecodeSet] = {}  # backend -> flights past their first token
+        self._curves: dict[int, _EvictionCurve] = {}  # backend -> its LRU summary for M
         self._moved: dict[int, _Move] = {}  # id(group) -> where rebalancing sent it
         self._replicas: dict[int, _Replica] = {}  # id(group) -> its holders
         self._routed = 0
@@ -382,33 +405,67 @@ class PreblePolicy:
             skip, free = max(0, pending - free), max(0, free - pending)
         if need <= free:
             return 0.0
-        to_free, cost, horizon = need - free, 0.0, now - self.config.window
-        walked_blocks = 0
-        for walked, node in enumerate(self.tree.lru_oldest_first(b.backend_id)):
-            if walked == _EVICTION_WALK:
-                cost += cost / max(walked_blocks, 1) * to_free
-                break
-            # The engine evicts block by block: when only part of this node must go, only its tail does, and
-            # only that part is recomputed later (charging the whole node made a backend holding one hot long
-            # document look ruinous to evict from, so every new document went to the other backend). A node the
-            # engine already evicted in part (KV events, on_blocks_evicted) holds only its leading blocks; the
-            # requests queued ahead take the LRU head first (their tail of this node), this request what is left.
-            held = node.held_keys(b.backend_id)
-            gone = min(held, skip)
-            skip -= gone
-            held -= gone
-            take = min(held, to_free)
-            if take <= 0:
-                continue
-            hits = node.hits(b.backend_id, horizon)
-            if hits:
-                end = (node.start_blocks + held) * request.block_size
-                cost += self.time.prefill_ms(take * request.block_size, end) * hits
-            walked_blocks += take
-            to_free -= take
-            if to_free <= 0:
-                break
+        return self._eviction_value(b.backend_id, skip, need - free, request.block_size, now)
+
+    def _eviction_value(self, backend_id: int, skip: int, to_free: int, block_size: int, now: float) -> float:
+        """Value of the `to_free` LRU blocks after the first `skip` (those go to the requests queued ahead).
+
+        The engine evicts block by block: when only part of a node must go, only its tail does, and only that part
+        is recomputed later (charging the whole node made a backend holding one hot long document look ruinous to
+        evict from, so every new document went to the other backend). A node the engine already evicted in part
+        (KV events, on_blocks_evicted) holds only its leading blocks; the requests queued ahead take the LRU head
+        first (their tail of that node), this request what is left."""
+        curve = self._curves.get(backend_id)
+        if (curve is None or now - curve.built >= self.config.eviction_refresh or now < curve.built
+                or not curve.covers(skip + to_free)):
+            curve = self._build_curve(backend_id, 2 * (skip + to_free), now)
+        cum = curve.cum_blocks
+        if not cum:
+            return 0.0
+        k = bisect.bisect_right(cum, skip)  # the first node not all taken by the queue ahead
+        if k == len(cum):
+            return 0.0
+        before = cum[k - 1] if k else 0
+        held = curve.held[k] - (skip - before)  # what the queue ahead leaves of node k
+        take = min(held, to_free)
+        cost = self._node_value(take, curve.end[k] - (curve.held[k] - held), curve.hits[k], block_size)
+        to_free -= take
+        if to_free <= 0:
+            return cost
+        target = cum[k] + to_free
+        j = bisect.bisect_left(cum, target, k + 1)  # the node where the last block to free lies
+        cost += curve.cum_cost[min(j, len(cum)) - 1] - curve.cum_cost[k]  # nodes k+1..j-1 go whole
+        if j < len(cum):
+            cost += self._node_value(target - cum[j - 1], curve.end[j], curve.hits[j], block_size)
         return cost
+
+    def _node_value(self, take: int, end_blocks: int, hits: int, block_size: int) -> float:
+        """Recomputing the last `take` blocks of a node held up to end_blocks, times its uses."""
+        if take <= 0 or not hits:
+            return 0.0
+        return self.time.prefill_ms(take * block_size, end_blocks * block_size) * hits
+
+    def _build_curve(self, backend_id: int, depth: int, now: float) -> _EvictionCurve:
+        curve = _EvictionCurve(now)
+        horizon, total, value = now - self.config.window, 0, 0.0
+        block_size = self._block_size
+        curve.complete = True
+        for node in self.tree.lru_oldest_first(backend_id):
+            if total >= depth:
+                curve.complete = False
+                break
+            held = node.held_keys(backend_id)
+            hits = node.hits(backend_id, horizon)
+            end = node.start_blocks + held
+            total += held
+            value += self._node_value(held, end, hits, block_size)
+            curve.held.append(held)
+            curve.end.append(end)
+            curve.hits.append(hits)
+            curve.cum_blocks.append(total)
+            curve.cum_cost.append(value)
+        self._curves[backend_id] = curve
+        return curve
 
     def _hit_ratio(self, backend_id: int, now: float) -> float:
         hits = self._hits.get(backend_id)
@@ -497,11 +554,12 @@ class PreblePolicy:
     def on_blocks_evicted(self, backend_id: int, keys: list[int]) -> None:
         """The engine no longer holds these blocks there: the tree forgets them, so M stops charging for them and
         rebalancing sees what moving a group would really recompute."""
-        self.tree.evict(backend_id, keys)
+        self.tree.evict(backend_id, keys)  # M's summary of this LRU catches up at its next refresh
 
     def on_backend_removed(self, backend_id: int) -> None:
         self.tree.forget_backend(backend_id)
-        for table in (self._load, self._load_sum, self._group_load, self._hits, self._prefilling, self._decoding):
+        for table in (self._load, self._load_sum, self._group_load, self._hits, self._prefilling, self._decoding,
+                      self._curves):
             table.pop(backend_id, None)
 
     # ---- rebalancing and replication ------------------------------------------------------------------
