@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import msgspec
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.requests import ClientDisconnect, Request
@@ -63,6 +64,9 @@ class ProxyConfig:
 
 
 _decode_json = msgspec.json.Decoder().decode
+# Arrays and objects a request body may nest. Real bodies nest a few levels (tool schemas a dozen or so); past
+# this the body is refused before anything walks it (templates, the backend's own parser).
+MAX_JSON_DEPTH = 64
 
 
 class _TooLarge(Exception):
@@ -71,7 +75,8 @@ class _TooLarge(Exception):
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise _TooLarge
     # ASGI messages read directly: Starlette's request.stream() keeps state for a later request.body(), unused here.
     receive = request.receive
@@ -87,6 +92,31 @@ async def _read_body(request: Request, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _nested_deeper(raw: bytes, body: Any, limit: int) -> bool:
+    """Whether the decoded body nests arrays/objects more than `limit` levels. Walked with a stack, not by
+    recursion, and only when the raw bytes hold more brackets than the limit (most bodies: one prompt string or
+    one token list, so no walk at all)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    stack = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
+def _invalid_fields(body: dict[str, Any]) -> Response | None:
+    """The fields the router itself reads, checked for a type it can use (the rest is the backend's to judge)."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        return error_response(400, "'model' must be a string", "invalid_type", "model")
+    return None
 
 
 def _cached_tokens_from_usage(usage: Any) -> int | None:
@@ -169,6 +199,7 @@ class Proxy:
 
         app = Starlette(
             middleware=[Middleware(_AuthMiddleware, proxy=self)],
+            exception_handlers={HTTPException: _http_exception, Exception: _internal_error},
             routes=[
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -198,7 +229,7 @@ class Proxy:
                 r.raise_for_status()
                 for m in r.json().get("data", []):
                     seen.setdefault(m["id"], m)
-            except (httpx.HTTPError, ValueError, KeyError):
+            except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):  # any reply a backend sends
                 continue
         if not seen and not self.router.healthy():
             return error_response(503, "no healthy backend", "no_healthy_backend")
@@ -253,6 +284,8 @@ class Proxy:
         if isinstance(parsed, Response):
             return parsed
         parsed, _ = parsed
+        if (invalid := _invalid_fields(parsed)) is not None:
+            return invalid
         endpoint = "chat" if "messages" in parsed else "completions"
         try:
             prepared = self.router.prepare(endpoint, parsed)
@@ -286,8 +319,12 @@ class Proxy:
             body = _decode_json(raw)  # msgspec: ~3x faster than json.loads on long prompts
         except msgspec.DecodeError as exc:
             return error_response(400, f"malformed JSON body: {exc}", "invalid_json")
+        except RecursionError:  # the decoder's own depth guard, met before ours
+            return error_response(400, f"JSON body nested deeper than {MAX_JSON_DEPTH} levels", "invalid_json")
         if not isinstance(body, dict):
             return error_response(400, "the request body must be a JSON object", "invalid_json")
+        if _nested_deeper(raw, body, MAX_JSON_DEPTH):
+            return error_response(400, f"JSON body nested deeper than {MAX_JSON_DEPTH} levels", "invalid_json")
         return body, raw
 
     async def _handle(self, request: Request, endpoint: str, path: str) -> Response | _WholeResponse:
@@ -296,6 +333,8 @@ class Proxy:
         if isinstance(parsed, Response):
             return parsed
         body, raw = parsed
+        if (invalid := _invalid_fields(body)) is not None:
+            return invalid
         model = body.get("model")
         if model is not None and model not in self.router.known_models():
             return error_response(404, f"The model `{model}` does not exist.", "model_not_found", "model")
@@ -397,7 +436,7 @@ class Proxy:
                 return relay
             content, output_tokens = first, None  # the whole reply
             if resp.status == 200:
-                with contextlib.suppress(ValueError, AttributeError):
+                with contextlib.suppress(ValueError, AttributeError, RecursionError):  # whatever the backend sent
                     usage = _decode_json(content).get("usage")
                     self._observe_usage(usage, decision, backend)
                     output_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
@@ -593,10 +632,36 @@ class _HotRoutes:
         await response(scope, receive, send)
 
 
+def _printable_path(scope: Scope) -> str:
+    """The request path for an error message: JSON-safe whatever bytes it decoded from."""
+    return str(scope.get("path", "")).encode("utf-8", "backslashreplace").decode("utf-8")[:200]
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (unknown path, wrong method) in the OpenAI format, not its plain text."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        response = error_response(404, f"no endpoint {_printable_path(request.scope)}", "not_found")
+    elif exc.status_code == 405:
+        response = error_response(405, f"method {request.method} not allowed on {_printable_path(request.scope)}",
+                                  "method_not_allowed")
+    else:
+        response = error_response(exc.status_code, str(exc.detail))
+    if exc.headers:  # Allow, on a 405
+        response.headers.update(exc.headers)
+    return response
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """What Starlette's ServerErrorMiddleware answers on a bug, as JSON (it raises the exception on for uvicorn to
+    log)."""
+    return error_response(500, "internal router error", "internal_error")
+
+
 def _usage_from_sse_tail(tail: bytes) -> dict | None:
     for line in reversed(tail.split(b"\n")):
         if line.startswith(b"data: {") and b'"usage"' in line:
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, AttributeError, RecursionError):  # whatever the backend sent
                 usage = _decode_json(line[6:]).get("usage")
                 if isinstance(usage, dict):
                     return usage
