@@ -116,7 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("PREBLE_API_KEY"),
                    help="Require `Authorization: Bearer KEY` on /v1/* (default: $PREBLE_API_KEY; none: open).")
     p.add_argument("--admin-key", default=os.environ.get("PREBLE_ADMIN_KEY"),
-                   help="Require this key on /debug/* and /reset_prefix_cache (default: $PREBLE_ADMIN_KEY).")
+                   help="Require this key on /debug/* and /reset_prefix_cache (default: $PREBLE_ADMIN_KEY). "
+                        "Without it (and without --admin-open) they answer 403.")
+    p.add_argument("--admin-open", action="store_true", default=ProxyConfig.admin_open,
+                   help="UNSAFE: without --admin-key, serve /debug/* and /reset_prefix_cache to anyone who can reach "
+                        "the port (one request empties every replica's prefix cache). Without either they answer "
+                        "403. For local experiments only.")
     p.add_argument("--backend-api-key", default=os.environ.get("PREBLE_BACKEND_API_KEY"),
                    help="API key of the vLLM backends (their --api-key); replaces the client's Authorization.")
     p.add_argument("--max-concurrency", type=int, default=0,
@@ -162,7 +167,8 @@ def build_proxy(args: argparse.Namespace) -> Proxy:
                                      request_timeout=args.request_timeout, health_interval=args.health_interval,
                                      startup_wait=args.startup_wait, api_key=args.api_key,
                                      admin_key=args.admin_key, backend_api_key=args.backend_api_key,
-                                     max_concurrency=args.max_concurrency, max_queue=args.max_queue),
+                                     max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                                     admin_open=args.admin_open),
                  discovery=lambda r: start_discovery(args, r))
 
 

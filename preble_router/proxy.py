@@ -61,6 +61,9 @@ class ProxyConfig:
     backend_api_key: str | None = None  # replaces the client's Authorization towards the backends
     max_concurrency: int = 0  # requests forwarded at once (0: unbounded)
     max_queue: int = 1024  # requests waiting for a slot beyond max_concurrency; more get 429
+    # Without admin_key, /debug/* and /reset_prefix_cache answer 403 unless this opens them to anyone who can
+    # reach the port (unsafe: one request empties every replica's prefix cache).
+    admin_open: bool = False
 
 
 _decode_json = msgspec.json.Decoder().decode
@@ -581,13 +584,20 @@ class _RelayResponse(StreamingResponse):
                     await result
 
 
+def _is_admin_path(path: str) -> bool:
+    return path.startswith("/debug/") or path.rstrip("/") in ("/debug", "/reset_prefix_cache")
+
+
 def _key_denied(scope: Scope, config: ProxyConfig) -> Response | None:
-    """API key for /v1/*, admin key for /debug/* and /reset_prefix_cache; /health and /metrics stay open
-    (probes and scrapers). Keys compare in constant time."""
+    """API key for /v1/*, admin key for /debug/* and /reset_prefix_cache (locked without one, unless admin_open);
+    /health and /metrics stay open (probes and scrapers). Keys compare in constant time."""
     path: str = scope["path"]
-    key = config.admin_key if (path.startswith("/debug/") or path == "/reset_prefix_cache") else \
-        config.api_key if path.startswith("/v1/") else None
+    admin = _is_admin_path(path)
+    key = config.admin_key if admin else config.api_key if path.startswith("/v1/") else None
     if key is None:
+        if admin and not config.admin_open:
+            return error_response(403, "admin endpoints are locked: start the router with --admin-key KEY "
+                                  "(or --admin-open, which opens them to anyone)", "admin_locked")
         return None
     auth = dict(scope["headers"]).get(b"authorization", b"")
     if hmac.compare_digest(auth, f"Bearer {key}".encode()):

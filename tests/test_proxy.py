@@ -26,7 +26,7 @@ def fakes(request):
 def router(fakes, tiny_model):
     with serve_router(["--backends", *fakes, "--model", str(tiny_model), "--served-model-name", "tiny",
                        "--policy", "cache_aware", "--max-body-bytes", "100000", "--request-timeout", "3",
-                       "--health-interval", "0.5"]) as (url, proxy):
+                       "--health-interval", "0.5", "--admin-open"]) as (url, proxy):
         yield url
 
 
