@@ -35,7 +35,7 @@ from preble_router.metrics import RouterMetrics
 from preble_router.policies import Decision
 from preble_router.router import PreparedRequest, Router
 from preble_router.tokens import PromptError
-from preble_router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from preble_router.upstream import StreamStalled, UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,13 @@ class ProxyConfig:
     # Without admin_key, /debug/* and /reset_prefix_cache answer 403 unless this opens them to anyone who can
     # reach the port (unsafe: one request empties every replica's prefix cache).
     admin_open: bool = False
+    # A backend that accepts connections but never answers (a paused process, a stuck engine) must not hold
+    # requests for request_timeout. A stream whose first chunk (the first token, after prefill) takes longer than
+    # first_byte_timeout goes to another backend, as a connect failure does: a few seconds above a long prefill.
+    # Whole (non-streamed) replies start only once generated, so they are bounded by request_timeout alone.
+    first_byte_timeout: float = 60.0  # 0: no limit
+    stream_idle_timeout: float = 60.0  # a stream with no chunk for this long ends with an error event; 0: no limit
+    probe_timeout: float = 3.0  # per health-probe request: a hung backend leaves the healthy set in seconds
 
 
 _decode_json = msgspec.json.Decoder().decode
@@ -142,6 +149,7 @@ class Proxy:
         # use httpx.
         self.upstream: UpstreamPool | None = None
         self.client: httpx.AsyncClient | None = None
+        self.probes: httpx.AsyncClient | None = None  # health probes, with their own short timeout
         self._health_task: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(self.config.max_concurrency) if self.config.max_concurrency > 0 else None
         self._queued = 0
@@ -152,6 +160,8 @@ class Proxy:
             timeout=httpx.Timeout(self.config.request_timeout, connect=self.config.connect_timeout),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
         )
+        self.probes = httpx.AsyncClient(timeout=httpx.Timeout(self.config.probe_timeout),
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         # No cookie jar, no decompression: one pool serves every client, and bytes go back as the backend sent them.
         self.upstream = UpstreamPool(connect_timeout=self.config.connect_timeout,
                                      request_timeout=self.config.request_timeout)
@@ -160,7 +170,7 @@ class Proxy:
         self.router.start_event_consumers()
         deadline = time.monotonic() + self.config.startup_wait
         while True:
-            await self.router.probe_all(self.client)
+            await self.router.probe_all(self.probes)
             if all(b.healthy for b in self.router.backends.values()) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
@@ -177,15 +187,17 @@ class Proxy:
         await self.router.stop()
         if self.client:
             await self.client.aclose()
+        if self.probes:
+            await self.probes.aclose()
         if self.upstream:
             await self.upstream.close()
 
     async def _health_loop(self) -> None:
-        assert self.client is not None
+        assert self.probes is not None
         while True:
             await asyncio.sleep(self.config.health_interval)
             try:
-                await self.router.probe_all(self.client)
+                await self.router.probe_all(self.probes)
             except Exception:  # a probe bug must never stop health checking
                 log.exception("health probe failed")
             self.metrics.publish_state()
@@ -373,6 +385,9 @@ class Proxy:
                        stream: bool, received: float) -> Response | _WholeResponse:
         assert self.upstream is not None
         headers = _forwarded_headers(request.scope["headers"], self.config.backend_api_key)
+        # Progress limits for streams only: a whole reply's first byte comes after its whole generation.
+        first_byte_timeout = (self.config.first_byte_timeout or None) if stream else None
+        idle_timeout = (self.config.stream_idle_timeout or None) if stream else None
         tried: set[int] = set()
         last_error = "no healthy backend"
         for attempt in range(self.config.max_attempts):
@@ -396,7 +411,8 @@ class Proxy:
                 self.metrics.retries.inc()
             sent = time.perf_counter()
             try:
-                resp = await self.upstream.post(backend.url, path, headers, raw)
+                resp = await self.upstream.post(backend.url, path, headers, raw, first_byte_timeout=first_byte_timeout,
+                                                idle_timeout=idle_timeout)
             except _TRANSPORT_ERRORS as exc:
                 last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
                 continue
@@ -463,6 +479,11 @@ class Proxy:
                 # Keep the tail only: the usage chunk (when asked for) comes last, right before [DONE].
                 tail = (tail + chunk)[-8192:]
             status = resp.status
+        except StreamStalled as exc:  # (a TimeoutError: caught before the other transport errors)
+            status = 504
+            mark_failure(backend, str(exc))
+            self.metrics.errors.labels(backend.url, "stream_stalled").inc()
+            yield sse_error_event(504, f"backend {backend.url} stalled mid-stream: {exc}", "backend_timeout")
         except _TRANSPORT_ERRORS as exc:
             status = 502
             mark_failure(backend, str(exc) or type(exc).__name__)
@@ -487,8 +508,8 @@ class Proxy:
         mark_failure(backend, message)
         self.metrics.errors.labels(backend.url, type(exc).__name__).inc()
         self._end(prepared, inflight, backend, endpoint, 502, ok=False)
-        if self.client is not None:  # let the health loop re-admit it as soon as it answers again
-            asyncio.get_running_loop().create_task(probe_backend(self.client, backend))
+        if self.probes is not None:  # let the health loop re-admit it as soon as it answers again
+            asyncio.get_running_loop().create_task(probe_backend(self.probes, backend))
         return message
 
     def _end(self, prepared: PreparedRequest, inflight: InFlight, backend: Backend, endpoint: str, status: int,
