@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from preble_router.backends import Backend, mark_failure, probe_backend
 from preble_router.discovery import Discovery
-from preble_router.errors import error_response, sse_error_event
+from preble_router.errors import error_body, error_response, sse_error_event
 from preble_router.load import InFlight
 from preble_router.metrics import RouterMetrics
 from preble_router.policies import Decision
@@ -291,7 +291,10 @@ class Proxy:
             if ok:
                 self.router.index.apply_cleared(backend.backend_id)
         status = 200 if all(v == "ok" for v in results.values()) else 502
-        return JSONResponse({"backends": results}, status_code=status)
+        body: dict[str, Any] = {"backends": results}
+        if status != 200:  # an error like every other, with what each backend said
+            body.update(error_body(502, "some backends did not reset their prefix cache", "reset_failed"))
+        return JSONResponse(body, status_code=status)
 
     async def debug_route(self, request: Request) -> Response:
         """The decision and per-backend view for a request body, without sending it."""

@@ -58,6 +58,8 @@ def test_admin_endpoints_are_locked_without_a_key(tiny_model, method, path, open
         with serve_router([*argv, "--admin-open"]) as (url, _):
             r = httpx.request(method, url + path.rstrip("/"), json=body)
             assert r.status_code == open_status, r.text
+            if open_status == 502:
+                assert r.json()["error"]["code"] == "reset_failed" and r.json()["backends"] == {url_b: "HTTP 404"}
     finally:
         stop()
 
