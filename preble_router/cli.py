@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Seconds a streamed request waits for its backend's first chunk (its first token, after "
                         "prefill: set it a few seconds above the longest prefill). Past it the backend is marked "
                         "down and the request goes to another (up to --max-attempts). Non-streamed replies arrive "
-                        "only once generated and are bounded by --request-timeout alone. 0: no limit.")
+                        "only once generated, so they have no such limit (those a backend has not begun to answer when "
+                        "it fails a health probe go elsewhere). 0: no limit.")
     p.add_argument("--stream-idle-timeout", type=float, default=ProxyConfig.stream_idle_timeout,
                    help="Seconds a stream may go without a chunk once started; then the backend is marked down and "
                         "the client's stream ends with an error event and [DONE]. 0: no limit.")

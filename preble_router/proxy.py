@@ -67,7 +67,8 @@ class ProxyConfig:
     # A backend that accepts connections but never answers (a paused process, a stuck engine) must not hold
     # requests for request_timeout. A stream whose first chunk (the first token, after prefill) takes longer than
     # first_byte_timeout goes to another backend, as a connect failure does: a few seconds above a long prefill.
-    # Whole (non-streamed) replies start only once generated, so they are bounded by request_timeout alone.
+    # Whole (non-streamed) replies start only once generated, so they have no such limit; those a backend has not
+    # begun to answer when it fails a health probe are retried elsewhere (_fail_unanswered_on_down_backends).
     first_byte_timeout: float = 60.0  # 0: no limit
     stream_idle_timeout: float = 60.0  # a stream with no chunk for this long ends with an error event; 0: no limit
     probe_timeout: float = 3.0  # per health-probe request: a hung backend leaves the healthy set in seconds
@@ -198,9 +199,23 @@ class Proxy:
             await asyncio.sleep(self.config.health_interval)
             try:
                 await self.router.probe_all(self.probes)
+                self._fail_unanswered_on_down_backends()
             except Exception:  # a probe bug must never stop health checking
                 log.exception("health probe failed")
             self.metrics.publish_state()
+
+    def _fail_unanswered_on_down_backends(self) -> None:
+        """A backend that just failed its probe (hung, or gone) would hold the requests it has not begun to answer
+        until request_timeout: whole replies have no first-byte limit. Fail them now; _forward retries them on
+        another backend, as nothing of theirs has reached a client."""
+        if self.upstream is None:
+            return
+        for backend in list(self.router.backends.values()):
+            if not backend.healthy:
+                failed = self.upstream.fail_unanswered(backend.url, f"failed its health probe: {backend.last_error}")
+                if failed:
+                    log.warning("backend %s failed its probe: %d unanswered requests go elsewhere", backend.url,
+                                failed)
 
     # ---- endpoints ------------------------------------------------------------------------------
     def app(self) -> ASGIApp:

@@ -45,6 +45,10 @@ class ProtocolError(UpstreamError):
     pass
 
 
+class BackendDown(UpstreamError):
+    """Failed on purpose: the backend failed its health probe before this reply's body began."""
+
+
 class FirstByteTimeout(TimeoutError):
     """No byte of the reply's body came within the first-byte limit (nothing has reached the client yet)."""
 
@@ -362,6 +366,16 @@ class UpstreamPool:
                 raise
             return UpstreamResponse(conn)
         raise AssertionError("unreachable")
+
+    def fail_unanswered(self, base_url: str, reason: str) -> int:
+        """Fail every reply from base_url whose body has not begun (so none of it can have reached a client) with
+        BackendDown; the number failed."""
+        url = urlsplit(base_url)
+        key = (url.scheme, url.hostname, url.port or (443 if url.scheme == "https" else 80))
+        failed = [conn for conn in self._open if conn.key == key and conn.active and not conn.got_body]
+        for conn in failed:
+            conn.fail(BackendDown(reason))
+        return len(failed)
 
     async def close(self) -> None:
         for conn in list(self._open):

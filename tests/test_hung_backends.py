@@ -3,6 +3,7 @@ the first-byte limit, the stream idle limit and the probes' own timeout."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import signal
@@ -116,6 +117,27 @@ def test_a_paused_backend_leaves_the_healthy_set_within_seconds(tiny_model):
                 while not _backends(url)[paused]["healthy"]:
                     assert time.monotonic() - t0 < 5, "the resumed backend did not come back"
                     time.sleep(0.1)
+        finally:
+            stop()
+
+
+def test_requests_waiting_on_a_backend_that_fails_its_probe_go_elsewhere(tiny_model):
+    """Whole replies have no first-byte limit (theirs comes after generation): requests in flight on a backend
+    that then fails its probe are retried elsewhere at once, not held for --request-timeout."""
+    good, stop = run_fake_backend_in_thread(model="tiny")
+    with _fake_process() as (paused, proc):
+        try:
+            argv = _argv([paused, good], tiny_model, "--probe-timeout", "1", "--request-timeout", "60")
+            with serve_router(argv) as (url, _):
+                proc.send_signal(signal.SIGSTOP)
+                t0 = time.monotonic()
+                with concurrent.futures.ThreadPoolExecutor(2) as pool:  # round robin: one goes to the paused one
+                    replies = list(pool.map(lambda i: httpx.post(url + "/v1/completions", timeout=60, json={
+                        "model": "tiny", "prompt": f"hi {i}"}), range(2)))
+                assert time.monotonic() - t0 < 8
+                assert all(r.status_code == 200 and r.headers["x-preble-backend"] == good for r in replies)
+                assert sorted(r.headers["x-preble-attempts"] for r in replies) == ["1", "2"]
+                assert 'kind="BackendDown"' in httpx.get(url + "/metrics").text
         finally:
             stop()
 
