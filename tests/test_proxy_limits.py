@@ -71,6 +71,26 @@ def test_admin_open_is_documented_as_unsafe():
     assert "--admin-open UNSAFE" in text
 
 
+def test_a_bug_in_the_router_is_a_json_500(tiny_model, monkeypatch):
+    """If the router's own code ever raises, the client still gets an OpenAI error body, on the hot path and on
+    Starlette's routes alike (the fuzz test asserts this never happens for any input)."""
+    url_b, stop = run_fake_backend_in_thread(model="tiny")
+    try:
+        argv = ["--backends", url_b, "--model", str(tiny_model), "--served-model-name", "tiny"]
+        with serve_router(argv) as (url, proxy):
+            def broken(*_: object, **__: object) -> None:
+                raise RuntimeError("a bug")
+
+            monkeypatch.setattr(proxy.router, "prepare", broken)
+            monkeypatch.setattr(proxy.router, "healthy", broken)
+            for r in (httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x"}),
+                      httpx.get(url + "/health")):
+                assert r.status_code == 500
+                assert r.json()["error"]["code"] == "internal_error"
+    finally:
+        stop()
+
+
 def test_full_queue_gets_429(tiny_model):
     url_b, stop = run_fake_backend_in_thread(model="tiny", delay_s=1.0)
     try:
