@@ -14,7 +14,9 @@ the router overhead benchmark (``benchmarks/overhead.py``) to run without starti
   completion bodies say ``"system_fingerprint": "fake-backend:<name>"``, so tests can see routing.
 - Fault injection (``fail_mode``) for generation endpoints: ``"500"`` (HTTP 500 every time),
   ``"die_mid_stream"`` (two SSE chunks, then the connection is dropped; non-streaming requests get half
-  a body, then the drop), ``"hang"`` (never answers until the client goes away or the server stops).
+  a body, then the drop), ``"hang"`` (never answers until the client goes away or the server stops),
+  ``"stall_mid_stream"`` (streams: the first chunk, then nothing until the client goes away; non-streaming
+  requests hang).
 - Test hooks (not in vLLM): ``GET /_fake/stats`` (request counts) and ``POST /_fake/config``
   (change ``fail_mode``, ``delay_s``, ``tokens_per_response`` at run time).
 
@@ -74,7 +76,7 @@ except ImportError:  # pragma: no cover - depends on the environment
         _loads = json.loads
 
 
-FAIL_MODES = (None, "500", "die_mid_stream", "hang")
+FAIL_MODES = (None, "500", "die_mid_stream", "hang", "stall_mid_stream")
 VOCAB = 32000
 MAX_MODEL_LEN = 8192
 FAKE_VERSION = "0.32.0+fake"
@@ -244,7 +246,7 @@ def make_fake_backend_app(
         if mode == "500":
             st.failed_total += 1
             return error(request, 500, "fake backend: fail_mode=500", "InternalServerError")
-        if mode == "hang":
+        if mode == "hang" or (mode == "stall_mid_stream" and not body.get("stream")):
             return await hang(request)
 
         if chat:
@@ -353,6 +355,8 @@ def make_fake_backend_app(
                     sent += 1
                 for t in range(n_out):
                     for i in range(n_choices if not chat else 1):
+                        if mode == "stall_mid_stream" and sent >= 1:
+                            await asyncio.sleep(3600)  # cancelled when the client goes away
                         if mode == "die_mid_stream" and sent >= 2:
                             raise FakeBackendAbort("fake backend: fail_mode=die_mid_stream")
                         last = t == n_out - 1
@@ -557,7 +561,9 @@ def run_fake_backend_in_thread(host: str = "127.0.0.1", port: int = 0, ready_tim
     """
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP, as uvicorn binds: asyncio sets TCP_NODELAY only on sockets that say so, and without it
+    # every reply on a kept-alive connection waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     port = sock.getsockname()[1]

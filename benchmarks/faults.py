@@ -62,7 +62,8 @@ def run_fault_scenario(model: Path, *, requests: int = 60, rate: float = 4.0, ki
                        log_dir: Path | None = None) -> dict[str, Any]:
     with start_replicas(model, 2, block_size=32, log_dir=log_dir) as replicas:
         victim: Replica = replicas[0]
-        argv = router_argv(replicas, model, policy="preble", extra=["--health-interval", "0.5", "--max-attempts", "3"])
+        argv = router_argv(replicas, model, policy="preble",
+                           extra=["--health-interval", "0.5", "--max-attempts", "3", "--admin-open"])  # /debug/backends
         with start_router(argv) as url:
             killed = {"done": False}
 

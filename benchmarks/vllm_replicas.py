@@ -208,6 +208,13 @@ class Replica:
                 pass
         self.kill()  # always: EngineCore may outlive the API server by a moment
 
+    def pause(self) -> None:
+        """SIGSTOP the group (fault injection: a hung replica, its sockets still accepting)."""
+        self._signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_group(signal.SIGCONT)
+
     def restart(self, timeout: float | None = None) -> None:
         """Kill and start again on the same port and ZMQ endpoints, then wait until ready.
 

@@ -63,8 +63,10 @@ def parse_cache_config(metrics_text: str) -> tuple[int | None, int | None]:
     return as_int("block_size"), as_int("num_gpu_blocks")
 
 
-async def probe_backend(client: httpx.AsyncClient, backend: Backend, timeout: float = 5.0) -> None:
-    """One active health check; updates backend in place."""
+async def probe_backend(client: httpx.AsyncClient, backend: Backend,
+                        timeout: float | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT) -> None:
+    """One active health check; updates backend in place. Each of its requests waits `timeout` seconds at most
+    (by default the client's timeout: the proxy probes through a client with its own short one)."""
     try:
         r = await client.get(f"{backend.url}/health", timeout=timeout)
         r.raise_for_status()
@@ -103,7 +105,8 @@ def parse_engine_gauges(metrics_text: str) -> tuple[int | None, int | None]:
     return (None if running is None else int(running)), (None if waiting is None else int(waiting))
 
 
-async def _probe_engine_load(client: httpx.AsyncClient, backend: Backend, metrics_text: str, timeout: float) -> None:
+async def _probe_engine_load(client: httpx.AsyncClient, backend: Backend, metrics_text: str,
+                             timeout: float | httpx._client.UseClientDefault) -> None:
     """Prefer the plugin's load report (exact pending prefill tokens); fall back to vLLM's gauges."""
     if backend.load_source != "metrics":  # once a replica is known not to run the plugin, stop asking
         try:

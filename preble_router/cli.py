@@ -121,10 +121,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Backends tried per request when one fails before the first byte.")
     p.add_argument("--request-timeout", type=float, default=600.0, help="Seconds for a whole backend request.")
     p.add_argument("--health-interval", type=float, default=2.0, help="Seconds between backend health probes.")
+    p.add_argument("--probe-timeout", type=float, default=ProxyConfig.probe_timeout,
+                   help="Seconds each health-probe request may take: a backend that accepts connections but does not "
+                        "answer (paused, hung) leaves the healthy set within --health-interval plus this.")
+    p.add_argument("--first-byte-timeout", type=float, default=ProxyConfig.first_byte_timeout,
+                   help="Seconds a streamed request waits for its backend's first chunk (its first token, after "
+                        "prefill: set it a few seconds above the longest prefill). Past it the backend is marked "
+                        "down and the request goes to another (up to --max-attempts). Non-streamed replies arrive "
+                        "only once generated, so they have no such limit (those a backend has not begun to answer when "
+                        "it fails a health probe go elsewhere). 0: no limit.")
+    p.add_argument("--stream-idle-timeout", type=float, default=ProxyConfig.stream_idle_timeout,
+                   help="Seconds a stream may go without a chunk once started; then the backend is marked down and "
+                        "the client's stream ends with an error event and [DONE]. 0: no limit.")
     p.add_argument("--api-key", default=os.environ.get("PREBLE_API_KEY"),
                    help="Require `Authorization: Bearer KEY` on /v1/* (default: $PREBLE_API_KEY; none: open).")
     p.add_argument("--admin-key", default=os.environ.get("PREBLE_ADMIN_KEY"),
-                   help="Require this key on /debug/* and /reset_prefix_cache (default: $PREBLE_ADMIN_KEY).")
+                   help="Require this key on /debug/* and /reset_prefix_cache (default: $PREBLE_ADMIN_KEY). "
+                        "Without it (and without --admin-open) they answer 403.")
+    p.add_argument("--admin-open", action="store_true", default=ProxyConfig.admin_open,
+                   help="UNSAFE: without --admin-key, serve /debug/* and /reset_prefix_cache to anyone who can reach "
+                        "the port (one request empties every replica's prefix cache). Without either they answer "
+                        "403. For local experiments only.")
     p.add_argument("--backend-api-key", default=os.environ.get("PREBLE_BACKEND_API_KEY"),
                    help="API key of the vLLM backends (their --api-key); replaces the client's Authorization.")
     p.add_argument("--max-concurrency", type=int, default=0,
@@ -175,7 +192,10 @@ def build_proxy(args: argparse.Namespace) -> Proxy:
                                      request_timeout=args.request_timeout, health_interval=args.health_interval,
                                      startup_wait=args.startup_wait, api_key=args.api_key,
                                      admin_key=args.admin_key, backend_api_key=args.backend_api_key,
-                                     max_concurrency=args.max_concurrency, max_queue=args.max_queue),
+                                     max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                                     admin_open=args.admin_open, probe_timeout=args.probe_timeout,
+                                     first_byte_timeout=args.first_byte_timeout,
+                                     stream_idle_timeout=args.stream_idle_timeout),
                  discovery=lambda r: start_discovery(args, r))
 
 

@@ -7,8 +7,8 @@ import json
 from starlette.responses import JSONResponse
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          502: "api_error", 503: "service_unavailable", 504: "timeout_error"}
+          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 500: "api_error", 502: "api_error", 503: "service_unavailable", 504: "timeout_error"}
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import msgspec
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.requests import ClientDisconnect, Request
@@ -28,14 +29,14 @@ from starlette.routing import Route
 
 from preble_router.backends import Backend, mark_failure, probe_backend
 from preble_router.discovery import Discovery
-from preble_router.errors import error_response, sse_error_event
+from preble_router.errors import error_body, error_response, sse_error_event
 from preble_router.kv_events import KvEventSubscriber
 from preble_router.load import InFlight
 from preble_router.metrics import RouterMetrics
 from preble_router.policies import Decision
 from preble_router.router import PreparedRequest, Router
 from preble_router.tokens import PromptError
-from preble_router.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from preble_router.upstream import StreamStalled, UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,23 @@ class ProxyConfig:
     backend_api_key: str | None = None  # replaces the client's Authorization towards the backends
     max_concurrency: int = 0  # requests forwarded at once (0: unbounded)
     max_queue: int = 1024  # requests waiting for a slot beyond max_concurrency; more get 429
+    # Without admin_key, /debug/* and /reset_prefix_cache answer 403 unless this opens them to anyone who can
+    # reach the port (unsafe: one request empties every replica's prefix cache).
+    admin_open: bool = False
+    # A backend that accepts connections but never answers (a paused process, a stuck engine) must not hold
+    # requests for request_timeout. A stream whose first chunk (the first token, after prefill) takes longer than
+    # first_byte_timeout goes to another backend, as a connect failure does: a few seconds above a long prefill.
+    # Whole (non-streamed) replies start only once generated, so they have no such limit; those a backend has not
+    # begun to answer when it fails a health probe are retried elsewhere (_fail_unanswered_on_down_backends).
+    first_byte_timeout: float = 60.0  # 0: no limit
+    stream_idle_timeout: float = 60.0  # a stream with no chunk for this long ends with an error event; 0: no limit
+    probe_timeout: float = 3.0  # per health-probe request: a hung backend leaves the healthy set in seconds
 
 
 _decode_json = msgspec.json.Decoder().decode
+# Arrays and objects a request body may nest. Real bodies nest a few levels (tool schemas a dozen or so); past
+# this the body is refused before anything walks it (templates, the backend's own parser).
+MAX_JSON_DEPTH = 64
 
 
 class _TooLarge(Exception):
@@ -72,7 +87,8 @@ class _TooLarge(Exception):
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise _TooLarge
     # ASGI messages read directly: Starlette's request.stream() keeps state for a later request.body(), unused here.
     receive = request.receive
@@ -88,6 +104,31 @@ async def _read_body(request: Request, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _nested_deeper(raw: bytes, body: Any, limit: int) -> bool:
+    """Whether the decoded body nests arrays/objects more than `limit` levels. Walked with a stack, not by
+    recursion, and only when the raw bytes hold more brackets than the limit (most bodies: one prompt string or
+    one token list, so no walk at all)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    stack = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
+def _invalid_fields(body: dict[str, Any]) -> Response | None:
+    """The fields the router itself reads, checked for a type it can use (the rest is the backend's to judge)."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        return error_response(400, "'model' must be a string", "invalid_type", "model")
+    return None
 
 
 def _cached_tokens_from_usage(usage: Any) -> int | None:
@@ -110,6 +151,7 @@ class Proxy:
         # use httpx.
         self.upstream: UpstreamPool | None = None
         self.client: httpx.AsyncClient | None = None
+        self.probes: httpx.AsyncClient | None = None  # health probes, with their own short timeout
         self._health_task: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(self.config.max_concurrency) if self.config.max_concurrency > 0 else None
         self._queued = 0
@@ -120,6 +162,8 @@ class Proxy:
             timeout=httpx.Timeout(self.config.request_timeout, connect=self.config.connect_timeout),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
         )
+        self.probes = httpx.AsyncClient(timeout=httpx.Timeout(self.config.probe_timeout),
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         # No cookie jar, no decompression: one pool serves every client, and bytes go back as the backend sent them.
         self.upstream = UpstreamPool(connect_timeout=self.config.connect_timeout,
                                      request_timeout=self.config.request_timeout)
@@ -128,7 +172,7 @@ class Proxy:
         self.router.start_event_consumers()
         deadline = time.monotonic() + self.config.startup_wait
         while True:
-            await self.router.probe_all(self.client)
+            await self.router.probe_all(self.probes)
             if all(b.healthy for b in self.router.backends.values()) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
@@ -145,19 +189,35 @@ class Proxy:
         await self.router.stop()
         if self.client:
             await self.client.aclose()
+        if self.probes:
+            await self.probes.aclose()
         if self.upstream:
             await self.upstream.close()
 
     async def _health_loop(self) -> None:
-        assert self.client is not None
+        assert self.probes is not None
         while True:
             await asyncio.sleep(self.config.health_interval)
             try:
-                await self.router.probe_all(self.client)
+                await self.router.probe_all(self.probes)
+                self._fail_unanswered_on_down_backends()
                 self.router.check_event_feeds()
             except Exception:  # a probe bug must never stop health checking
                 log.exception("health probe failed")
             self.metrics.publish_state()
+
+    def _fail_unanswered_on_down_backends(self) -> None:
+        """A backend that just failed its probe (hung, or gone) would hold the requests it has not begun to answer
+        until request_timeout: whole replies have no first-byte limit. Fail them now; _forward retries them on
+        another backend, as nothing of theirs has reached a client."""
+        if self.upstream is None:
+            return
+        for backend in list(self.router.backends.values()):
+            if not backend.healthy:
+                failed = self.upstream.fail_unanswered(backend.url, f"failed its health probe: {backend.last_error}")
+                if failed:
+                    log.warning("backend %s failed its probe: %d unanswered requests go elsewhere", backend.url,
+                                failed)
 
     # ---- endpoints ------------------------------------------------------------------------------
     def app(self) -> ASGIApp:
@@ -171,6 +231,7 @@ class Proxy:
 
         app = Starlette(
             middleware=[Middleware(_AuthMiddleware, proxy=self)],
+            exception_handlers={HTTPException: _http_exception, Exception: _internal_error},
             routes=[
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -200,7 +261,7 @@ class Proxy:
                 r.raise_for_status()
                 for m in r.json().get("data", []):
                     seen.setdefault(m["id"], m)
-            except (httpx.HTTPError, ValueError, KeyError):
+            except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):  # any reply a backend sends
                 continue
         if not seen and not self.router.healthy():
             return error_response(503, "no healthy backend", "no_healthy_backend")
@@ -259,7 +320,10 @@ class Proxy:
             if ok:
                 self.router.index.apply_cleared(backend.backend_id)
         status = 200 if all(v == "ok" for v in results.values()) else 502
-        return JSONResponse({"backends": results}, status_code=status)
+        body: dict[str, Any] = {"backends": results}
+        if status != 200:  # an error like every other, with what each backend said
+            body.update(error_body(502, "some backends did not reset their prefix cache", "reset_failed"))
+        return JSONResponse(body, status_code=status)
 
     async def debug_route(self, request: Request) -> Response:
         """The decision and per-backend view for a request body, without sending it."""
@@ -267,6 +331,8 @@ class Proxy:
         if isinstance(parsed, Response):
             return parsed
         parsed, _ = parsed
+        if (invalid := _invalid_fields(parsed)) is not None:
+            return invalid
         endpoint = "chat" if "messages" in parsed else "completions"
         try:
             prepared = self.router.prepare(endpoint, parsed)
@@ -300,8 +366,12 @@ class Proxy:
             body = _decode_json(raw)  # msgspec: ~3x faster than json.loads on long prompts
         except msgspec.DecodeError as exc:
             return error_response(400, f"malformed JSON body: {exc}", "invalid_json")
+        except RecursionError:  # the decoder's own depth guard, met before ours
+            return error_response(400, f"JSON body nested deeper than {MAX_JSON_DEPTH} levels", "invalid_json")
         if not isinstance(body, dict):
             return error_response(400, "the request body must be a JSON object", "invalid_json")
+        if _nested_deeper(raw, body, MAX_JSON_DEPTH):
+            return error_response(400, f"JSON body nested deeper than {MAX_JSON_DEPTH} levels", "invalid_json")
         return body, raw
 
     async def _handle(self, request: Request, endpoint: str, path: str) -> Response | _WholeResponse:
@@ -310,6 +380,8 @@ class Proxy:
         if isinstance(parsed, Response):
             return parsed
         body, raw = parsed
+        if (invalid := _invalid_fields(body)) is not None:
+            return invalid
         model = body.get("model")
         if model is not None and model not in self.router.known_models():
             return error_response(404, f"The model `{model}` does not exist.", "model_not_found", "model")
@@ -345,6 +417,9 @@ class Proxy:
                        stream: bool, received: float) -> Response | _WholeResponse:
         assert self.upstream is not None
         headers = _forwarded_headers(request.scope["headers"], self.config.backend_api_key)
+        # Progress limits for streams only: a whole reply's first byte comes after its whole generation.
+        first_byte_timeout = (self.config.first_byte_timeout or None) if stream else None
+        idle_timeout = (self.config.stream_idle_timeout or None) if stream else None
         tried: set[int] = set()
         last_error = "no healthy backend"
         for attempt in range(self.config.max_attempts):
@@ -368,7 +443,8 @@ class Proxy:
                 self.metrics.retries.inc()
             sent = time.perf_counter()
             try:
-                resp = await self.upstream.post(backend.url, path, headers, raw)
+                resp = await self.upstream.post(backend.url, path, headers, raw, first_byte_timeout=first_byte_timeout,
+                                                idle_timeout=idle_timeout)
             except _TRANSPORT_ERRORS as exc:
                 last_error = self._transport_failure(prepared, inflight, backend, exc, endpoint)
                 continue
@@ -411,7 +487,7 @@ class Proxy:
                 return relay
             content, output_tokens, usage = first, None, None  # the whole reply
             if resp.status == 200:
-                with contextlib.suppress(ValueError, AttributeError):
+                with contextlib.suppress(ValueError, AttributeError, RecursionError):  # whatever the backend sent
                     usage = _decode_json(content).get("usage")
                     self._observe_usage(usage, decision, backend)
                     output_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
@@ -435,6 +511,11 @@ class Proxy:
                 # Keep the tail only: the usage chunk (when asked for) comes last, right before [DONE].
                 tail = (tail + chunk)[-8192:]
             status = resp.status
+        except StreamStalled as exc:  # (a TimeoutError: caught before the other transport errors)
+            status = 504
+            mark_failure(backend, str(exc))
+            self.metrics.errors.labels(backend.url, "stream_stalled").inc()
+            yield sse_error_event(504, f"backend {backend.url} stalled mid-stream: {exc}", "backend_timeout")
         except _TRANSPORT_ERRORS as exc:
             status = 502
             mark_failure(backend, str(exc) or type(exc).__name__)
@@ -460,8 +541,8 @@ class Proxy:
         mark_failure(backend, message)
         self.metrics.errors.labels(backend.url, type(exc).__name__).inc()
         self._end(prepared, inflight, backend, endpoint, 502, ok=False)
-        if self.client is not None:  # let the health loop re-admit it as soon as it answers again
-            asyncio.get_running_loop().create_task(probe_backend(self.client, backend))
+        if self.probes is not None:  # let the health loop re-admit it as soon as it answers again
+            asyncio.get_running_loop().create_task(probe_backend(self.probes, backend))
         return message
 
     def _end(self, prepared: PreparedRequest, inflight: InFlight, backend: Backend, endpoint: str, status: int,
@@ -557,13 +638,20 @@ class _RelayResponse(StreamingResponse):
                     await result
 
 
+def _is_admin_path(path: str) -> bool:
+    return path.startswith("/debug/") or path.rstrip("/") in ("/debug", "/reset_prefix_cache")
+
+
 def _key_denied(scope: Scope, config: ProxyConfig) -> Response | None:
-    """API key for /v1/*, admin key for /debug/* and /reset_prefix_cache; /health and /metrics stay open
-    (probes and scrapers). Keys compare in constant time."""
+    """API key for /v1/*, admin key for /debug/* and /reset_prefix_cache (locked without one, unless admin_open);
+    /health and /metrics stay open (probes and scrapers). Keys compare in constant time."""
     path: str = scope["path"]
-    key = config.admin_key if (path.startswith("/debug/") or path == "/reset_prefix_cache") else \
-        config.api_key if path.startswith("/v1/") else None
+    admin = _is_admin_path(path)
+    key = config.admin_key if admin else config.api_key if path.startswith("/v1/") else None
     if key is None:
+        if admin and not config.admin_open:
+            return error_response(403, "admin endpoints are locked: start the router with --admin-key KEY "
+                                  "(or --admin-open, which opens them to anyone)", "admin_locked")
         return None
     auth = dict(scope["headers"]).get(b"authorization", b"")
     if hmac.compare_digest(auth, f"Bearer {key}".encode()):
@@ -608,10 +696,36 @@ class _HotRoutes:
         await response(scope, receive, send)
 
 
+def _printable_path(scope: Scope) -> str:
+    """The request path for an error message: JSON-safe whatever bytes it decoded from."""
+    return str(scope.get("path", "")).encode("utf-8", "backslashreplace").decode("utf-8")[:200]
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (unknown path, wrong method) in the OpenAI format, not its plain text."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        response = error_response(404, f"no endpoint {_printable_path(request.scope)}", "not_found")
+    elif exc.status_code == 405:
+        response = error_response(405, f"method {request.method} not allowed on {_printable_path(request.scope)}",
+                                  "method_not_allowed")
+    else:
+        response = error_response(exc.status_code, str(exc.detail))
+    if exc.headers:  # Allow, on a 405
+        response.headers.update(exc.headers)
+    return response
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """What Starlette's ServerErrorMiddleware answers on a bug, as JSON (it raises the exception on for uvicorn to
+    log)."""
+    return error_response(500, "internal router error", "internal_error")
+
+
 def _usage_from_sse_tail(tail: bytes) -> dict | None:
     for line in reversed(tail.split(b"\n")):
         if line.startswith(b"data: {") and b'"usage"' in line:
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, AttributeError, RecursionError):  # whatever the backend sent
                 usage = _decode_json(line[6:]).get("usage")
                 if isinstance(usage, dict):
                     return usage

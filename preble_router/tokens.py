@@ -31,6 +31,9 @@ _SELF_CHECK_TEXT = (
 )
 
 
+_MAX_TOKEN_ID = 2**32 - 1
+
+
 class PromptError(ValueError):
     """The request's prompt or messages cannot be turned into tokens (a client error)."""
 
@@ -144,6 +147,9 @@ class PromptTokenizer:
         if isinstance(prompt, str):
             return self._tokens(prompt, bool(body.get("add_special_tokens", True)))
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            # Block hashing reads ids as uint32 (as vLLM's vocabularies fit): anything else is no token of a model.
+            if prompt and (min(prompt) < 0 or max(prompt) > _MAX_TOKEN_ID):
+                raise PromptError(f"token ids must be between 0 and {_MAX_TOKEN_ID}")
             return prompt
         raise PromptError("'prompt' must be a string, a list of token ids, or a list of either")
 
@@ -152,7 +158,9 @@ class PromptTokenizer:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise PromptError("'messages' must be a non-empty list of message objects")
-        kwargs = dict(body.get("chat_template_kwargs") or {})
+        kwargs = body.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise PromptError("'chat_template_kwargs' must be an object")
         try:
             text = self.tokenizer.apply_chat_template(
                 [_normalize_message(m) for m in messages],

@@ -7,8 +7,10 @@ connections per backend, a request written in one go, the reply parsed by httpto
 uvicorn serves with), its body handed on as it arrives. Cookies, redirects and compression are not handled:
 a proxy must relay those as they are.
 
-Failures are UpstreamError (ConnectError, ConnectionLost, ProtocolError) or TimeoutError. A reused connection
-that the backend closed while it sat idle is retried once on a new connection, when no reply byte came back.
+Failures are UpstreamError (ConnectError, ConnectionLost, ProtocolError) or TimeoutError (FirstByteTimeout and
+StreamStalled among them: a reply that shows no progress, for a backend that accepts connections but no longer
+answers). A reused connection that the backend closed while it sat idle is retried once on a new connection, when
+no reply byte came back.
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ class ProtocolError(UpstreamError):
     pass
 
 
+class BackendDown(UpstreamError):
+    """Failed on purpose: the backend failed its health probe before this reply's body began."""
+
+
+class FirstByteTimeout(TimeoutError):
+    """No byte of the reply's body came within the first-byte limit (nothing has reached the client yet)."""
+
+
+class StreamStalled(TimeoutError):
+    """The reply's body stopped: no byte for the idle limit, after some had come."""
+
+
 @dataclass(frozen=True)
 class _Target:
     key: tuple[str, str, int]  # scheme, host, port: connections are pooled per key
@@ -62,6 +76,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._watch: asyncio.TimerHandle | None = None  # the progress limits (first byte, idle), when set
         self.closed = False
         self.idle_since = 0.0
         self._reset()
@@ -79,15 +94,23 @@ class _Connection(asyncio.Protocol):
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._paused = False
+        self.got_body = False
+        self._last_body = 0.0
+        self._first_byte_timeout: float | None = None
+        self._idle_timeout: float | None = None
 
     # ---- the request side -----------------------------------------------------------------------------------
-    def send(self, head: bytes, body: bytes, timeout: float) -> None:
+    def send(self, head: bytes, body: bytes, timeout: float, first_byte_timeout: float | None = None,
+             idle_timeout: float | None = None) -> None:
         assert self.transport is not None and not self.active
         if self._paused:  # (never, if the last reply was read to its end; a paused socket would never answer)
             self.transport.resume_reading()
         self._reset()
         self.active = True
         self._timer = self.pool.loop.call_later(timeout, self._timed_out, timeout)
+        self._first_byte_timeout, self._idle_timeout = first_byte_timeout, idle_timeout
+        if first_byte_timeout is not None:
+            self._watch = self.pool.loop.call_later(first_byte_timeout, self._check_progress)
         self.transport.writelines((head, body))
 
     async def wait_head(self) -> None:
@@ -110,6 +133,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         if self._paused:
             self._paused = False
+            self._last_body = self.pool.loop.time()  # the idle limit counts from here: the pause was ours
             if self.transport is not None and not self.closed:
                 self.transport.resume_reading()
         return data
@@ -129,6 +153,30 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         self.fail(TimeoutError(f"no complete reply within {timeout:g} s"))
 
+    def _check_progress(self) -> None:
+        """The first-byte or idle limit's timer: fail the reply if its body shows no progress. One timer per idle
+        period, re-armed from the last byte's time, rather than one per chunk."""
+        self._watch = None
+        if not self.active or self.complete or self.error is not None:
+            return
+        if not self.got_body:
+            self.fail(FirstByteTimeout(f"no reply byte within {self._first_byte_timeout:g} s"))
+            return
+        if self._idle_timeout is None:
+            return
+        quiet = self.pool.loop.time() - self._last_body
+        if self._paused:  # the client reads slower than the backend writes: the silence is the client's
+            quiet = 0.0
+        if quiet >= self._idle_timeout:
+            self.fail(StreamStalled(f"no reply byte for {self._idle_timeout:g} s mid-reply"))
+            return
+        self._watch = self.pool.loop.call_later(self._idle_timeout - quiet, self._check_progress)
+
+    def _stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
     def fail(self, exc: BaseException) -> None:
         """End the reply with exc and drop the connection."""
         if self.error is None and not self.complete:
@@ -142,6 +190,7 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._stop_watch()
         if not self.closed and self.transport is not None:
             self.closed = True
             self.transport.abort()
@@ -171,6 +220,7 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._stop_watch()
         self.closed = True
         self.pool.forget(self)
         if self.active and not self.complete and self.error is None:
@@ -202,6 +252,14 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._idle_timeout is not None:
+            self._last_body = self.pool.loop.time()
+        if not self.got_body:
+            self.got_body = True
+            if self._first_byte_timeout is not None or self._idle_timeout is not None:
+                self._stop_watch()
+                if self._idle_timeout is not None:
+                    self._watch = self.pool.loop.call_later(self._idle_timeout, self._check_progress)
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
@@ -218,6 +276,7 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._stop_watch()
         self._wake()
 
 
@@ -280,10 +339,12 @@ class UpstreamPool:
         self._targets: dict[tuple[str, str], _Target] = {}
         self._ssl = ssl_context  # for https backends; the system's CAs when None
 
-    async def post(self, base_url: str, path: str, headers: Sequence[tuple[bytes, bytes]],
-                   body: bytes) -> UpstreamResponse:
+    async def post(self, base_url: str, path: str, headers: Sequence[tuple[bytes, bytes]], body: bytes, *,
+                   first_byte_timeout: float | None = None, idle_timeout: float | None = None) -> UpstreamResponse:
         """Send POST base_url+path and wait for the reply's head. `headers` must not include Host or
-        Content-Length (set here)."""
+        Content-Length (set here). With first_byte_timeout, the reply fails with FirstByteTimeout unless a body
+        byte comes within that many seconds of sending (a stream's first chunk); with idle_timeout, it fails with
+        StreamStalled once its body has come and then stopped for that long."""
         target = self._targets.get((base_url, path)) or self._target(base_url, path)
         parts = [target.head]
         for name, value in headers:
@@ -295,7 +356,7 @@ class UpstreamPool:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(target)
-            conn.send(head, body, self.request_timeout)
+            conn.send(head, body, self.request_timeout, first_byte_timeout, idle_timeout)
             try:
                 await conn.wait_head()
             except BaseException as exc:
@@ -305,6 +366,16 @@ class UpstreamPool:
                 raise
             return UpstreamResponse(conn)
         raise AssertionError("unreachable")
+
+    def fail_unanswered(self, base_url: str, reason: str) -> int:
+        """Fail every reply from base_url whose body has not begun (so none of it can have reached a client) with
+        BackendDown; the number failed."""
+        url = urlsplit(base_url)
+        key = (url.scheme, url.hostname, url.port or (443 if url.scheme == "https" else 80))
+        failed = [conn for conn in self._open if conn.key == key and conn.active and not conn.got_body]
+        for conn in failed:
+            conn.fail(BackendDown(reason))
+        return len(failed)
 
     async def close(self) -> None:
         for conn in list(self._open):

@@ -24,7 +24,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextmanager
 def serve_router(argv: list[str]) -> Iterator[tuple[str, object]]:
     """Run `preble-router ARGV` in a thread (same code as the CLI); yields (url, proxy)."""
-    sock = socket.socket()
+    # proto=IPPROTO_TCP, as uvicorn binds: asyncio sets TCP_NODELAY only on sockets that say so, and without it
+    # every reply on a kept-alive connection waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     args = build_parser().parse_args([*argv, "--port", str(port)])

@@ -59,7 +59,7 @@ def test_unreachable_publisher_is_reported_and_routed_on_the_estimate(misconfigu
     replicas = misconfigured
     log = tmp_path / "router-a.log"
     argv = router_argv(replicas, tiny_model, policy="preble",
-                       extra=["--health-interval", "0.5", "--kv-events-silence", str(SILENCE)])
+                       extra=["--health-interval", "0.5", "--kv-events-silence", str(SILENCE), "--admin-open"])
     with start_router(argv, log_path=log) as url:
         hit_silent = run_workload(url)
         # Sequential requests may all go to one replica: every replica that was sent work noticed the silence.

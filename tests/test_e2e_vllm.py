@@ -25,7 +25,7 @@ def text(seed: int, n_words: int) -> str:
 def cluster(tiny_model):
     with start_replicas(tiny_model, 2, block_size=32, max_model_len=4096) as replicas:
         argv = router_argv(replicas, tiny_model, policy="cache_aware",
-                           extra=["--max-body-bytes", "1000000", "--health-interval", "0.5"])
+                           extra=["--max-body-bytes", "1000000", "--health-interval", "0.5", "--admin-open"])
         with start_router(argv) as url:
             yield url, replicas
 
@@ -169,7 +169,7 @@ def test_metrics_export_predicted_and_observed(cluster):
 def test_two_routers_agree_from_the_same_events(cluster, tiny_model):
     """A second router that never saw the traffic builds the same index from the engines' KV events."""
     url, replicas = cluster
-    argv = router_argv(replicas, tiny_model, policy="cache_aware", extra=["--health-interval", "0.5"])
+    argv = router_argv(replicas, tiny_model, policy="cache_aware", extra=["--health-interval", "0.5", "--admin-open"])
     with start_router(argv) as other:
         prompts = [[(g * 131 + j) % 800 + 7 for j in range(300)] for g in range(3)]
         for p in prompts:
@@ -196,7 +196,8 @@ def test_kv_events_auto_follows_the_advertised_endpoints(cluster, tiny_model):
     """A router started with no event flags at all (the default, --kv-events auto) subscribes to what each engine
     advertises at /kv_event_sources, and predicts exactly what vLLM then reports as cached."""
     _, replicas = cluster
-    argv = router_argv([r.url for r in replicas], tiny_model, policy="preble", extra=["--health-interval", "0.5"])
+    argv = router_argv([r.url for r in replicas], tiny_model, policy="preble",
+                       extra=["--health-interval", "0.5", "--admin-open"])
     assert "--kv-events" not in argv
     with start_router(argv) as url:
         wait_for(lambda: all((v["kv_events"] or {}).get("state") == "flowing" for v in backends_view(url).values()),

@@ -26,7 +26,7 @@ def fakes(request):
 def router(fakes, tiny_model):
     with serve_router(["--backends", *fakes, "--model", str(tiny_model), "--served-model-name", "tiny",
                        "--policy", "cache_aware", "--max-body-bytes", "100000", "--request-timeout", "3",
-                       "--health-interval", "0.5"]) as (url, proxy):
+                       "--health-interval", "0.5", "--admin-open"]) as (url, proxy):
         yield url
 
 
@@ -77,6 +77,53 @@ def test_bad_input_gets_openai_errors(router, content, status, code):
     assert r.status_code == status
     err = r.json()["error"]
     assert err["code"] == code and err["message"] and err["type"]
+
+
+DEEP = b'{"model": "tiny", "prompt": ' + b"[" * 40_000 + b"]" * 40_000 + b"}"  # within the fixture's 100 kB limit
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "code"),
+    [("/v1/completions", DEEP, "invalid_json"), ("/v1/chat/completions", DEEP, "invalid_json"),
+     ("/v1/completions", b'{"model": "tiny", "prompt": ' + b"[" * 65 + b"]" * 65 + b"}", "invalid_json"),
+     ("/debug/route", DEEP, "invalid_json"),
+     ("/v1/completions", json.dumps({"model": ["tiny"], "prompt": "x"}).encode(), "invalid_type"),
+     ("/v1/chat/completions", json.dumps({"model": {}, "messages": [{"role": "user", "content": "x"}]}).encode(),
+      "invalid_type"),
+     ("/debug/route", json.dumps({"model": ["tiny"], "prompt": "x"}).encode(), "invalid_type"),
+     ("/v1/completions", json.dumps({"model": "tiny", "prompt": [2**32] * 64}).encode(), "invalid_prompt"),
+     ("/v1/completions", json.dumps({"model": "tiny", "prompt": [-1] * 64}).encode(), "invalid_prompt"),
+     ("/v1/completions", json.dumps({"model": "tiny", "prompt": [10**30]}).encode(), "invalid_prompt"),
+     ("/v1/chat/completions", json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                          "chat_template_kwargs": "ab"}).encode(), "invalid_prompt"),
+     ("/v1/chat/completions", json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                          "chat_template_kwargs": 5}).encode(), "invalid_prompt"),
+     ("/v1/completions", b'{"model": "tiny", "prompt": "\\ud800"}', "invalid_json"),
+     ("/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": 1e999}', "invalid_json")],
+)
+def test_hostile_bodies_get_400_not_500(router, path, content, code):
+    """Bodies that once reached a TypeError, OverflowError or RecursionError in the router (a 500) are the client's
+    errors: 400, in the OpenAI format."""
+    r = httpx.post(router + path, content=content, headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == code
+    assert post(router, "/v1/completions", {"model": "tiny", "prompt": "still fine"}).status_code == 200
+
+
+@pytest.mark.parametrize(("method", "path", "status", "code"),
+                         [("GET", "/v1/completions", 405, "method_not_allowed"),
+                          ("PUT", "/v1/chat/completions", 405, "method_not_allowed"),
+                          ("POST", "/v1/models", 405, "method_not_allowed"),
+                          ("GET", "/nope", 404, "not_found"), ("POST", "/v1/embeddings", 404, "not_found"),
+                          ("GET", "/v1/%ff%fe", 404, "not_found")])
+def test_unknown_paths_and_methods_get_json_errors(router, method, path, status, code):
+    r = httpx.request(method, router + path, timeout=10)
+    assert r.status_code == status
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and err["type"]
+    if status == 405:
+        assert r.headers["allow"]
 
 
 @pytest.mark.parametrize("fakes", [("500", None)], indirect=True)

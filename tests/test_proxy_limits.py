@@ -36,6 +36,61 @@ def test_api_and_admin_keys(tiny_model):
         stop()
 
 
+# The open status of /reset_prefix_cache is 502: the fake backend has no such endpoint, so the reset "fails".
+@pytest.mark.parametrize(("method", "path", "open_status"),
+                         [("GET", "/debug/backends", 200), ("POST", "/debug/route", 200),
+                          ("POST", "/reset_prefix_cache", 502), ("GET", "/debug/backends/", 200)])
+def test_admin_endpoints_are_locked_without_a_key(tiny_model, method, path, open_status):
+    """No --admin-key, no --admin-open: 403 with an error saying how to open them, whatever key a client sends;
+    with --admin-open they answer."""
+    url_b, stop = run_fake_backend_in_thread(model="tiny")
+    try:
+        argv = ["--backends", url_b, "--model", str(tiny_model), "--served-model-name", "tiny"]
+        body = {"model": "tiny", "prompt": "hello"}
+        with serve_router(argv) as (url, _):
+            for headers in ({}, {"authorization": "Bearer anything"}):
+                r = httpx.request(method, url + path, json=body, headers=headers)
+                assert r.status_code == 403
+                err = r.json()["error"]
+                assert err["code"] == "admin_locked" and "--admin-key" in err["message"]
+                assert "--admin-open" in err["message"] and err["type"] == "permission_error"
+            assert httpx.post(url + "/v1/completions", json=body).status_code == 200  # only admin is locked
+        with serve_router([*argv, "--admin-open"]) as (url, _):
+            r = httpx.request(method, url + path.rstrip("/"), json=body)
+            assert r.status_code == open_status, r.text
+            if open_status == 502:
+                assert r.json()["error"]["code"] == "reset_failed" and r.json()["backends"] == {url_b: "HTTP 404"}
+    finally:
+        stop()
+
+
+def test_admin_open_is_documented_as_unsafe():
+    from preble_router.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "--admin-open UNSAFE" in text
+
+
+def test_a_bug_in_the_router_is_a_json_500(tiny_model, monkeypatch):
+    """If the router's own code ever raises, the client still gets an OpenAI error body, on the hot path and on
+    Starlette's routes alike (the fuzz test asserts this never happens for any input)."""
+    url_b, stop = run_fake_backend_in_thread(model="tiny")
+    try:
+        argv = ["--backends", url_b, "--model", str(tiny_model), "--served-model-name", "tiny"]
+        with serve_router(argv) as (url, proxy):
+            def broken(*_: object, **__: object) -> None:
+                raise RuntimeError("a bug")
+
+            monkeypatch.setattr(proxy.router, "prepare", broken)
+            monkeypatch.setattr(proxy.router, "healthy", broken)
+            for r in (httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x"}),
+                      httpx.get(url + "/health")):
+                assert r.status_code == 500
+                assert r.json()["error"]["code"] == "internal_error"
+    finally:
+        stop()
+
+
 def test_full_queue_gets_429(tiny_model):
     url_b, stop = run_fake_backend_in_thread(model="tiny", delay_s=1.0)
     try:
@@ -95,7 +150,7 @@ def test_client_leaving_mid_stream_frees_its_load_and_slot(tiny_model):
     url_b, stop = run_fake_backend_in_thread(model="tiny", tokens_per_response=50, inter_token_delay_s=0.05)
     try:
         argv = ["--backends", url_b, "--model", str(tiny_model), "--served-model-name", "tiny",
-                "--max-concurrency", "1", "--max-queue", "0"]
+                "--max-concurrency", "1", "--max-queue", "0", "--admin-open"]
         with serve_router(argv) as (url, _):
             body = {"model": "tiny", "prompt": "hello", "stream": True, "max_tokens": 50}
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:

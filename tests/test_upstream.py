@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from preble_router.upstream import ConnectError, ConnectionLost, ProtocolError, UpstreamPool
+from preble_router.upstream import (ConnectError, ConnectionLost, FirstByteTimeout, ProtocolError, StreamStalled,
+                                    UpstreamPool)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -169,6 +170,65 @@ async def test_a_backend_that_never_answers_times_out() -> None:
         with pytest.raises(TimeoutError):  # the timeout covers the whole reply, not only its head
             await asyncio.wait_for(resp.read_any(), 5)
         resp.close()
+        await pool.close()
+
+
+@pytest.mark.parametrize("head", [b"", b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"])
+async def test_no_body_byte_within_the_first_byte_limit_fails(head: bytes) -> None:
+    """A backend that accepts and then says nothing (or only its head, as a stuck engine's server does for a
+    stream) fails after first_byte_timeout, long before request_timeout."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(head)
+        await asyncio.sleep(30)
+
+    async with FakeServer(handler) as server:
+        pool = UpstreamPool(request_timeout=30)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(FirstByteTimeout):
+            resp = await pool.post(server.url, "/x", HEADERS, b"{}", first_byte_timeout=0.3)
+            await asyncio.wait_for(resp.read_any(), 5)
+        assert loop.time() - started < 2
+        await pool.close()
+
+
+async def test_a_stream_that_stops_fails_after_the_idle_limit_and_one_that_flows_does_not() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(8):  # 0.8 s of chunks 0.1 s apart: longer than the idle limit, never idle that long
+            writer.write(b"1\r\nx\r\n")
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(30)
+
+    async with FakeServer(handler) as server:
+        pool = UpstreamPool(request_timeout=30)
+        resp = await pool.post(server.url, "/x", HEADERS, b"{}", first_byte_timeout=5, idle_timeout=0.4)
+        got = b""
+        with pytest.raises(StreamStalled):
+            while True:
+                got += await asyncio.wait_for(resp.read_any(), 5)
+        assert got == b"x" * 8
+        resp.close()
+        await pool.close()
+
+
+async def test_the_progress_limits_end_with_the_reply() -> None:
+    """A whole reply read in time leaves no timer behind to fail the connection's next request."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:  # every request on the connection
+            await server.read_request(reader)
+            writer.write(reply(b"done"))
+            await writer.drain()
+
+    async with FakeServer(handler) as server:
+        pool = UpstreamPool()
+        for _ in range(2):
+            resp = await pool.post(server.url, "/x", HEADERS, b"{}", first_byte_timeout=0.2, idle_timeout=0.2)
+            assert await resp.read() == b"done"
+            await asyncio.sleep(0.4)  # past both limits, idle in the pool
+        assert server.connections == 1
         await pool.close()
 
 
