@@ -129,6 +129,7 @@ class KvEventSubscriber:
         self._awaiting_since: float | None = None  # dispatch time of the oldest request awaiting a live batch
         self._started = time.monotonic()
         self._warned_unreachable = False
+        self._ever_connected = False  # once connected, a lost connection is a stopped engine, not a wrong endpoint
 
     def start(self) -> asyncio.Task:
         if self._task is None or self._task.done():
@@ -193,7 +194,7 @@ class KvEventSubscriber:
         """Re-evaluate the feed (the router's health loop calls this): FLOWING turns SILENT once requests have
         waited silence_after seconds for a live batch. Warns once when nothing accepts the SUB connection."""
         waited = None if self._awaiting_since is None else now - self._awaiting_since
-        if not self.stats.connected and not self._warned_unreachable and (
+        if not self.stats.connected and not self._ever_connected and not self._warned_unreachable and (
                 time.monotonic() - self._started >= self.silence_after or (waited or 0.0) >= self.silence_after):
             self._warned_unreachable = True
             logger.warning(
@@ -250,6 +251,11 @@ class KvEventSubscriber:
             if seq <= self._synced_upto:
                 return  # queued while the initial replay ran: already applied from it
             self._synced_upto = None
+        # A live batch: the stream is alive, whatever the resync below takes (a replay can take seconds, and the
+        # health loop must not call the feed silent meanwhile).
+        self._awaiting_since = None
+        self.stats.routed_since_event = 0
+        self.stats.last_live_time = time.monotonic()
         if self.state is not FeedState.FLOWING:
             if self.state is FeedState.SILENT:
                 # The index switches back from its estimate with nothing known: learn the engine's whole state
@@ -258,9 +264,6 @@ class KvEventSubscriber:
             self._flowing()
         await self._catch_up(seq)
         self._apply_batch(seq, payload, replayed=False)
-        self._awaiting_since = None
-        self.stats.routed_since_event = 0
-        self.stats.last_live_time = self.stats.last_event_time
 
     async def _catch_up(self, seq: int) -> None:
         """Bring the sink up to date with everything before live batch `seq`."""
@@ -429,6 +432,7 @@ class KvEventSubscriber:
                 return
             if event == zmq.EVENT_CONNECTED:
                 self.stats.connected = True
+                self._ever_connected = True
             elif event == zmq.EVENT_DISCONNECTED:
                 self.stats.connected = False
                 self.stats.disconnects += 1

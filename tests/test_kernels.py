@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -59,7 +60,10 @@ def test_in_fresh_interpreter_process():
     )
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail
-    print(tail.strip().splitlines()[-1])
+    summary = tail.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) > 0, f"the child process ran no kernel test: {summary}"
+    print(summary)
 
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

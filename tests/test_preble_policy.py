@@ -449,7 +449,12 @@ def test_stateless_policies_accept_evictions():
     from preble_router.policies import make_policy
 
     for name in ("cache_aware", "least_load", "round_robin"):
-        make_policy(name).on_blocks_evicted(0, [1, 2, 3])
+        p, twin = make_policy(name), make_policy(name)
+        assert p.on_blocks_evicted(0, [1, 2, 3]) is None
+        # They keep no history, so an eviction changes none of their decisions.
+        for i in range(4):
+            req, s = request(f"r{i}", range(10)), snap(i, backend(0, matched=8 * BS), backend(1))
+            assert p.choose(req, s) == twin.choose(req, s)
 
 
 def _served(p, rid, keys, backend_id, now, uses=1):
