@@ -134,9 +134,11 @@ def mark_failure(backend: Backend, error: str) -> None:
     backend.healthy = False
 
 
-async def fetch_kv_event_sources(client: httpx.AsyncClient, backend: Backend, timeout: float = 5.0) -> Any:
+async def fetch_kv_event_sources(client: httpx.AsyncClient, backend: Backend,
+                                 timeout: float | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT) -> Any:
     """The engine's KV-event publisher config per DP rank (vLLM >= 0.32's GET /kv_event_sources); {} when the
-    server does not serve it (older vLLM, another server), None when the backend did not answer."""
+    server does not serve it (older vLLM, another server), None when the backend did not answer. Waits as long as
+    a probe (the client's timeout), by default."""
     try:
         r = await client.get(f"{backend.url}/kv_event_sources", timeout=timeout)
     except httpx.HTTPError:

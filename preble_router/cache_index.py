@@ -104,7 +104,6 @@ class CacheIndex:
         # BlockStored, expired ones are ignored at lookup and purged once per grace period.
         self._predicted: dict[int, dict[int, float]] = {}
         self._next_purge = 0.0
-        self._last_now = 0.0  # the latest time match() or record_routed() was given
         # Called with (backend, own keys) whenever a backend stops holding blocks: BlockRemoved events,
         # AllBlocksCleared (and gaps/removal, which clear), estimated-LRU evictions. The router forwards it to
         # its policy (Policy.on_blocks_evicted), so the policy's usage history forgets what the engine dropped.
@@ -128,7 +127,7 @@ class CacheIndex:
         entry = self._backends.get(backend_id)
         return entry is not None and entry.estimated
 
-    def set_estimated(self, backend_id: int, estimated: bool) -> None:
+    def set_estimated(self, backend_id: int, estimated: bool, now: float) -> None:
         """Switch a backend between events mode and the estimate.
 
         To the estimate (its events went silent): what the index knew there stays, as the least recently used
@@ -145,13 +144,13 @@ class CacheIndex:
         holders, bit = self._holders[backend_id >> 6], np.uint64(1 << (backend_id & 63))
         keys, masks = holders.items()
         held = keys[(masks & bit) != 0].tolist()
-        self._extra_copies = {bk: n for bk, n in self._extra_copies.items() if bk[0] != backend_id}
+        self._drop_extra_copies(backend_id)
         now_pred = self._predicted.pop(backend_id, {})
         entry.estimated, entry.windows = True, OrderedDict()
         for start in range(0, len(held), _WINDOW_BLOCKS):
             window = held[start:start + _WINDOW_BLOCKS]
             entry.windows[window[-1]] = array("Q", window)
-        live = [key for key, expiry in now_pred.items() if expiry > self._last_now]
+        live = [key for key, expiry in now_pred.items() if expiry > now]
         self._record_estimated(backend_id, entry, live, 0)
 
     def remove_backend(self, backend_id: int) -> None:
@@ -246,7 +245,7 @@ class CacheIndex:
             holders.replace(keys[held], masks[held])
             if not held.all():
                 self._sweep_engine_hashes()
-        self._extra_copies = {bk: n for bk, n in self._extra_copies.items() if bk[0] != backend_id}
+        self._drop_extra_copies(backend_id)
         entry.blocks = 0
         entry.orphan_blocks = 0
         if entry.windows is not None:
@@ -258,7 +257,6 @@ class CacheIndex:
     # ---- routing ----------------------------------------------------------------------------------
     def match(self, keys: Sequence[int], backend_ids: Iterable[int], now: float) -> dict[int, int]:
         """Leading blocks of `keys` each backend holds (confirmed, estimated or predicted)."""
-        self._last_now = now
         self._expire(now)
         alive = 0
         for b in backend_ids:
@@ -275,7 +273,6 @@ class CacheIndex:
         found there (an estimated backend then only touches their windows; an events backend predicts the rest).
 
         Events mode: returns the request's prediction, pinned until release_routed() (the request ended)."""
-        self._last_now = now
         entry = self._backends.get(backend_id)
         if entry is None or not keys:
             return None
@@ -391,6 +388,9 @@ class CacheIndex:
             holders.pop(key)
         entry.blocks -= 1
         return mask
+
+    def _drop_extra_copies(self, backend_id: int) -> None:
+        self._extra_copies = {bk: n for bk, n in self._extra_copies.items() if bk[0] != backend_id}
 
     def _held_elsewhere(self, key: int, group: int) -> bool:
         """Whether a backend outside holder group `group` holds key."""

@@ -15,8 +15,9 @@ under-knowledge only costs routing quality and predicted state rebuilds it.
 Feed health (docs/design.md, "Event health"): a subscriber is CONNECTING until the engine answers (a replay
 or a live batch), then FLOWING. It turns SILENT when a request that made the engine store new blocks (its prompt
 was not all cached there, by vLLM's own count where the reply says) ended `silence_after` seconds ago and no live
-batch came since its dispatch: the engine's publisher is unreachable or stopped. The router then routes that backend on its estimate (what it sent there) and says so (a WARNING, a
-metric, /debug/backends); the next live batch resyncs from the replay socket and switches back to events.
+batch came since its dispatch: the engine's publisher is unreachable or stopped. The router then routes that
+backend on its estimate (what it sent there) and says so (a WARNING, a metric, /debug/backends); the next live
+batch resyncs from the replay socket and switches back to events.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class KvEventSubscriber:
         self.silence_after = silence_after
         self.on_feed_change = on_feed_change
         self.state = FeedState.CONNECTING
-        self._awaiting_since: float | None = None  # dispatch time of the oldest request awaiting a live batch
+        self._awaiting_since: float | None = None  # when the first request still awaiting a live batch ended
         self._started = time.monotonic()
         self._warned_unreachable = False
         self._ever_connected = False  # once connected, a lost connection is a stopped engine, not a wrong endpoint
@@ -176,8 +177,6 @@ class KvEventSubscriber:
             self._close_dealer()
             self.stats.connected = False
 
-    # ---- live stream -------------------------------------------------------------------------------
-
     # ---- feed health ----------------------------------------------------------------------------------
 
     def note_routed(self, now: float, dispatched: float) -> None:
@@ -191,8 +190,9 @@ class KvEventSubscriber:
             self._awaiting_since = now
 
     def check(self, now: float) -> FeedState:
-        """Re-evaluate the feed (the router's health loop calls this): FLOWING turns SILENT once requests have
-        waited silence_after seconds for a live batch. Warns once when nothing accepts the SUB connection."""
+        """Re-evaluate the feed (the router's health loop calls this): CONNECTING or FLOWING turns SILENT once a
+        request has waited silence_after seconds for a live batch. Warns once when nothing ever accepted the SUB
+        connection."""
         waited = None if self._awaiting_since is None else now - self._awaiting_since
         if not self.stats.connected and not self._ever_connected and not self._warned_unreachable and (
                 time.monotonic() - self._started >= self.silence_after or (waited or 0.0) >= self.silence_after):
@@ -228,6 +228,8 @@ class KvEventSubscriber:
                            "routing on events", self.backend_id, self.endpoint)
         self.state = FeedState.FLOWING
         self._feed_changed(True)
+
+    # ---- live stream -------------------------------------------------------------------------------
 
     async def _initial_sync(self) -> None:
         """Learn what the engine already caches before any new event: another router that started earlier,

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from urllib.parse import urlsplit
+
+import httpx
 
 from preble_router.backends import Backend, fetch_kv_event_sources, probe_backend
 from preble_router.block_hash import BlockKeyCache, chain_root
@@ -115,7 +115,7 @@ class Router:
     def _feed_changed(self, backend_id: int, flowing: bool) -> None:
         """A backend's event feed started or stopped: its index entry follows events or the estimate."""
         if backend_id in self.backends:
-            self.index.set_estimated(backend_id, not flowing)
+            self.index.set_estimated(backend_id, not flowing, self.clock())
 
     async def discover_kv_events(self, client: httpx.AsyncClient, backend: Backend) -> None:
         """--kv-events auto: subscribe to what the engine advertises, once it answers."""
@@ -127,7 +127,8 @@ class Router:
         backend.kv_problem = feed.problem
         if feed.endpoint is None:
             # An engine without events is a choice (INFO); one whose events cannot be reached is a mistake.
-            log.log(logging.WARNING if feed.publishes else logging.INFO, "backend %s: routed on the estimated index: %s", backend.url, feed.problem)
+            log.log(logging.WARNING if feed.publishes else logging.INFO,
+                    "backend %s: routed on the estimated index: %s", backend.url, feed.problem)
             return
         if feed.problem:
             log.warning("backend %s: %s", backend.url, feed.problem)
@@ -142,14 +143,6 @@ class Router:
             backend = self.backends.get(backend_id)
             if backend is not None and backend.healthy:
                 sub.check(now)
-
-    def feed_state(self, backend_id: int) -> str:
-        """How the index knows a backend's blocks: a FeedState value, "external" (fed by the caller) or
-        "estimated" (no events configured)."""
-        sub = self._subscribers.get(backend_id)
-        if sub is not None:
-            return sub.state.value
-        return "estimated" if self.index.is_estimated(backend_id) else "external"
 
     async def remove_backend(self, url: str) -> None:
         for backend_id, b in list(self.backends.items()):
@@ -171,7 +164,6 @@ class Router:
     def start_event_consumers(self) -> None:
         for sub in self._subscribers.values():
             sub.start()
-
 
     async def stop(self) -> None:
         for sub in self._subscribers.values():

@@ -125,11 +125,11 @@ def test_switch_to_estimate_keeps_what_was_known_and_back_clears_it():
     stored(index, 0, tokens[:2 * BS], [11, 12])
     index.record_routed(0, keys, now=0.0, held=2)  # blocks 3-4 predicted (in flight)
     assert index.match(keys, [0], now=0.5) == {0: 4}
-    index.set_estimated(0, True)  # events went silent
+    index.set_estimated(0, True, 100.0)  # events went silent
     assert index.is_estimated(0)
     assert index.match(keys, [0], now=100.0) == {0: 4}  # confirmed and in-flight blocks carried into the estimate
     assert index.blocks_held(0) == 4
-    index.set_estimated(0, False)  # events flow again: the engine's state is replayed from scratch
+    index.set_estimated(0, False, 100.0)  # events flow again: the engine's state is replayed from scratch
     assert not index.is_estimated(0)
     assert index.match(keys, [0], now=100.0) == {0: 0} and index.blocks_held(0) == 0
 

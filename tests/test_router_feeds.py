@@ -27,7 +27,8 @@ async def test_auto_subscribes_to_the_advertised_endpoint_with_the_backends_host
     router = Router(model="m", tokenizer=None, policy=make_policy("round_robin"), kv_events_auto=True)
     backend = router.add_backend("http://127.0.0.1:8001")
     backend.healthy = True
-    assert router.feed_state(backend.backend_id) == "estimated" and backend.kv_auto
+    assert router.subscriber(backend.backend_id) is None and router.index.is_estimated(backend.backend_id)
+    assert backend.kv_auto
     async with _sources({"0": {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:5557",
                                "replay_endpoint": "tcp://*:5558", "topic": "kv"}}) as client:
         await router.discover_kv_events(client, backend)
@@ -70,7 +71,7 @@ async def test_a_silent_feed_routes_on_the_estimate_and_flowing_switches_back():
     router.finish(done, finished, ok=True, output_tokens=1, cached_tokens=2 * BS)  # stored 2 new blocks
     await asyncio.sleep(0.1)
     router.check_event_feeds()
-    assert sub.state is FeedState.SILENT and router.feed_state(backend.backend_id) == "silent"
+    assert sub.state is FeedState.SILENT
     assert router.index.is_estimated(backend.backend_id)
     assert router.index.blocks_held(backend.backend_id) == 6  # the predictions became the estimate
     router.finish(prepared, inflight, ok=True, output_tokens=1)

@@ -418,7 +418,7 @@ class PreblePolicy:
         curve = self._curves.get(backend_id)
         if (curve is None or now - curve.built >= self.config.eviction_refresh or now < curve.built
                 or not curve.covers(skip + to_free)):
-            curve = self._build_curve(backend_id, 2 * (skip + to_free), now)
+            curve = self._build_curve(backend_id, 2 * (skip + to_free), block_size, now)
         cum = curve.cum_blocks
         if not cum:
             return 0.0
@@ -445,10 +445,9 @@ class PreblePolicy:
             return 0.0
         return self.time.prefill_ms(take * block_size, end_blocks * block_size) * hits
 
-    def _build_curve(self, backend_id: int, depth: int, now: float) -> _EvictionCurve:
+    def _build_curve(self, backend_id: int, depth: int, block_size: int, now: float) -> _EvictionCurve:
         curve = _EvictionCurve(now)
         horizon, total, value = now - self.config.window, 0, 0.0
-        block_size = self._block_size
         curve.complete = True
         for node in self.tree.lru_oldest_first(backend_id):
             if total >= depth:
