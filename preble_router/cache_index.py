@@ -14,13 +14,19 @@ or estimated. The router moves a backend to the estimate when its event stream g
 flow again (kv_events.KvEventSubscriber owns that decision; docs/design.md, "Event health").
 
 Keys are the router's own chained block keys (block_hash.py). The engine's hashes are kept only to map its
-BlockRemoved events back to our keys. Holders are bitmasks over small backend ids, so a lookup is
-O(prompt blocks) with one probe per block, whatever the number of backends.
+BlockRemoved events back to our keys. Confirmed blocks' holders are bitmasks over small backend ids, so a lookup
+is O(prompt blocks) with one probe per block, whatever the number of backends.
 
-Both per-block maps (own key -> holders, engine hash -> own key) are U64Maps (block_table.py): two numpy arrays
-each, ~16 bytes a slot at a load of 0.35-0.7, so an event-fed block costs ~45-95 bytes, where two Python dicts
-cost ~175 (an int object and a dict slot per entry, twice). Masks are uint64: backends 64g..64g+63 share the
-holder map of group g (one map for up to 64 backends).
+Both per-block maps of confirmed blocks (own key -> holders, engine hash -> own key) are U64Maps (block_table.py):
+two numpy arrays each, ~16 bytes a slot at a load of 0.35-0.7, so an event-fed block costs ~45-95 bytes, where two
+Python dicts cost ~175 (an int object and a dict slot per entry, twice). Masks are uint64: backends 64g..64g+63
+share the holder map of group g (one map for up to 64 backends).
+
+An estimated backend's blocks are a Python set of its own instead (plus its LRU windows): every request routed
+there adds its new blocks and evicts as many, and a set takes a whole prompt's keys in one C-level update where
+the U64Map takes one Python-level insert (or backward-shift delete) per block. It costs more memory per block,
+but an estimate is bounded by the backend's capacity, and a lookup walks each estimated backend only as far as
+that backend matches.
 """
 
 from __future__ import annotations
@@ -78,15 +84,21 @@ class _BackendEntry:
     blocks: int = 0  # confirmed or estimated blocks held
     orphan_blocks: int = 0  # stored blocks whose parent we never saw (cannot be keyed)
     # Estimated mode only: the blocks routed here, in windows of _WINDOW_BLOCKS prompt blocks keyed by a window's
-    # last key, least recently used first; each window owns the keys it added (a key has one owner).
+    # last key, least recently used first; each window owns the keys it added (a key has one owner). `estimate`
+    # is the set of every window's keys (so blocks == len(estimate)).
     windows: OrderedDict[int, array] | None = None
+    estimate: set[int] | None = None
+
+    def start_estimate(self) -> None:
+        self.estimated, self.windows, self.estimate = True, OrderedDict(), set()
 
 
 class CacheIndex:
     """Invariants:
-    - bit b % 64 of self._holders[b // 64][k] is set iff backend b holds block k (confirmed or estimated), and a
-      key is in a holder map iff some backend of that group holds it (a stored mask is never 0);
-    - _blocks of a backend equals the number of keys whose holder mask has its bit;
+    - bit b % 64 of self._holders[b // 64][k] is set iff backend b is in events mode and holds block k
+      (confirmed), and a key is in a holder map iff some backend of that group holds it (a stored mask is never 0);
+    - an estimated backend's blocks are exactly its entry's `estimate` set: no holder map has its bit;
+    - an entry's `blocks` equals the number of keys whose holder mask has its bit, or len(estimate);
     - _engine_to_own maps an engine hash to the own key it was stored under. A mapping stays while its key is
       held (another backend may use the same hash); mappings whose key no backend holds are dead, and are
       swept out whenever the map would otherwise grow, and on apply_cleared;
@@ -113,7 +125,7 @@ class CacheIndex:
     def add_backend(self, backend_id: int, *, model: str, estimated: bool, capacity_blocks: int | None) -> None:
         entry = _BackendEntry(model, estimated, capacity_blocks)
         if estimated:
-            entry.windows = OrderedDict()
+            entry.start_estimate()
         self._backends[backend_id] = entry
         while len(self._holders) <= backend_id >> 6:
             self._holders.append(U64Map())
@@ -139,17 +151,17 @@ class CacheIndex:
             return
         if not estimated:
             self.apply_cleared(backend_id)
-            entry.estimated, entry.windows = False, None
+            entry.estimated, entry.windows, entry.estimate = False, None, None
             return
-        holders, bit = self._holders[backend_id >> 6], np.uint64(1 << (backend_id & 63))
-        keys, masks = holders.items()
-        held = keys[(masks & bit) != 0].tolist()
-        self._drop_extra_copies(backend_id)
+        held = self._drop_confirmed(backend_id)
         now_pred = self._predicted.pop(backend_id, {})
-        entry.estimated, entry.windows = True, OrderedDict()
+        entry.start_estimate()
+        assert entry.windows is not None and entry.estimate is not None
         for start in range(0, len(held), _WINDOW_BLOCKS):
             window = held[start:start + _WINDOW_BLOCKS]
             entry.windows[window[-1]] = array("Q", window)
+        entry.estimate.update(held)
+        entry.blocks = len(entry.estimate)
         live = [key for key, expiry in now_pred.items() if expiry > now]
         self._record_estimated(backend_id, entry, live, 0)
 
@@ -166,10 +178,12 @@ class CacheIndex:
         return entry.orphan_blocks if entry else 0
 
     def __len__(self) -> int:
-        """Distinct keys held by any backend (confirmed or estimated)."""
-        if len(self._holders) == 1:
+        """Distinct keys held by any backend (confirmed or estimated). A scan: for tests and reports only."""
+        estimates = [e.estimate for e in self._backends.values() if e.estimate]
+        if len(self._holders) == 1 and not estimates:
             return len(self._holders[0])
-        return len(np.unique(np.concatenate([np.zeros(0, np.uint64), *(h.items()[0] for h in self._holders)])))
+        estimated = np.fromiter(set().union(*estimates), np.uint64) if estimates else np.zeros(0, np.uint64)
+        return len(np.unique(np.concatenate([estimated, *(h.items()[0] for h in self._holders)])))
 
     # ---- KV events (the KvEventSink protocol) ------------------------------------------------------
     def apply_stored(
@@ -183,7 +197,8 @@ class CacheIndex:
         extra_keys: list | None,
     ) -> None:
         entry = self._backends.get(backend_id)
-        if entry is None or not block_hashes:
+        # An estimated backend takes no events: its subscriber switches it to events mode before it applies any.
+        if entry is None or entry.estimated or not block_hashes:
             return
         if parent_block_hash is None:
             parent = chain_root(entry.model, lora_name, _salt_of(extra_keys, lora_name))
@@ -210,7 +225,7 @@ class CacheIndex:
 
     def apply_removed(self, backend_id: int, block_hashes: list[int | bytes]) -> None:
         entry = self._backends.get(backend_id)
-        if entry is None:
+        if entry is None or entry.estimated:
             return
         holders = self._holders[backend_id >> 6]
         bit = 1 << (backend_id & 63)
@@ -233,23 +248,15 @@ class CacheIndex:
         entry = self._backends.get(backend_id)
         if entry is None:
             return
-        holders = self._holders[backend_id >> 6]
-        keys, masks = holders.items()
-        bit = np.uint64(1 << (backend_id & 63))
-        dropped: list[int] = []
-        if (masks & bit).any():
-            if self.on_evicted is not None:
-                dropped = keys[(masks & bit) != 0].tolist()
-            masks &= ~bit
-            held = masks != 0
-            holders.replace(keys[held], masks[held])
-            if not held.all():
-                self._sweep_engine_hashes()
-        self._drop_extra_copies(backend_id)
+        if entry.estimate is not None:
+            dropped = list(entry.estimate)
+            entry.estimate.clear()
+            assert entry.windows is not None
+            entry.windows.clear()
+        else:
+            dropped = self._drop_confirmed(backend_id)
         entry.blocks = 0
         entry.orphan_blocks = 0
-        if entry.windows is not None:
-            entry.windows.clear()
         self._predicted.pop(backend_id, None)
         if dropped and self.on_evicted is not None:
             self.on_evicted(backend_id, dropped)
@@ -305,6 +312,8 @@ class CacheIndex:
         """match() for the alive backends base..base+63 (alive: their mask, shifted down by base)."""
         predicted = [(1 << (b - base), pred) for b, pred in self._predicted.items()
                      if base <= b < base + 64 and alive >> (b - base) & 1]
+        estimated = [(1 << (b - base), e.estimate) for b, e in self._backends.items()
+                     if e.estimate is not None and base <= b < base + 64 and alive >> (b - base) & 1]
         n = len(keys)
         # Walk block by block, probing inline: ~2x a dict probe, where a call per block would cost ~2x more.
         # A prompt over 2 * _WALK blocks still matching after _WALK of them looks the rest up at once.
@@ -319,6 +328,9 @@ class CacheIndex:
             mask = values[i] if key else zero
             for bit, pred in predicted:
                 if pred.get(key, 0.0) > now:
+                    mask |= bit
+            for bit, estimate in estimated:
+                if key in estimate:
                     mask |= bit
             mask &= alive
             if mask != alive:
@@ -336,7 +348,8 @@ class CacheIndex:
     def _match_rest(self, holders: U64Map, base: int, alive: int, keys: Sequence[int], start: int, now: float,
                     result: dict[int, int]) -> int:
         """_match_group() for keys[start:], looked up at once (~10x cheaper per block than the walk, but ~15 us
-        fixed): records the depth of each backend that stops matching; returns the ones held to the end."""
+        fixed): records the depth of each backend that stops matching; returns the ones held to the end.
+        Estimated backends are in no holder map: each leaves at once and walks its own set as far as it matches."""
         rest = keys[start:]
         # Through array("Q"): ~2x faster than np.array() on a list of Python ints.
         masks = holders.get_many(np.frombuffer(array("Q", rest), np.uint64)) & np.uint64(alive)
@@ -349,7 +362,11 @@ class CacheIndex:
             for b in _bits(alive & ~mask):
                 d = i
                 pred = self._predicted.get(base + b)
-                if pred:
+                estimate = self._backends[base + b].estimate
+                if estimate is not None:
+                    while d < len(rest) and rest[d] in estimate:
+                        d += 1
+                elif pred:
                     listed = masks.tolist() if listed is None else listed
                     while d < len(rest) and (listed[d] >> b & 1 or pred.get(rest[d], 0.0) > now):
                         d += 1
@@ -389,6 +406,23 @@ class CacheIndex:
         entry.blocks -= 1
         return mask
 
+    def _drop_confirmed(self, backend_id: int) -> list[int]:
+        """Take backend_id's bit out of its holder map (and its extra copies); the keys it held."""
+        holders = self._holders[backend_id >> 6]
+        keys, masks = holders.items()
+        bit = np.uint64(1 << (backend_id & 63))
+        mine = (masks & bit) != 0
+        self._drop_extra_copies(backend_id)
+        if not mine.any():
+            return []
+        dropped = keys[mine].tolist()
+        masks &= ~bit
+        held = masks != 0
+        holders.replace(keys[held], masks[held])
+        if not held.all():
+            self._sweep_engine_hashes()
+        return dropped
+
     def _drop_extra_copies(self, backend_id: int) -> None:
         self._extra_copies = {bk: n for bk, n in self._extra_copies.items() if bk[0] != backend_id}
 
@@ -413,8 +447,8 @@ class CacheIndex:
         cost ~110 bytes a block; a window's entry and its keys packed in an array ~20.
         Windows are touched last first, so a prompt's first blocks are the most recently used and the LRU trims
         prefixes from their ends, as vLLM frees a request's blocks (tail first)."""
-        windows, holders, bit = entry.windows, self._holders[backend_id >> 6], 1 << (backend_id & 63)
-        assert windows is not None
+        windows, estimate = entry.windows, entry.estimate
+        assert windows is not None and estimate is not None
         n, size = len(keys), _WINDOW_BLOCKS
         for start in range((n - 1) // size * size, -1, -size):
             stop = min(start + size, n)
@@ -424,26 +458,26 @@ class CacheIndex:
                 windows.move_to_end(window_key)
             if stop <= held:
                 continue  # all held already (their keys may belong to other prompts' windows)
-            for key in keys[max(start, held):stop]:
-                mask = holders.get(key, 0)
-                if not mask & bit:
-                    holders.put(key, mask | bit)
-                    entry.blocks += 1
-                    if owned is None:
-                        owned = windows[window_key] = array("Q")
-                    owned.append(key)
+            new = [key for key in keys[max(start, held):stop] if key not in estimate]
+            if new:
+                estimate.update(new)
+                if owned is None:
+                    windows[window_key] = array("Q", new)
+                else:
+                    owned.extend(new)
+        entry.blocks = len(estimate)
         self._evict_to_capacity(backend_id, entry)
 
     def _evict_to_capacity(self, backend_id: int, entry: _BackendEntry) -> None:
-        if entry.windows is None or entry.capacity_blocks is None:
+        windows, estimate = entry.windows, entry.estimate
+        if windows is None or estimate is None or entry.capacity_blocks is None:
             return
-        holders = self._holders[backend_id >> 6]
         dropped: list[int] = []
-        while entry.blocks > entry.capacity_blocks and entry.windows:
-            _, owned = entry.windows.popitem(last=False)
-            for key in owned:
-                self._remove(backend_id, holders, entry, key)
+        while len(estimate) > entry.capacity_blocks and windows:
+            _, owned = windows.popitem(last=False)
+            estimate.difference_update(owned)
             dropped += owned
+        entry.blocks = len(estimate)
         if dropped and self.on_evicted is not None:
             self.on_evicted(backend_id, dropped)
 
