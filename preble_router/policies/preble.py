@@ -268,6 +268,7 @@ class PreblePolicy:
         self.config = config or PrebleConfig()
         self.time = time_model or TimeModel()
         self.tree = PrefixTree(self.config.window)
+        self.tree.on_node_deleted = self._forget_group
         self._load: dict[int, deque[_LoadEntry]] = {}  # backend -> its requests' compute within H
         self._load_sum: dict[int, float] = {}
         self._group_load: dict[int, dict[int, _GroupLoad]] = {}  # backend -> id(group) -> its load there
@@ -633,6 +634,14 @@ class PreblePolicy:
         for key, move in list(self._moved.items()):
             if move.until <= now:
                 del self._moved[key]
+
+    def _forget_group(self, node: Node) -> None:
+        """The tree dropped node (no backend holds or used it within H): so does every table keyed by it."""
+        key = id(node)
+        for table in self._group_load.values():
+            table.pop(key, None)
+        self._moved.pop(key, None)
+        self._replicas.pop(key, None)
 
     def _group_ms(self, backend_id: int, key: int) -> float:
         slot = self._group_load.get(backend_id, {}).get(key)

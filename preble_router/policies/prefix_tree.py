@@ -15,8 +15,9 @@ at i = 0, and every node below it loses the backend (prefix matching stops at th
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby, repeat
 from typing import Any
 
 
@@ -55,6 +56,10 @@ class PrefixTree:
         self._lru: dict[int, OrderedDict[int, Node]] = {}  # backend -> id(node) -> node, oldest first
         self._by_key: dict[int, Node] = {}  # block key -> the node whose run contains it
         self.nodes = 0
+        # Called with each node the tree drops: whoever keeps state keyed by a node (the policy's group loads,
+        # moves, replicas) forgets it then, so that state is bounded by the tree and an id() is never reused
+        # for a node it does not describe.
+        self.on_node_deleted: Callable[[Node], None] | None = None
 
     def path(self, keys: Sequence[int]) -> list[Node]:
         """Existing nodes along keys, the last one possibly covering keys only in part."""
@@ -88,8 +93,7 @@ class PrefixTree:
                 child = Node(keys[pos:], node, pos)
                 node.children[keys[pos]] = child
                 self.nodes += 1
-                for k in child.keys:
-                    self._by_key[k] = child
+                self._by_key.update(dict.fromkeys(child.keys, child))
                 path.append(child)
                 break
             run = child.keys
@@ -132,19 +136,19 @@ class PrefixTree:
         if not lru:
             return 0
         # Per node, only the evicted block nearest its start matters. Evictions come a window of a prompt at a
-        # time, so group them by node and find that block with C-level scans (one list.index, one set check),
-        # not a list.index per key (each O(node length)).
+        # time (whole prompts in a row), so group them by node in runs and find that block with C-level scans
+        # (one list.index, one set check), not a Python step per key.
         groups: dict[int, tuple[Node, int, set[int]]] = {}
-        by_key = self._by_key
-        for key in keys:
-            node = by_key.get(key)
-            if node is None or backend_id not in node.last_use:
-                continue
-            group = groups.get(id(node))
-            if group is None:
-                groups[id(node)] = (node, key, {key})
-            else:
-                group[2].add(key)
+        pos = 0
+        for node, run in groupby(map(self._by_key.get, keys)):
+            n = len(list(run))
+            if node is not None and backend_id in node.last_use:
+                group = groups.get(id(node))
+                if group is None:
+                    groups[id(node)] = (node, keys[pos], set(keys[pos:pos + n]))
+                else:
+                    group[2].update(keys[pos:pos + n])
+            pos += n
         dropped = 0
         for node, first, gone in groups.values():
             if backend_id not in node.last_use:
@@ -185,11 +189,21 @@ class PrefixTree:
         while node.parent is not None and not node.last_use and not node.children:
             parent = node.parent
             del parent.children[node.keys[0]]
-            self.nodes -= 1
-            for k in node.keys:
-                if self._by_key.get(k) is node:
-                    del self._by_key[k]
+            self._forget(node)
             node = parent
+
+    def _forget(self, node: Node) -> None:
+        """node left the tree: its keys stop pointing at it (a key names one prefix, so one node)."""
+        self.nodes -= 1
+        by_key = self._by_key
+        if by_key.get(node.keys[0]) is node and by_key.get(node.keys[-1]) is node:
+            deque(map(by_key.pop, node.keys, repeat(None)), maxlen=0)  # the whole run, in one C-level pass
+        else:
+            for k in node.keys:
+                if by_key.get(k) is node:
+                    del by_key[k]
+        if self.on_node_deleted is not None:
+            self.on_node_deleted(node)
 
     def _split(self, node: Node, at: int) -> Node:
         """Cut node after `at` keys; the new upper node takes its place and inherits its history."""
@@ -202,8 +216,7 @@ class PrefixTree:
         upper.children[node.keys[0]] = node
         upper.last_use = dict(node.last_use)
         upper.uses = {b: deque(q) for b, q in node.uses.items()}
-        for k in upper.keys:
-            self._by_key[k] = upper
+        self._by_key.update(dict.fromkeys(upper.keys, upper))
         for b, held in list(node.held.items()):  # a cut inside the upper run: the lower part is gone there
             if held < at:
                 upper.held[b] = held
@@ -220,10 +233,7 @@ class PrefixTree:
                 node.held[b] = held - at
         if not node.last_use and not node.children:  # the lower part is held nowhere any more
             del upper.children[node.keys[0]]
-            self.nodes -= 1
-            for k in node.keys:
-                if self._by_key.get(k) is node:
-                    del self._by_key[k]
+            self._forget(node)
         for b in upper.last_use:
             # Approximation: the upper half joins the LRU list as recent (an OrderedDict cannot insert in the
             # middle); it holds the shared part, which is the most likely to be used again anyway.
