@@ -35,7 +35,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import filterfalse, repeat
 
 import numpy as np
 
@@ -85,8 +85,9 @@ class _BackendEntry:
     orphan_blocks: int = 0  # stored blocks whose parent we never saw (cannot be keyed)
     # Estimated mode only: the blocks routed here, in windows of _WINDOW_BLOCKS prompt blocks keyed by a window's
     # last key, least recently used first; each window owns the keys it added (a key has one owner). `estimate`
-    # is the set of every window's keys (so blocks == len(estimate)).
-    windows: OrderedDict[int, array] | None = None
+    # is the set of every window's keys (so blocks == len(estimate)). A window's list holds the same int objects
+    # as the set (a pointer each), so the set's C-level updates take it without boxing a key again.
+    windows: OrderedDict[int, list[int]] | None = None
     estimate: set[int] | None = None
 
     def start_estimate(self) -> None:
@@ -159,8 +160,8 @@ class CacheIndex:
         assert entry.windows is not None and entry.estimate is not None
         for start in range(0, len(held), _WINDOW_BLOCKS):
             window = held[start:start + _WINDOW_BLOCKS]
-            entry.windows[window[-1]] = array("Q", window)
-        entry.estimate.update(held)
+            entry.windows[window[-1]] = window
+            entry.estimate.update(window)
         entry.blocks = len(entry.estimate)
         live = [key for key, expiry in now_pred.items() if expiry > now]
         self._record_estimated(backend_id, entry, live, 0)
@@ -443,8 +444,8 @@ class CacheIndex:
 
     def _record_estimated(self, backend_id: int, entry: _BackendEntry, keys: Sequence[int], held: int) -> None:
         """The estimate of what an engine without KV events holds: an LRU of prompt windows, bounded by the
-        backend's capacity. Per window rather than per block: an OrderedDict entry and a Python int per block
-        cost ~110 bytes a block; a window's entry and its keys packed in an array ~20.
+        backend's capacity. Per window rather than per block: the LRU's bookkeeping is one OrderedDict entry per
+        window, not one per block (the blocks themselves are in the set).
         Windows are touched last first, so a prompt's first blocks are the most recently used and the LRU trims
         prefixes from their ends, as vLLM frees a request's blocks (tail first)."""
         windows, estimate = entry.windows, entry.estimate
@@ -458,11 +459,11 @@ class CacheIndex:
                 windows.move_to_end(window_key)
             if stop <= held:
                 continue  # all held already (their keys may belong to other prompts' windows)
-            new = [key for key in keys[max(start, held):stop] if key not in estimate]
+            new = list(filterfalse(estimate.__contains__, keys[max(start, held):stop]))
             if new:
                 estimate.update(new)
                 if owned is None:
-                    windows[window_key] = array("Q", new)
+                    windows[window_key] = new
                 else:
                     owned.extend(new)
         entry.blocks = len(estimate)

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
-from functools import lru_cache
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+# The router encodes one text per call on its event loop's thread. With parallelism on, the tokenizers library
+# hands even a single text to its thread pool and waits for it: on a busy machine the wait for that thread to be
+# scheduled costs more than the encoding. It is read once, at the library's first parallel call, so it is set
+# here, before any encoding; a value the user set wins.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402 (after the setting above)
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +48,25 @@ class ChunkedEncoder:
     """Encodes long texts in chunks cut at pre-token boundaries, caching each chunk: prompts that share a
     prefix share its chunks, so only the part after the shared prefix is tokenized again.
 
+    Two sizes: a text is looked up in chunks of ~chunk_chars, and a chunk not in the cache is looked up in pieces
+    of ~piece_chars, of which only the missing ones are encoded (in one batch). A text that recurs costs few
+    lookups; a change inside it costs the encoding of a piece, not of a whole chunk.
+
     Exact only for byte-level BPE without a normalizer: enabled for those alone, after a self-check at load;
     a sample of encodings is also checked against whole-text tokenization, and any mismatch disables it.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, chunk_chars: int = 256, cache_chunks: int = 32768,
-                 check_first: int = 32, check_every: int = 1024) -> None:
-        # chunk_chars: what a change inside a cached text costs (the chunks around it are encoded again), against
-        # a dict lookup and a copy per chunk of what did not change.
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, chunk_chars: int = 1024, piece_chars: int = 128,
+                 cache_chunks: int = 8192, cache_pieces: int = 32768, check_first: int = 32,
+                 check_every: int = 1024) -> None:
         self.backend = tokenizer.backend_tokenizer
         # encode_batch_fast leaves out the character offsets (about a third of encode()'s time); same ids.
         self._encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        self.chunk_chars = chunk_chars
+        self.chunk_chars, self.piece_chars = chunk_chars, piece_chars
         self.check_first = check_first  # the first encodings are all checked, then a sample
         self.check_every = check_every
-        self._cache: OrderedDict[str, array] = OrderedDict()
-        self._cache_chunks = cache_chunks
+        self._chunks = _LruCache(cache_chunks)
+        self._pieces = _LruCache(cache_pieces)
         self._encoded = 0
         with_special = self.backend.encode("a", add_special_tokens=True).ids
         plain = self.backend.encode("a", add_special_tokens=False).ids
@@ -71,7 +80,7 @@ class ChunkedEncoder:
             log.info("tokenizer: chunked encoding is off (not provably exact for this tokenizer)")
 
     def encode(self, text: str, add_special_tokens: bool) -> array:
-        if not self.enabled or len(text) < 2 * self.chunk_chars:
+        if not self.enabled or len(text) < 2 * self.piece_chars:
             return self._encode_whole(text, add_special_tokens)
         ids = self._encode_chunked(text, add_special_tokens)
         self._encoded += 1
@@ -88,24 +97,61 @@ class ChunkedEncoder:
     def _encode_chunked(self, text: str, add_special_tokens: bool) -> array:
         # Chunks are kept as arrays: joining them is a copy of bytes, and block hashing reads the result as is.
         ids = array("I", self._prefix if add_special_tokens else ())
-        start = 0
-        while start < len(text):
-            cut = _CUT.search(text, start + self.chunk_chars) if len(text) - start > 2 * self.chunk_chars else None
-            end = cut.start() if cut else len(text)
-            chunk = text[start:end]
-            cached = self._cache.get(chunk)
+        for chunk in _cuts(text, self.chunk_chars):
+            cached = self._chunks.get(chunk)
             if cached is None:
-                cached = self._encode_whole(chunk, False)
-                self._cache[chunk] = cached
-                if len(self._cache) > self._cache_chunks:
-                    self._cache.popitem(last=False)
-            else:
-                self._cache.move_to_end(chunk)
+                cached = self._encode_pieces(chunk)
+                self._chunks.put(chunk, cached)
             ids.extend(cached)
-            start = end
         if add_special_tokens:
             ids.extend(self._suffix)
         return ids
+
+    def _encode_pieces(self, chunk: str) -> array:
+        pieces = list(_cuts(chunk, self.piece_chars))
+        found = [self._pieces.get(piece) for piece in pieces]
+        missing = [piece for piece, ids in zip(pieces, found) if ids is None]
+        if missing:
+            encoded = iter(self._encode_batch(missing, add_special_tokens=False))
+            for i, ids in enumerate(found):
+                if ids is None:
+                    found[i] = array("I", next(encoded).ids)
+                    self._pieces.put(pieces[i], found[i])
+        out = array("I")
+        for ids in found:
+            out.extend(ids)
+        return out
+
+
+class _LruCache:
+    """text -> token ids, the least recently used dropped past `capacity` entries."""
+
+    __slots__ = ("_entries", "_capacity")
+
+    def __init__(self, capacity: int) -> None:
+        self._entries: OrderedDict[str, array] = OrderedDict()
+        self._capacity = capacity
+
+    def get(self, text: str) -> array | None:
+        ids = self._entries.get(text)
+        if ids is not None:
+            self._entries.move_to_end(text)
+        return ids
+
+    def put(self, text: str, ids: array) -> None:
+        self._entries[text] = ids
+        if len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+
+def _cuts(text: str, size: int) -> Iterator[str]:
+    """text in consecutive parts of ~size characters (the last up to 2x), each cut at a pre-token boundary."""
+    start, end_all = 0, len(text)
+    while start < end_all:
+        cut = _CUT.search(text, start + size) if end_all - start > 2 * size else None
+        end = cut.start() if cut else end_all
+        yield text[start:end]
+        start = end
 
 
 def _is_byte_level_bpe(backend: Any) -> bool:
@@ -129,15 +175,24 @@ class PromptTokenizer:
     """Text prompts come back as array("I") of token ids (a fresh copy each time): block hashing reads its bytes
     without converting a list; token-id prompts come back as the client sent them."""
 
-    def __init__(self, path_or_name: str, *, cache_size: int = 4096) -> None:
+    def __init__(self, path_or_name: str, *, cache_prompts: int = 512, cache_max_chars: int = 32768) -> None:
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path_or_name)
         self.chunked = ChunkedEncoder(self.tokenizer) if self.tokenizer.is_fast else None
-        # Identical prompts recur (retries, benchmark loops, fixed few-shot prefixes sent alone): cache them.
-        self._encode = lru_cache(maxsize=cache_size)(self._encode_uncached)
+        # Identical prompts recur (retries, benchmark loops, fixed few-shot prefixes sent alone): whole prompts up
+        # to cache_max_chars are cached too, so memory stays bounded (a longer one is still chunk-cached).
+        self._whole = {True: _LruCache(cache_prompts), False: _LruCache(cache_prompts)}
+        self._cache_max_chars = cache_max_chars
 
     def _tokens(self, text: str, add_special_tokens: bool) -> array:
         """A copy of the cached encoding: a caller may change its tokens without changing the cache."""
-        return array("I", self._encode(text, add_special_tokens))
+        if len(text) > self._cache_max_chars:
+            return self._encode_uncached(text, add_special_tokens)
+        cache = self._whole[add_special_tokens]
+        ids = cache.get(text)
+        if ids is None:
+            ids = self._encode_uncached(text, add_special_tokens)
+            cache.put(text, ids)
+        return array("I", ids)
 
     def _encode_uncached(self, text: str, add_special_tokens: bool) -> array:
         if self.chunked is not None:
