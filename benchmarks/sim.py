@@ -76,7 +76,7 @@ from benchmarks.report import summarize
 from benchmarks.workloads import Request
 from preble_router.load import InFlight
 from preble_router.policies import POLICIES, Policy, make_policy
-from preble_router.router import PreparedRequest, Router
+from preble_router.router import BlockSource, PreparedRequest, Router
 
 
 @dataclass(frozen=True)
@@ -635,11 +635,9 @@ class Simulator:
         self.engines: list[SimEngine] = []
         self.by_backend: dict[int, SimEngine] = {}
         for i in range(self.config.gpus):
-            backend = self.router.add_backend(f"sim://gpu{i}", external_events=True)
-            backend.healthy = True
-            backend.block_size = self.config.block_size
-            backend.capacity_blocks = self.config.capacity()
-            self.router.index.set_capacity(backend.backend_id, backend.capacity_blocks)
+            backend = self.router.add_backend(f"sim://gpu{i}", blocks=BlockSource.EXTERNAL,
+                                              block_size=self.config.block_size,
+                                              capacity_blocks=self.config.capacity(), healthy=True)
             eng = SimEngine(self, i, backend.backend_id)
             self.engines.append(eng)
             self.by_backend[backend.backend_id] = eng
