@@ -64,7 +64,6 @@ context ~10 ms.
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
