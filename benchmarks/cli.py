@@ -125,6 +125,10 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="Engine-side admission: vLLM's FCFS, or Preble's cache-hit priority groups.")
     g.add_argument("--predicted-ttl", type=float, default=3.0, help="Router's predicted-block TTL (s).")
     g.add_argument("--model", default="sim-model", help="Model name (namespaces the router's block keys).")
+    from preble_router.policies import PrebleConfig
+    from preble_router.settings import add_flags
+
+    add_flags(p.add_argument_group("preble policy (--policies preble; docs/design.md)"), PrebleConfig)
 
 
 def add_common_out(p: argparse.ArgumentParser, what: str) -> None:
@@ -256,6 +260,17 @@ def sim_config(args: argparse.Namespace):
                      predicted_ttl=args.predicted_ttl)
 
 
+def sim_policy(args: argparse.Namespace, name: str) -> Any:
+    """A policy name for simulate(), or for preble a factory of the policy with the --preble-* settings."""
+    if name != "preble":
+        return name
+    from preble_router.policies import PrebleConfig, PreblePolicy
+    from preble_router.settings import from_args
+
+    config = from_args(PrebleConfig, args)
+    return lambda: PreblePolicy(config)
+
+
 def _slug(x: Any) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(x))
 
@@ -276,7 +291,7 @@ def run_sim_matrix(args: argparse.Namespace, requests: list[wl.Request], rates: 
         set_arrivals(args, requests, rate)
         eff_rate = rate if rate is not None else round(len(requests) / max(1e-9, max(r.arrival for r in requests)), 2)
         for policy in args.policies:
-            res = simulate(requests, policy, cfg, progress=not args.no_progress)
+            res = simulate(requests, sim_policy(args, policy), cfg, progress=not args.no_progress)
             s = dict(res.summary, label=policy, rate=eff_rate, workload=name)
             summaries.append(s)
             runs[(policy, eff_rate)] = res.records

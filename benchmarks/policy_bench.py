@@ -38,7 +38,7 @@ from benchmarks.sim import SimConfig, available_policies
 from benchmarks.workloads import DEFAULT_VOCAB, RESERVED_IDS, segment_tokens
 from preble_router.load import InFlight
 from preble_router.policies import Policy, make_policy
-from preble_router.router import PreparedRequest, Router
+from preble_router.router import BlockSource, PreparedRequest, Router
 
 FLAT = 1.2  # the target: last/first segment and max-rate/min-rate within 20%
 DEFAULT_WINDOW = 180.0  # used when no policy exposes config.window (PrebleConfig's H)
@@ -67,11 +67,8 @@ def build_router(policy: Policy, clock: SimClock, backends: int) -> Router:
     router = Router(model="bench", tokenizer=None, policy=policy, predicted_ttl=cfg.predicted_ttl,  # type: ignore[arg-type]
                     clock=clock)
     for i in range(cfg.gpus):
-        backend = router.add_backend(f"http://bench-{i}:8000")
-        backend.healthy = True
-        backend.block_size = cfg.block_size
-        backend.capacity_blocks = cfg.capacity()
-        router.index.set_capacity(backend.backend_id, backend.capacity_blocks)
+        router.add_backend(f"http://bench-{i}:8000", blocks=BlockSource.ESTIMATED, block_size=cfg.block_size,
+                           capacity_blocks=cfg.capacity(), healthy=True)
     return router
 
 

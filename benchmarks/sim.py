@@ -26,10 +26,11 @@ Each engine is vLLM-v1-like (its Scheduler, KVCacheManager and BlockPool):
   waiting queue and prefills its prompt and the tokens it had generated again, mostly from cache if they
   survived; its reported cached_tokens stay those of its first admission), and nothing is admitted that
   step;
-- waiting requests are admitted while their hits plus first chunk can be allocated, FCFS with head-of-line
-  blocking, as vLLM's; ``local_scheduler="preble"`` instead serves Preble's 10 cache-hit-ratio priority
-  groups in turn, group g admitting up to (g+1) x 10 per turn (the hit ratio is taken when the request
-  reaches the engine).
+- waiting requests are admitted while their hits plus first chunk can be allocated, with head-of-line
+  blocking, as vLLM's, in the order of the engine's waiting queue: FCFS (vLLM's), or with
+  ``local_scheduler="preble"`` the Preble plugin's own queue (``vllm_patches.group_queue.PrebleRequestQueue``,
+  its defaults: 10 cache-hit-ratio groups served in weighted turns, an age bound, hit ratios read from this
+  engine's prefix cache as the plugin reads vLLM's), driven the way vLLM's scheduler drives it.
 
 Step time (the time model, ``TimeProfile``)::
 
@@ -63,7 +64,6 @@ context ~10 ms.
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -76,7 +76,8 @@ from benchmarks.report import summarize
 from benchmarks.workloads import Request
 from preble_router.load import InFlight
 from preble_router.policies import POLICIES, Policy, make_policy
-from preble_router.router import PreparedRequest, Router
+from preble_router.router import BlockSource, PreparedRequest, Router
+from vllm_patches.group_queue import PrebleRequestQueue
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,7 @@ _WAITING, _PREFILL, _DECODE, _DONE = 0, 1, 2, 3
 class _SimReq:
     __slots__ = ("req", "idx", "prepared", "inflight", "decision", "keys", "tokens", "prompt", "output",
                  "sent", "admitted", "first", "end", "cached", "computed", "held", "nblocks", "engine",
-                 "error", "join_step", "join_gen", "group_hint", "target", "gen", "state", "run_seq",
-                 "preemptions")
+                 "error", "join_step", "join_gen", "target", "gen", "state", "run_seq", "preemptions")
 
     def __init__(self, req: Request, idx: int) -> None:
         self.req = req
@@ -174,12 +174,37 @@ class _SimReq:
         self.error: str | None = None
         self.join_step = 0  # the engine step index at which it started decoding
         self.join_gen = 0  # output tokens it had generated then
-        self.group_hint = 0
         self.target = 0  # tokens to prefill: the prompt, plus what it had generated if preempted
         self.gen = 0  # output tokens generated before its current prefill
         self.state = _WAITING
         self.run_seq = -1  # admission order on its engine (renewed at each re-admission)
         self.preemptions = 0
+
+    # What a waiting queue reads of a vLLM request.
+    @property
+    def request_id(self) -> str:
+        return self.req.id
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.prompt
+
+
+class _FcfsQueue(deque):
+    """vLLM's FCFSRequestQueue (a deque), with the waiting-queue interface PrebleRequestQueue implements."""
+
+    add_request = deque.append
+    pop_request = deque.popleft
+    prepend_request = deque.appendleft
+
+    def peek_request(self) -> _SimReq:
+        return self[0]
+
+    def begin_step(self, now: float) -> None:
+        """Nothing to re-read: FCFS order does not depend on the cache."""
+
+    def take_popped(self) -> dict:
+        return {}
 
 
 class SimEngine:
@@ -204,10 +229,9 @@ class SimEngine:
         self.cache: dict[int, int] = {}  # key -> refcount (every cached block, referenced or not)
         self.lru: OrderedDict[int, None] = OrderedDict()  # the rest of the free queue (ref count 0), oldest first
         self._anon = 0  # last id given to a freed uncached block (negative; router keys are unsigned)
-        self.waiting: deque[_SimReq] = deque()
-        self.groups: list[deque[_SimReq]] = [deque() for _ in range(10)]  # preble local scheduler
-        self.turn = 9
-        self.n_waiting = 0
+        self.waiting: _FcfsQueue | PrebleRequestQueue = (
+            PrebleRequestQueue(lambda s: self._leading_hits(s) * self.bs, clock=lambda: sim.now)
+            if cfg.local_scheduler == "preble" else _FcfsQueue())
         self.running: dict[int, _SimReq] = {}  # run_seq -> request, in admission order
         self._run_seq = 0
         self.prefilling: list[_SimReq] = []  # running requests still prefilling, in admission order
@@ -224,30 +248,19 @@ class SimEngine:
         self.stored_blocks = 0
         self.evicted_blocks = 0
         self.preemptions = 0
-        self.preble_local = cfg.local_scheduler == "preble"
 
     # ---- queueing ---------------------------------------------------------------------------------
     def enqueue(self, s: _SimReq) -> None:
         s.target = s.prompt
-        if self.preble_local:
-            hits = self._leading_hits(s)
-            h = hits * self.bs / max(1, s.prompt)
-            g = 0 if h <= 0 else min(9, max(0, math.ceil(10 * h) - 1))
-            s.group_hint = g
-            self.groups[g].append(s)
-        else:
-            self.waiting.append(s)
-        self.n_waiting += 1
+        self.waiting.add_request(s)
 
     def _requeue_front(self, s: _SimReq) -> None:
         """A preempted request goes back to the front of the waiting queue (vLLM's prepend_request)."""
-        if self.preble_local:
-            self.groups[s.group_hint].appendleft(s)
-        else:
-            self.waiting.appendleft(s)
-        self.n_waiting += 1
+        self.waiting.prepend_request(s)
 
     def _leading_hits(self, s: _SimReq) -> int:
+        """Full blocks of s's prompt (never its last token) this engine's prefix cache holds: what vLLM's lookup
+        finds, and what the preble queue groups by."""
         cap = (s.target - 1) // self.bs if s.target > 0 else 0
         cache = self.cache
         n = 0
@@ -256,28 +269,6 @@ class SimEngine:
                 break
             n += 1
         return n
-
-    def _candidates(self):
-        """Waiting requests in the order this engine's local scheduler would admit them."""
-        if not self.preble_local:
-            yield from self.waiting
-            return
-        for off in range(10):
-            g = (self.turn - off) % 10
-            q = self.groups[g]
-            for s in list(q)[: (g + 1) * 10]:
-                yield s
-
-    def _pop_waiting(self, s: _SimReq) -> None:
-        if self.preble_local:
-            q = self.groups[s.group_hint]
-            if q and q[0] is s:
-                q.popleft()
-            else:
-                q.remove(s)
-        else:
-            self.waiting.popleft()
-        self.n_waiting -= 1
 
     # ---- blocks -----------------------------------------------------------------------------------
     def _cost(self, keys: list[int], h: int, nb: int, upto: int) -> int:
@@ -466,9 +457,8 @@ class SimEngine:
         assert len(self.lru) - anon_free == sum(1 for rc in self.cache.values() if rc == 0)
         assert [s for s in running if s.state == _PREFILL] == self.prefilling
         assert sum(1 for s in running if s.state == _DECODE) == self.n_dec
-        for q in (self.waiting, *self.groups):
-            for s in q:
-                assert s.state == _WAITING and s.nblocks == 0 and not s.held
+        for s in self.waiting:
+            assert s.state == _WAITING and s.nblocks == 0 and not s.held
 
     # ---- steps ------------------------------------------------------------------------------------
     def maybe_start(self, now: float) -> None:
@@ -478,9 +468,11 @@ class SimEngine:
     def _start_step(self, now: float) -> None:
         """vLLM's schedule(): running requests first, in admission order (decodes get one token, prefills a
         chunk within the token budget), each given the blocks its tokens need, preempting the newest running
-        request while they are not there; then, if nothing was preempted, waiting requests while their first
-        chunk's blocks can be allocated (head-of-line blocking)."""
+        request while they are not there; then, if nothing was preempted, waiting requests in the waiting queue's
+        order (peek, allocate, pop) while their first chunk's blocks can be allocated (head-of-line blocking)."""
         cfg = self.sim.config
+        waiting = self.waiting
+        waiting.begin_step(now)  # as the Preble scheduler does before vLLM's schedule()
         bs = self.bs
         step = self.step_idx
         budget = cfg.max_batched_tokens - self.n_dec
@@ -527,15 +519,14 @@ class SimEngine:
             prefill_tokens += n
             pairs += n * (s.computed + (n + 1) / 2)
         seqs = len(self.running)
-        if not preempted and budget > 0 and self.n_waiting and seqs < cfg.max_num_seqs:
-            admitted = []
-            for s in self._candidates():
-                if budget <= 0 or seqs >= cfg.max_num_seqs:
-                    break
+        if not preempted:
+            while budget > 0 and waiting and seqs < cfg.max_num_seqs:
+                s = waiting.peek_request()
                 n = self._admit(s, budget)
                 if not n:
                     break  # head-of-line: wait for memory
-                admitted.append(s)
+                popped = waiting.pop_request()
+                assert popped is s
                 if s.admitted is None:
                     s.admitted = now
                 seqs += 1
@@ -543,15 +534,12 @@ class SimEngine:
                 budget -= n
                 prefill_tokens += n
                 pairs += n * (s.computed + (n + 1) / 2)
-            for s in admitted:
-                self._pop_waiting(s)
                 self._run_seq += 1
                 s.run_seq = self._run_seq
                 s.state = _PREFILL
                 self.running[s.run_seq] = s
                 self.prefilling.append(s)
-            if self.preble_local:
-                self.turn = (self.turn - 1) % 10
+            waiting.take_popped()  # the plugin's admission accounting: not reported here
         if not batch and self.n_dec == 0:
             self.busy = False
             return
@@ -635,11 +623,9 @@ class Simulator:
         self.engines: list[SimEngine] = []
         self.by_backend: dict[int, SimEngine] = {}
         for i in range(self.config.gpus):
-            backend = self.router.add_backend(f"sim://gpu{i}", external_events=True)
-            backend.healthy = True
-            backend.block_size = self.config.block_size
-            backend.capacity_blocks = self.config.capacity()
-            self.router.index.set_capacity(backend.backend_id, backend.capacity_blocks)
+            backend = self.router.add_backend(f"sim://gpu{i}", blocks=BlockSource.EXTERNAL,
+                                              block_size=self.config.block_size,
+                                              capacity_blocks=self.config.capacity(), healthy=True)
             eng = SimEngine(self, i, backend.backend_id)
             self.engines.append(eng)
             self.by_backend[backend.backend_id] = eng

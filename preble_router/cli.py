@@ -19,6 +19,7 @@ from preble_router.policies import POLICIES, Policy, PrebleConfig, PreblePolicy,
 from preble_router.policies.time_model import PROFILES
 from preble_router.proxy import Proxy, ProxyConfig
 from preble_router.router import Router
+from preble_router.settings import add_flags, from_args
 from preble_router.tokens import PromptTokenizer
 
 # --workers N: each worker process rebuilds the router from the same arguments, passed in the environment.
@@ -70,42 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "engine's events confirm them, or until the request ends plus this many seconds (events "
                         "still in flight).")
     pre = p.add_argument_group("preble policy (docs/design.md)")
-    pre.add_argument("--preble-window", type=float, default=PrebleConfig.window,
-                     help="H: seconds of history behind load, prefix-use and TTFT figures.")
-    pre.add_argument("--preble-bal-threshold", type=float, default=PrebleConfig.bal_threshold,
-                     help="Th_bal: rebalance when the heaviest backend's load is this many times the lightest's.")
-    pre.add_argument("--preble-warmup", type=int, default=PrebleConfig.warmup_per_backend,
-                     help="Requests per backend before rebalancing starts.")
-    pre.add_argument("--preble-replicate-ttft-ratio", type=float, default=PrebleConfig.replicate_ttft_ratio,
-                     help="Replicate a prefix group when its mean TTFT over the newer half of H is this many "
-                          "times the older half's (and it dominates a heavy backend).")
-    pre.add_argument("--preble-replicate-share", type=float, default=PrebleConfig.replicate_share,
-                     help="Share of a heavy backend's load one prefix group must hold to be replicated.")
-    pre.add_argument("--preble-pd-hit-ratio", type=float, default=PrebleConfig.pd_hit_ratio,
-                     help="Recent cache-hit ratio above which a backend is decode-heavy and takes prefill-heavy "
-                          "requests.")
-    pre.add_argument("--preble-pd-window", type=float, default=PrebleConfig.pd_window,
-                     help="Seconds of history for that hit ratio.")
-    pre.add_argument("--preble-chain-tokens", type=int, default=PrebleConfig.chain_tokens,
-                     help="Prefix groups longer than this (multi-turn chains) are never moved by rebalancing.")
-    pre.add_argument("--preble-rebalance-recompute", type=float, default=PrebleConfig.rebalance_recompute,
-                     help="Rebalancing moves a prefix group only when this many times the prefill of its prefix on "
-                          "the light backend (what it lacks there) is at most the group's recurring load on the "
-                          "heavy one, and counts that recompute on the light side; inf: the paper's rule.")
-    pre.add_argument("--preble-eviction-pending", type=int, default=int(PrebleConfig.eviction_pending), choices=[0, 1],
-                     help="1: M counts the KV blocks our in-flight prefills on a backend are about to store (they "
-                          "evict its least recently used blocks first); 0: free = what the KV events report.")
-    pre.add_argument("--preble-load-signal", default=PrebleConfig.load_signal, choices=["window", "both", "outstanding"],
-                     help="L: compute sent within H (the paper's), plus the work still outstanding (both), or the "
-                          "outstanding work alone (prefill not yet done and decode still ahead of what was sent; "
-                          "reacts to queues, not history). Rebalancing always compares the window loads.")
-    pre.add_argument("--preble-exploit-ratio", type=float, default=PrebleConfig.exploit_ratio,
-                     help="Exploit when the best match covers more than this share of the prompt (0.5: cached > missed).")
-    pre.add_argument("--preble-exploit-overflow", type=float, default=PrebleConfig.exploit_overflow,
-                     help="Leave the longest match when its queued prefill + P is more than this many times the "
-                          "best other backend's queued prefill + M + P (recomputing there, evictions included, beats "
-                          "its prefill queue); "
-                          "inf: the paper's exploit, which never looks at load.")
+    add_flags(pre, PrebleConfig)
     pre.add_argument("--time-profile", default="llama3-8b-h100",
                      help=f"Prefill/decode time model: a built-in profile ({', '.join(PROFILES)}) or a JSON file "
                           '{"prefill": {"a", "b", "d", "e"}, "decode_ms_per_token"}; refined online.')
@@ -116,42 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "prefix-routed requests/s). Each keeps its own index and load view: with --kv-events all "
                         "indexes follow the engines; without, each estimates from the requests it routed. "
                         "Counters and histograms in /metrics add up across workers.")
-    p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="Larger requests get 413.")
-    p.add_argument("--max-attempts", type=int, default=3,
-                   help="Backends tried per request when one fails before the first byte.")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="Seconds for a whole backend request.")
-    p.add_argument("--health-interval", type=float, default=2.0, help="Seconds between backend health probes.")
-    p.add_argument("--probe-timeout", type=float, default=ProxyConfig.probe_timeout,
-                   help="Seconds each health-probe request may take: a backend that accepts connections but does not "
-                        "answer (paused, hung) leaves the healthy set within --health-interval plus this.")
-    p.add_argument("--first-byte-timeout", type=float, default=ProxyConfig.first_byte_timeout,
-                   help="Seconds a streamed request waits for its backend's first chunk (its first token, after "
-                        "prefill: set it a few seconds above the longest prefill). Past it the backend is marked "
-                        "down and the request goes to another (up to --max-attempts). Non-streamed replies arrive "
-                        "only once generated, so they have no such limit (those a backend has not begun to answer when "
-                        "it fails a health probe go elsewhere). 0: no limit.")
-    p.add_argument("--stream-idle-timeout", type=float, default=ProxyConfig.stream_idle_timeout,
-                   help="Seconds a stream may go without a chunk once started; then the backend is marked down and "
-                        "the client's stream ends with an error event and [DONE]. 0: no limit.")
-    p.add_argument("--api-key", default=os.environ.get("PREBLE_API_KEY"),
-                   help="Require `Authorization: Bearer KEY` on /v1/* (default: $PREBLE_API_KEY; none: open).")
-    p.add_argument("--admin-key", default=os.environ.get("PREBLE_ADMIN_KEY"),
-                   help="Require this key on /debug/* and /reset_prefix_cache (default: $PREBLE_ADMIN_KEY). "
-                        "Without it (and without --admin-open) they answer 403.")
-    p.add_argument("--admin-open", action="store_true", default=ProxyConfig.admin_open,
-                   help="UNSAFE: without --admin-key, serve /debug/* and /reset_prefix_cache to anyone who can reach "
-                        "the port (one request empties every replica's prefix cache). Without either they answer "
-                        "403. For local experiments only.")
-    p.add_argument("--backend-api-key", default=os.environ.get("PREBLE_BACKEND_API_KEY"),
-                   help="API key of the vLLM backends (their --api-key); replaces the client's Authorization.")
-    p.add_argument("--max-concurrency", type=int, default=0,
-                   help="Requests forwarded at once; more wait in a queue (0: unbounded).")
-    p.add_argument("--max-queue", type=int, default=1024,
-                   help="Requests that may wait for a slot; beyond this they get 429.")
+    add_flags(p, ProxyConfig)
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="On SIGTERM, seconds to let in-flight requests (streams included) finish.")
-    p.add_argument("--startup-wait", type=float, default=10.0,
-                   help="Seconds to wait at startup for every backend to pass a first health probe.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_discovery_args(p)
     return p
@@ -160,15 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def build_policy(args: argparse.Namespace) -> Policy:
     if args.policy != "preble":
         return make_policy(args.policy)
-    config = PrebleConfig(window=args.preble_window, bal_threshold=args.preble_bal_threshold,
-                          warmup_per_backend=args.preble_warmup, replicate_ttft_ratio=args.preble_replicate_ttft_ratio,
-                          replicate_share=args.preble_replicate_share, pd_hit_ratio=args.preble_pd_hit_ratio,
-                          pd_window=args.preble_pd_window, chain_tokens=args.preble_chain_tokens,
-                          load_signal=args.preble_load_signal, exploit_ratio=args.preble_exploit_ratio,
-                          exploit_overflow=args.preble_exploit_overflow,
-                          rebalance_recompute=args.preble_rebalance_recompute,
-                          eviction_pending=bool(args.preble_eviction_pending))
-    return PreblePolicy(config, TimeModel.from_profile(args.time_profile))
+    return PreblePolicy(from_args(PrebleConfig, args), TimeModel.from_profile(args.time_profile))
 
 
 def build_proxy(args: argparse.Namespace) -> Proxy:
@@ -188,14 +113,7 @@ def build_proxy(args: argparse.Namespace) -> Proxy:
     for url in backends:
         endpoint, replay = kv.get(url.rstrip("/"), (None, None))
         router.add_backend(url, endpoint, replay)
-    return Proxy(router, ProxyConfig(max_body_bytes=args.max_body_bytes, max_attempts=args.max_attempts,
-                                     request_timeout=args.request_timeout, health_interval=args.health_interval,
-                                     startup_wait=args.startup_wait, api_key=args.api_key,
-                                     admin_key=args.admin_key, backend_api_key=args.backend_api_key,
-                                     max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                                     admin_open=args.admin_open, probe_timeout=args.probe_timeout,
-                                     first_byte_timeout=args.first_byte_timeout,
-                                     stream_idle_timeout=args.stream_idle_timeout),
+    return Proxy(router, from_args(ProxyConfig, args),
                  discovery=lambda r: start_discovery(args, r))
 
 
@@ -223,12 +141,13 @@ def worker_app():  # noqa: ANN201 (an ASGI app)
 
 
 def tune_gc() -> None:
-    """Freeze what start-up built (tokenizer, policy tables) and collect the young generation 28x less often.
+    """Freeze what start-up built (tokenizer, policy tables) and collect the young generation far less often.
 
-    Routing allocates many short-lived containers per request. Under 32 clients (benchmarks.overhead, timed with
-    gc.callbacks) the default thresholds spent ~6% of the router's CPU in the collector. That included full
-    collections of ~190 ms, each of which stalls every request in flight. With this, the collector ran once in
-    12 s. Reference counting still frees everything acyclic at once; only cycles wait longer.
+    Routing allocates many short-lived containers per request, so with the default thresholds the collector runs
+    all the time and takes a visible share of the router's CPU, and each full collection walks everything start-up
+    built while every request in flight waits. Frozen objects are never walked again, and the higher thresholds
+    make collections rare. Reference counting still frees everything acyclic at once; only cycles wait longer.
+    BENCHMARKS.md has the measurements (benchmarks.overhead, the collector timed with gc.callbacks).
     """
     gc.collect()
     gc.freeze()

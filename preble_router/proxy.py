@@ -35,6 +35,7 @@ from preble_router.load import InFlight
 from preble_router.metrics import RouterMetrics
 from preble_router.policies import Decision
 from preble_router.router import PreparedRequest, Router
+from preble_router.settings import setting
 from preble_router.tokens import PromptError
 from preble_router.upstream import StreamStalled, UpstreamError, UpstreamPool, UpstreamResponse
 
@@ -51,28 +52,48 @@ _TRANSPORT_ERRORS = (UpstreamError, TimeoutError)
 
 @dataclass
 class ProxyConfig:
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_attempts: int = 3  # tries on distinct backends before giving up
-    connect_timeout: float = 5.0
-    request_timeout: float = 600.0  # a whole request, including generation
-    health_interval: float = 2.0
-    startup_wait: float = 10.0  # how long startup waits for every backend to answer a first probe
-    api_key: str | None = None  # clients must send `Authorization: Bearer <api_key>` to /v1/*
-    admin_key: str | None = None  # required for /debug/* and /reset_prefix_cache when set
-    backend_api_key: str | None = None  # replaces the client's Authorization towards the backends
-    max_concurrency: int = 0  # requests forwarded at once (0: unbounded)
-    max_queue: int = 1024  # requests waiting for a slot beyond max_concurrency; more get 429
-    # Without admin_key, /debug/* and /reset_prefix_cache answer 403 unless this opens them to anyone who can
-    # reach the port (unsafe: one request empties every replica's prefix cache).
-    admin_open: bool = False
+    """The proxy's settings; preble-router takes the flagged ones as options of the same name."""
+
+    max_body_bytes: int = setting(32 * 1024 * 1024, "Larger requests get 413.", flag="--max-body-bytes")
+    max_attempts: int = setting(3, "Backends tried per request when one fails before the first byte.",
+                                flag="--max-attempts")
+    request_timeout: float = setting(600.0, "Seconds for a whole backend request.", flag="--request-timeout")
+    health_interval: float = setting(2.0, "Seconds between backend health probes.", flag="--health-interval")
+    probe_timeout: float = setting(
+        3.0, "Seconds each health-probe request may take: a backend that accepts connections but does not answer "
+        "(paused, hung) leaves the healthy set within --health-interval plus this.", flag="--probe-timeout")
     # A backend that accepts connections but never answers (a paused process, a stuck engine) must not hold
-    # requests for request_timeout. A stream whose first chunk (the first token, after prefill) takes longer than
-    # first_byte_timeout goes to another backend, as a connect failure does: a few seconds above a long prefill.
-    # Whole (non-streamed) replies start only once generated, so they have no such limit; those a backend has not
-    # begun to answer when it fails a health probe are retried elsewhere (_fail_unanswered_on_down_backends).
-    first_byte_timeout: float = 60.0  # 0: no limit
-    stream_idle_timeout: float = 60.0  # a stream with no chunk for this long ends with an error event; 0: no limit
-    probe_timeout: float = 3.0  # per health-probe request: a hung backend leaves the healthy set in seconds
+    # requests for request_timeout. Whole replies: _fail_unanswered_on_down_backends.
+    first_byte_timeout: float = setting(
+        60.0, "Seconds a streamed request waits for its backend's first chunk (its first token, after prefill: set "
+        "it a few seconds above the longest prefill). Past it the backend is marked down and the request goes to "
+        "another (up to --max-attempts). Non-streamed replies arrive only once generated, so they have no such "
+        "limit (those a backend has not begun to answer when it fails a health probe go elsewhere). 0: no limit.",
+        flag="--first-byte-timeout")
+    stream_idle_timeout: float = setting(
+        60.0, "Seconds a stream may go without a chunk once started; then the backend is marked down and the "
+        "client's stream ends with an error event and [DONE]. 0: no limit.", flag="--stream-idle-timeout")
+    api_key: str | None = setting(
+        None, "Require `Authorization: Bearer KEY` on /v1/* (default: $PREBLE_API_KEY; none: open).",
+        flag="--api-key", env="PREBLE_API_KEY")
+    admin_key: str | None = setting(
+        None, "Require this key on /debug/* and /reset_prefix_cache (default: $PREBLE_ADMIN_KEY). Without it (and "
+        "without --admin-open) they answer 403.", flag="--admin-key", env="PREBLE_ADMIN_KEY")
+    admin_open: bool = setting(
+        False, "UNSAFE: without --admin-key, serve /debug/* and /reset_prefix_cache to anyone who can reach the "
+        "port (one request empties every replica's prefix cache). Without either they answer 403. For local "
+        "experiments only.", flag="--admin-open")
+    backend_api_key: str | None = setting(
+        None, "API key of the vLLM backends (their --api-key); replaces the client's Authorization.",
+        flag="--backend-api-key", env="PREBLE_BACKEND_API_KEY")
+    max_concurrency: int = setting(0, "Requests forwarded at once; more wait in a queue (0: unbounded).",
+                                   flag="--max-concurrency")
+    max_queue: int = setting(1024, "Requests that may wait for a slot; beyond this they get 429.",
+                             flag="--max-queue")
+    startup_wait: float = setting(10.0, "Seconds to wait at startup for every backend to pass a first health "
+                                  "probe.", flag="--startup-wait")
+    connect_timeout: float = setting(5.0, "Seconds to connect to a backend; also the limit of the short requests the "
+                                     "router makes itself (/v1/models, /reset_prefix_cache).")
 
 
 _decode_json = msgspec.json.Decoder().decode

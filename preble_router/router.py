@@ -7,6 +7,7 @@ here: the proxy calls prepare / decide / dispatch / observe, and so can tests.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +42,18 @@ class PreparedRequest:
     snapshot: ClusterSnapshot | None = None  # what the latest decision saw
     matched_blocks: dict[int, int] = field(default_factory=dict)  # per backend, leading blocks the index holds
     route: RouteRequest | None = None  # the policy's view, built once (keys do not change after prepare)
+
+
+class BlockSource(enum.Enum):
+    """Where the router learns which KV blocks a backend holds (Router.add_backend)."""
+
+    # The engine's KV events: its kv_endpoint, or (none given) the one it advertises at GET /kv_event_sources.
+    # Routed on the estimate until they flow, and again whenever they go silent.
+    EVENTS = "events"
+    ESTIMATED = "estimated"  # the router's own estimate: what it sent there, LRU-bounded by the capacity
+    # The caller applies the engine's block changes to Router.index itself (apply_stored / apply_removed), as
+    # the simulator's engines do: exact from the start, never estimated.
+    EXTERNAL = "external"
 
 
 def cacheable_tokens(matched_blocks: int, block_size: int, prompt_tokens: int) -> int:
@@ -82,20 +95,30 @@ class Router:
 
     # ---- backends -------------------------------------------------------------------------------
     def add_backend(self, url: str, kv_endpoint: str | None = None, replay_endpoint: str | None = None, *,
-                    external_events: bool = False) -> Backend:
-        """Register a backend. Its blocks come from its KV events (kv_endpoint; or, with kv_events_auto, the
-        endpoint the engine advertises; or fed to self.index by the caller when external_events, as the simulator
-        does), else from the router's own estimate. A backend with events is routed on the estimate until they
-        flow (KvEventSubscriber's feed state)."""
+                    blocks: BlockSource | None = None, block_size: int | None = None,
+                    capacity_blocks: int | None = None, healthy: bool = False) -> Backend:
+        """Register a backend (the same URL again: the one registered).
+
+        blocks: where its cached blocks come from (BlockSource); by default EVENTS when a kv_endpoint is given or
+        the router has kv_events_auto, else ESTIMATED. block_size, capacity_blocks: known up front (a simulated
+        engine); else learned from its /metrics by the health probes. healthy: routable at once, before any
+        probe (nothing probes a simulated engine)."""
         url = url.rstrip("/")
         for b in self.backends.values():
             if b.url == url:
                 return b
+        if blocks is None:
+            blocks = BlockSource.EVENTS if kv_endpoint or self.kv_events_auto else BlockSource.ESTIMATED
+        if kv_endpoint and blocks is not BlockSource.EVENTS:
+            raise ValueError(f"backend {url}: a KV-event endpoint, but blocks={blocks.name}")
         backend_id = min(set(range(len(self.backends) + 1)) - set(self.backends))
-        backend = Backend(backend_id, url, kv_endpoint, replay_endpoint,
-                          kv_auto=self.kv_events_auto and kv_endpoint is None and not external_events)
+        backend = Backend(backend_id, url, kv_endpoint, replay_endpoint, healthy=healthy, block_size=block_size,
+                          capacity_blocks=capacity_blocks,
+                          kv_auto=blocks is BlockSource.EVENTS and kv_endpoint is None)
         self.backends[backend_id] = backend
-        self.index.add_backend(backend_id, model=self.model, estimated=not external_events, capacity_blocks=None)
+        # EVENTS starts on the estimate: its subscriber switches it once events flow.
+        self.index.add_backend(backend_id, model=self.model, estimated=blocks is not BlockSource.EXTERNAL,
+                               capacity_blocks=capacity_blocks)
         self.load.add_backend(backend_id)
         if kv_endpoint:
             self._subscribe(backend, kv_endpoint, replay_endpoint)

@@ -1,11 +1,11 @@
 """Forwarding to backends: pooled HTTP/1.1 connections that send a POST and hand back its reply.
 
-Why not aiohttp (used before) or httpx: the router's request path is CPU-bound on one core, and the client was
-its largest part. Measured through the router at 32 clients (fake backends, alternating runs), router CPU per
-request fell from ~395 to ~290 us with this client, and httpx costs 0.6-2 ms. It does one job: keep-alive
-connections per backend, a request written in one go, the reply parsed by httptools (llhttp, the parser
-uvicorn serves with), its body handed on as it arrives. Cookies, redirects and compression are not handled:
-a proxy must relay those as they are.
+Why not aiohttp (used before) or httpx: the router's request path is CPU-bound on one core, and the HTTP client
+was its largest part; both do work per request that a proxy does not need (httpx checks every pooled connection on
+each request), and this client spends less of the router's CPU per request than either (BENCHMARKS.md, measured
+through the router by benchmarks.overhead). It does one job: keep-alive connections per backend, a request written
+in one go, the reply parsed by httptools (llhttp, the parser uvicorn serves with), its body handed on as it
+arrives. Cookies, redirects and compression are not handled: a proxy must relay those as they are.
 
 Failures are UpstreamError (ConnectError, ConnectionLost, ProtocolError) or TimeoutError (FirstByteTimeout and
 StreamStalled among them: a reply that shows no progress, for a backend that accepts connections but no longer

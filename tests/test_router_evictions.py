@@ -5,7 +5,7 @@ from __future__ import annotations
 from preble_router.block_hash import chain_root, hash_blocks
 from preble_router.policies import PrebleConfig, PreblePolicy, TimeModel
 from preble_router.policies.base import StatelessPolicy
-from preble_router.router import Router
+from preble_router.router import BlockSource, Router
 
 BS = 4
 
@@ -26,7 +26,7 @@ class Recorder(StatelessPolicy):
 def _router(policy):
     router = Router(model="m", tokenizer=None, policy=policy, clock=lambda: 0.0)
     for url in ("http://a", "http://b"):
-        backend = router.add_backend(url, external_events=True)
+        backend = router.add_backend(url, blocks=BlockSource.EXTERNAL)
         backend.block_size, backend.healthy = BS, True
     return router
 

@@ -34,57 +34,69 @@ from itertools import count
 from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, RouteRequest
 from preble_router.policies.prefix_tree import Node, PrefixTree
 from preble_router.policies.time_model import TimeModel
+from preble_router.settings import setting
 
 
 @dataclass
 class PrebleConfig:
-    window: float = 180.0  # H, seconds
-    # L: "window" is the spec's (compute sent within H); "both" adds the work still outstanding there (prefill
-    # not yet done, decodes not yet done), which reacts to queues at once; "outstanding" uses that alone.
-    # Simulated tool use at 160 req/s on 4 GPUs: avg / p99 latency 1.21 / 4.15 s (window), 0.91 / 2.73 s (both).
-    # Default "outstanding": at a few requests per second per backend the H-window sum is the backends' history
-    # (tens of seconds, growing all run), not their queues, and it outweighed P and the queue itself: live on 2
-    # vLLM CPU replicas it sent a cold 6.4k-token document behind another one (12k tokens queued) while the
-    # other replica had 59 tokens queued. Rebalancing still compares the window loads, as the paper does.
-    load_signal: str = "outstanding"
-    exploit_ratio: float = 0.5  # exploit when cached tokens exceed this share of the prompt (0.5: cached > missed)
-    # Exploit overflow (ours): leave the longest match when its queued prefill + P exceeds this many times the
-    # best other backend's queued prefill + M + P, i.e. when recomputing elsewhere (eviction there included)
-    # beats queueing behind the holder's prefill backlog; the other backend then holds the prefix too and later
-    # exploits pick the less loaded holder. Decode work is left out: vLLM batches a new prefill with running
-    # decodes (with all of L, simulated GPUs at saturation sent 14-70% of cache hits away and ran 5-50%
-    # slower). The paper's exploit ignores load until rebalancing or replication react (inf: never overflow).
-    exploit_overflow: float = 1.0
-    bal_threshold: float = 1.5  # Th_bal: heaviest/lightest load ratio that triggers rebalancing
-    warmup_per_backend: int = 50  # requests per backend before rebalancing starts
-    replicate_ttft_ratio: float = 2.0  # newer-half / older-half mean TTFT that marks a prefix hot
-    replicate_share: float = 0.5  # share of the heavy backend's load one group must hold to be replicated
-    pd_hit_ratio: float = 0.7  # recent hit ratio above which a backend counts as decode-heavy
-    pd_window: float = 30.0  # seconds of history for that ratio
-    chain_tokens: int = 8192  # groups whose shared prefix is longer than this are never moved (long chains)
-    # Rebalancing pays for its moves (ours): a moved group's prefix is recomputed on the light backend (the spec:
-    # "its KV is recomputed, nothing is copied"), a one-off cost the paper's rule ignores. With this factor f
-    # finite, a group moves only when f x that recompute (prefill of the part the light backend lacks) is at
-    # most the recurring load the move takes off the heavy backend (the group's window load less the prefill of
-    # its own prefix, which was paid once and is not saved by moving), and the recompute counts on the light
-    # side in the "keeps the heavy side above the light side" check. inf: the paper's rule (moves
-    # ignore recompute). Live on 2 vLLM CPU replicas the paper's rule moved ~5k-token document groups (4-9 s of
-    # prefill each) to save ~1 s of queue, and the recompute pushed the other replica's documents out.
-    rebalance_recompute: float = 1.0
-    default_output_tokens: int = 128  # until max_tokens or the group's median says otherwise
-    # M sees the blocks our in-flight prefills there are about to take (ours): the engine's free KV cache at the
-    # time this request runs is what its events report minus what the requests queued ahead of it will store,
-    # and those requests evict the least recently used blocks first, so this request is charged for the ones
-    # after them. Without it, two cold documents sent to one replica within a second both saw free room (their
-    # blocks not stored yet) and together pushed out a third document that the next request then exploited.
-    eviction_pending: bool = True
-    rebalance_interval: float = 1.0  # seconds between rebalancing checks
-    # M reads each backend's LRU through a summary (an _EvictionCurve) rebuilt at most this often, or when a request
-    # needs more of the LRU than it covers: a lookup is then a binary search, not a walk of the prefix groups, and a
-    # rebuild (a walk) happens a few times a second whatever the rate. 0: rebuilt for every decision.
-    eviction_refresh: float = 0.25
+    """The policy's settings; each field's help says what it does and why its default (preble-router and
+    preble-bench sim take the flagged ones as --preble-* options; figures are in BENCHMARKS.md)."""
 
-
+    window: float = setting(180.0, "H: seconds of history behind load, prefix-use and TTFT figures.",
+                            flag="--preble-window")
+    bal_threshold: float = setting(
+        1.5, "Th_bal: rebalance when the heaviest backend's load is this many times the lightest's.",
+        flag="--preble-bal-threshold")
+    warmup_per_backend: int = setting(50, "Requests per backend before rebalancing starts.", flag="--preble-warmup")
+    replicate_ttft_ratio: float = setting(
+        2.0, "Replicate a prefix group when its mean TTFT over the newer half of H is this many times the older "
+        "half's (and it dominates a heavy backend).", flag="--preble-replicate-ttft-ratio")
+    replicate_share: float = setting(
+        0.5, "Share of a heavy backend's load one prefix group must hold to be replicated.",
+        flag="--preble-replicate-share")
+    pd_hit_ratio: float = setting(
+        0.7, "Recent cache-hit ratio above which a backend is decode-heavy and takes prefill-heavy requests.",
+        flag="--preble-pd-hit-ratio")
+    pd_window: float = setting(30.0, "Seconds of history for that hit ratio.", flag="--preble-pd-window")
+    chain_tokens: int = setting(
+        8192, "Prefix groups longer than this (multi-turn chains) are never moved by rebalancing.",
+        flag="--preble-chain-tokens")
+    rebalance_recompute: float = setting(
+        1.0, "Rebalancing moves a prefix group only when this many times the prefill of its prefix on the light "
+        "backend (what it lacks there) is at most the group's recurring load on the heavy one (its window load "
+        "less the prefill of its own prefix, which was paid once and is not saved by moving), and counts that "
+        "recompute on the light side; inf: the paper's rule, which ignores that a moved group's KV is recomputed "
+        "(nothing is copied) and so moves long document groups to save less queue time than their recompute "
+        "costs, pushing the other backend's documents out.", flag="--preble-rebalance-recompute")
+    eviction_pending: bool = setting(
+        True, "1: M counts the KV blocks our in-flight prefills on a backend are about to store (they evict its "
+        "least recently used blocks first, so a request is charged for the ones after them); 0: free = what the "
+        "KV events report, and two cold documents sent to one backend close together both see room that their "
+        "blocks, not stored yet, are about to take.", flag="--preble-eviction-pending", type=int, choices=[0, 1])
+    load_signal: str = setting(
+        "outstanding", "L: compute sent within H (the paper's), plus the work still outstanding (both), or the "
+        "outstanding work alone (prefill not yet done and decode still ahead of what was sent; reacts to queues, "
+        "not history). At a few requests per second per backend the H-window sum is the backends' history, not "
+        "their queues, and outweighs P and the queue itself (a cold document can be sent behind another while the "
+        "other backend is idle). Rebalancing always compares the window loads.",
+        flag="--preble-load-signal", choices=["window", "both", "outstanding"])
+    exploit_ratio: float = setting(
+        0.5, "Exploit when the best match covers more than this share of the prompt (0.5: cached > missed).",
+        flag="--preble-exploit-ratio")
+    exploit_overflow: float = setting(
+        1.0, "Leave the longest match when its queued prefill + P is more than this many times the best other "
+        "backend's queued prefill + M + P (recomputing there, evictions included, beats its prefill queue; that "
+        "backend then holds the prefix too, and later exploits pick the less loaded holder). Decode work is left "
+        "out: vLLM batches a new prefill with running decodes, and counting them sends cache hits away at "
+        "saturation. inf: the paper's exploit, which never looks at load.", flag="--preble-exploit-overflow")
+    default_output_tokens: int = setting(128, "Output tokens assumed until max_tokens or the group's median says "
+                                         "otherwise.")
+    rebalance_interval: float = setting(1.0, "Seconds between rebalancing checks.")
+    eviction_refresh: float = setting(
+        0.25, "M reads each backend's LRU through a summary (an _EvictionCurve) rebuilt at most this often (seconds), "
+        "or when a request needs more of the LRU than it covers: a lookup is then a binary search, not a walk of "
+        "the prefix groups, and a rebuild (a walk) happens a few times a second whatever the rate. 0: rebuilt for "
+        "every decision.")
 
 
 @dataclass(slots=True)
