@@ -1,11 +1,11 @@
-"""The simulator matrix near saturation: every workload x GPU count, four policies, one table.
+"""The simulator matrix near saturation: every workload x GPU count, five policies, one table.
 
     python -m benchmarks.sim_matrix [--workloads tool_use,video_qa] [--gpus 4,8] [--requests N]
                                     [--rates tool_use:4=160,...|matrix.json] [--out runs/sim_matrix_sat]
     (also `preble-bench matrix ...`)
 
 For each workload and GPU count it (1) finds a rate near saturation, (2) runs round_robin, least_load,
-cache_aware and preble on the same requests at that rate, (3) writes ``matrix.json`` and ``matrix.md``:
+cache_aware, preble and lmetric on the same requests at that rate, (3) writes ``matrix.json`` and ``matrix.md``:
 avg / p99 latency per policy and preble's ratio to each other policy (other / preble: above 1 is preble
 faster), with a closing line that puts the min-max of preble's ratio to round robin next to the paper's
 1.5x-14.5x (avg) and 2x-10x (p99).
@@ -51,7 +51,7 @@ from typing import Any
 from benchmarks import arrivals as arrivals_mod
 from benchmarks import workloads as wl
 
-POLICIES = ("round_robin", "least_load", "cache_aware", "preble")
+POLICIES = ("round_robin", "least_load", "cache_aware", "preble", "lmetric")
 REFERENCE_POLICY = "least_load"
 K_SATURATION = 3.0
 KEEP_UP = 0.9
@@ -307,7 +307,7 @@ def summary_lines(summ: dict[str, Any]) -> list[str]:
     if "round_robin_avg" in summ:
         lines.append(f"preble vs round_robin: avg {rng('round_robin_avg')}, p99 {rng('round_robin_p99')} "
                      f"(paper: {PAPER_AVG[0]:g}x-{PAPER_AVG[1]:g}x avg, {PAPER_P99[0]:g}x-{PAPER_P99[1]:g}x p99).")
-    for p in ("least_load", "cache_aware"):
+    for p in ("least_load", "cache_aware", "lmetric"):
         if f"{p}_avg" in summ:
             lines.append(f"preble vs {p}: avg {rng(p + '_avg')}, p99 {rng(p + '_p99')}.")
     return lines

@@ -7,6 +7,7 @@ from typing import Any
 
 from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, Policy, RouteRequest
 from preble_router.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
+from preble_router.policies.lmetric import LMetricPolicy
 from preble_router.policies.preble import PrebleConfig, PreblePolicy
 from preble_router.policies.simple import LeastLoadPolicy, RoundRobinPolicy
 from preble_router.policies.time_model import TimeModel
@@ -16,6 +17,7 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "least_load": LeastLoadPolicy,
     "cache_aware": CacheAwarePolicy,
     "preble": PreblePolicy,
+    "lmetric": LMetricPolicy,
 }
 
 
@@ -34,6 +36,7 @@ __all__ = [
     "CacheAwarePolicy",
     "ClusterSnapshot",
     "Decision",
+    "LMetricPolicy",
     "LeastLoadPolicy",
     "POLICIES",
     "Policy",
