@@ -50,9 +50,9 @@ from typing import Any
 
 import httpx
 
-from benchmarks.router_process import free_port, start_server
-from benchmarks.tiny_model import build_tiny_model
 from benchmarks.vllm_replicas import Replica, start_replicas
+from testkit.router_process import free_port, start_server
+from testkit.tiny_model import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS = ("kill", "stop", "engine_restart", "router_restart", "feed_drop")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from benchmarks.tiny_model import build_tiny_model
 from preble_router.cli import build_parser, build_proxy
+from testkit.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="session")

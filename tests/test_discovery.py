@@ -36,7 +36,7 @@ from preble_router.discovery import (
 )
 from preble_router.policies import make_policy
 from preble_router.router import Router
-from tests.fakes.vllm_kv_publisher import FakeVllmKvPublisher
+from testkit.fake_kv_publisher import FakeVllmKvPublisher
 
 NS = "llm"
 SELECTOR = "app=vllm,tier!=canary"
@@ -681,9 +681,9 @@ async def test_static_discovery_is_a_no_op(router):
 
 
 async def test_proxy_routes_to_discovered_pods(api, kubeconfig, tiny_model):
-    from benchmarks.fake_backend import run_fake_backend_in_thread
     from preble_router.proxy import Proxy, ProxyConfig
     from preble_router.tokens import PromptTokenizer
+    from testkit.fake_backend import run_fake_backend_in_thread
 
     fakes = [run_fake_backend_in_thread(model="tiny") for _ in range(2)]
     ports = [int(url.rsplit(":", 1)[1]) for url, _ in fakes]
@@ -725,7 +725,7 @@ async def test_proxy_routes_to_discovered_pods(api, kubeconfig, tiny_model):
 def test_cli_discovers_pods(api, kubeconfig, tiny_model):
     """`preble-router --discovery k8s ...` end to end: cli.build_parser/build_proxy and Proxy's lifespan
     (needs discovery wired into cli.py and proxy.py)."""
-    from benchmarks.fake_backend import run_fake_backend_in_thread
+    from testkit.fake_backend import run_fake_backend_in_thread
     from tests.conftest import serve_router
 
     url, stop = run_fake_backend_in_thread(model="tiny")

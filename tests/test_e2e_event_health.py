@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from benchmarks.router_process import router_argv, start_router
 from benchmarks.vllm_replicas import start_replicas
+from testkit.router_process import router_argv, start_router
 from tests.test_e2e_vllm import observed_cached, text, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""Quick tests of the FAKE vLLM backend (benchmarks/fake_backend.py) that router tests and benchmarks use."""
+"""Quick tests of the FAKE vLLM backend (testkit/fake_backend.py) that router tests and benchmarks use."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.fake_backend import free_port, make_fake_backend_app, run_fake_backend_in_thread
+from testkit.fake_backend import free_port, make_fake_backend_app, run_fake_backend_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "the quick brown fox jumps over the lazy dog " * 10  # 90 words
@@ -200,7 +200,7 @@ def test_bad_fail_mode_rejected():
 def test_cli_serves():
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.fake_backend", "--port", str(port), "--model", "m1"],
+    proc = subprocess.Popen([sys.executable, "-m", "testkit.fake_backend", "--port", str(port), "--model", "m1"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 10

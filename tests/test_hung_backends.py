@@ -1,4 +1,4 @@
-"""Backends that accept connections but stop answering, in front of FAKE backends (benchmarks/fake_backend.py):
+"""Backends that accept connections but stop answering, in front of FAKE backends (testkit/fake_backend.py):
 the first-byte limit, the stream idle limit and the probes' own timeout."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from benchmarks.fake_backend import free_port, run_fake_backend_in_thread
+from testkit.fake_backend import free_port, run_fake_backend_in_thread
 from tests.conftest import serve_router
 
 
@@ -146,7 +146,7 @@ def test_requests_waiting_on_a_backend_that_fails_its_probe_go_elsewhere(tiny_mo
 def _fake_process() -> Iterator[tuple[str, subprocess.Popen]]:
     """A fake backend in a process of its own (one that can be paused), once it answers /health."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.fake_backend", "--port", str(port), "--model", "tiny"])
+    proc = subprocess.Popen([sys.executable, "-m", "testkit.fake_backend", "--port", str(port), "--model", "tiny"])
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30

@@ -10,9 +10,9 @@ import pytest
 
 from benchmarks.arrivals import poisson
 from benchmarks.cli import main
-from benchmarks.fake_backend import run_fake_backend_in_thread
 from benchmarks.loadgen import live_summary, run_load
 from benchmarks.workloads import Request, generate, with_arrivals
+from testkit.fake_backend import run_fake_backend_in_thread
 
 
 @pytest.fixture

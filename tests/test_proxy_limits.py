@@ -1,4 +1,4 @@
-"""Keys, admission control and graceful drain, in front of FAKE backends (benchmarks/fake_backend.py)."""
+"""Keys, admission control and graceful drain, in front of FAKE backends (testkit/fake_backend.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from benchmarks.fake_backend import run_fake_backend_in_thread
+from testkit.fake_backend import run_fake_backend_in_thread
 from tests.conftest import serve_router
 
 

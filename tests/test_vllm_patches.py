@@ -412,7 +412,7 @@ def test_real_replica_admits_high_hit_first_bounds_waits_and_reports(tmp_path, t
         print(f"scenario took {time.monotonic() - t0:.1f}s")
         log = rep.log_path.read_text(errors="replace")
         # The router reads the plugin's load report from this replica (not vLLM's coarser gauges).
-        from benchmarks.router_process import router_argv, start_router
+        from testkit.router_process import router_argv, start_router
 
         with start_router(router_argv([rep], tiny_model, policy="preble", extra=["--admin-open"])) as router_url:
             view = httpx.get(router_url + "/debug/backends", timeout=10).json()["backends"][0]["engine_load"]

@@ -25,7 +25,7 @@ processes, so two fakes agree, but unrelated to any real tokenizer.
 
 CLI::
 
-    python -m benchmarks.fake_backend --port 8001 [--model tiny] [--workers N] [--fail-mode 500]
+    python -m testkit.fake_backend --port 8001 [--model tiny] [--workers N] [--fail-mode 500]
 
 In-process (tests)::
 
@@ -629,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     _install_log_filter()
     if a.workers > 1:
         os.environ[ENV_CONFIG] = json.dumps(cfg)
-        uvicorn.run("benchmarks.fake_backend:_app_from_env", factory=True, host=a.host, port=a.port,
+        uvicorn.run("testkit.fake_backend:_app_from_env", factory=True, host=a.host, port=a.port,
                     workers=a.workers, timeout_graceful_shutdown=2, **kw)
     else:
         uvicorn.run(make_fake_backend_app(**cfg), host=a.host, port=a.port, timeout_graceful_shutdown=2, **kw)
