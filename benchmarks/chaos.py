@@ -51,7 +51,8 @@ from typing import Any
 import httpx
 
 from benchmarks.vllm_replicas import Replica, start_replicas
-from testkit.router_process import free_port, start_server
+from testkit.ports import free_port
+from testkit.router_process import start_server
 from testkit.tiny_model import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent

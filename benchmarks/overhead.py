@@ -50,7 +50,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,8 @@ from typing import Any
 
 import httpx
 
+from testkit.ports import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 ALL_ROUTERS = ("ours", "smg", "vllm-router")
@@ -72,12 +73,6 @@ ROUTER_BINARIES = {"ours": "preble-router", "smg": "smg", "vllm-router": "vllm-r
 
 
 # ---------------------------------------------------------------------------------------------- utils
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def find_binary(name: str, extra_dirs: list[str] | None = None) -> str | None:

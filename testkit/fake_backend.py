@@ -547,12 +547,6 @@ def _uvicorn_fast_kwargs() -> dict[str, Any]:
     return kw
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def run_fake_backend_in_thread(host: str = "127.0.0.1", port: int = 0, ready_timeout: float = 10.0,
                                **kwargs: Any):
     """Serve a fake backend from a uvicorn.Server in a daemon thread on a free port.

@@ -37,6 +37,7 @@ from preble_router.discovery import (
 from preble_router.policies import make_policy
 from preble_router.router import Router
 from testkit.fake_kv_publisher import FakeVllmKvPublisher
+from testkit.ports import free_port
 
 NS = "llm"
 SELECTOR = "app=vllm,tier!=canary"
@@ -324,12 +325,6 @@ async def until(predicate, timeout: float = 10.0, what: str = "condition") -> No
 
 def urls(router: Router) -> set[str]:
     return {b.url for b in router.backends.values()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- fixtures -------------------------------------------------------------------------------------------

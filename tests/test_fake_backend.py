@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from testkit.fake_backend import free_port, make_fake_backend_app, run_fake_backend_in_thread
+from testkit.fake_backend import make_fake_backend_app, run_fake_backend_in_thread
+from testkit.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "the quick brown fox jumps over the lazy dog " * 10  # 90 words

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from testkit.fake_backend import free_port, run_fake_backend_in_thread
+from testkit.fake_backend import run_fake_backend_in_thread
+from testkit.ports import free_port
 from tests.conftest import serve_router
 
 

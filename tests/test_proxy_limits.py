@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import httpx
 import pytest
 
 from testkit.fake_backend import run_fake_backend_in_thread
+from testkit.ports import free_port
 from tests.conftest import serve_router
 
 
@@ -112,10 +112,7 @@ def test_sigterm_drains_in_flight_streams(tiny_model, workers):
     # The fake streams 20 tokens 0.1 s apart: the stream is still running when the router gets SIGTERM (with
     # --workers, the supervisor passes it on to the worker serving the stream).
     url_b, stop = run_fake_backend_in_thread(model="tiny", tokens_per_response=20, inter_token_delay_s=0.1)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "preble_router.cli", "--backends", url_b, "--model", str(tiny_model),
                              "--served-model-name", "tiny", "--drain-timeout", "20", "--port", str(port),
                              "--workers", str(workers)])
