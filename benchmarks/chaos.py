@@ -52,7 +52,7 @@ import httpx
 
 from benchmarks.vllm_replicas import Replica, start_replicas
 from testkit.ports import free_port
-from testkit.router_process import start_server
+from testkit.router_process import answers_health, start_server
 from testkit.tiny_model import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,9 +256,7 @@ class RouterProc:
         _ALL_ROUTER_LOGS.append(log)
         stack = contextlib.ExitStack()
         cmd = [sys.executable, "-m", "preble_router.cli", *self.argv, "--port", str(self.port)]
-        stack.enter_context(start_server(cmd, self.url,
-                                         lambda url: httpx.get(url + "/health", timeout=2).status_code == 200,
-                                         ready_timeout=90, log_path=log))
+        stack.enter_context(start_server(cmd, self.url, answers_health, ready_timeout=90, log_path=log))
         self._stack = stack
         return time.monotonic() - t0
 

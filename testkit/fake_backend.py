@@ -42,8 +42,6 @@ import json
 import logging
 import math
 import os
-import socket
-import threading
 import time
 import uuid
 import zlib
@@ -53,6 +51,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+
+from testkit.in_thread import listen_socket, serve_in_thread
 
 try:  # fastest JSON available; the fake must never be the bottleneck of a benchmark
     import orjson as _orjson
@@ -549,52 +549,18 @@ def _uvicorn_fast_kwargs() -> dict[str, Any]:
 
 def run_fake_backend_in_thread(host: str = "127.0.0.1", port: int = 0, ready_timeout: float = 10.0,
                                **kwargs: Any):
-    """Serve a fake backend from a uvicorn.Server in a daemon thread on a free port.
+    """Serve a fake backend from a uvicorn.Server in a daemon thread (port 0: a free port).
 
     Returns (url, stop_fn). kwargs go to make_fake_backend_app (name defaults to the port).
     """
-    import uvicorn
-
-    # proto=IPPROTO_TCP, as uvicorn binds: asyncio sets TCP_NODELAY only on sockets that say so, and without it
-    # every reply on a kept-alive connection waits ~40 ms for the client's delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = listen_socket(host, port)
     port = sock.getsockname()[1]
     kwargs.setdefault("name", str(port))
     app = make_fake_backend_app(**kwargs)
     kw = _uvicorn_fast_kwargs()
     kw["loop"] = "asyncio"  # uvloop policy in a non-main thread is fine, but asyncio is the safe choice
-    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=1, **kw)
-    server = uvicorn.Server(config)
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            server.run(sockets=[sock])
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    th = threading.Thread(target=target, name=f"fake-backend-{port}", daemon=True)
-    th.start()
-    deadline = time.monotonic() + ready_timeout
-    while not server.started:
-        if errors or not th.is_alive():
-            sock.close()
-            raise RuntimeError(f"fake backend failed to start: {errors[:1]}")
-        if time.monotonic() > deadline:
-            server.should_exit = True
-            raise TimeoutError("fake backend did not start in time")
-        time.sleep(0.01)
-
-    def stop(timeout: float = 5.0) -> None:
-        server.should_exit = True
-        th.join(timeout)
-        try:
-            sock.close()
-        except OSError:
-            pass
-
+    stop = serve_in_thread(app, sock, name=f"fake-backend-{port}", ready_timeout=ready_timeout, host=host, port=port,
+                           timeout_graceful_shutdown=1, **kw)
     url = f"http://{host}:{port}"
     app.state.url = url
     return url, stop

@@ -721,7 +721,7 @@ def test_cli_discovers_pods(api, kubeconfig, tiny_model):
     """`preble-router --discovery k8s ...` end to end: cli.build_parser/build_proxy and Proxy's lifespan
     (needs discovery wired into cli.py and proxy.py)."""
     from testkit.fake_backend import run_fake_backend_in_thread
-    from tests.conftest import serve_router
+    from testkit.in_thread import serve_router
 
     url, stop = run_fake_backend_in_thread(model="tiny")
     port = int(url.rsplit(":", 1)[1])

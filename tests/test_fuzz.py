@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks.fuzz import ADMIN_KEY, MODEL, Case, fuzz
 from testkit.fake_backend import run_fake_backend_in_thread
-from tests.conftest import serve_router
+from testkit.in_thread import serve_router
 
 EXAMPLES = 250  # bounded for CI: a few seconds here
 

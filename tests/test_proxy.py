@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from testkit.fake_backend import run_fake_backend_in_thread
-from tests.conftest import serve_router
+from testkit.in_thread import serve_router
 
 LONG = " ".join(f"word{i}" for i in range(400))
 
