@@ -187,6 +187,373 @@ class FakeState:
             self.name = str(server[1]) if server and server[1] is not None else "fake"
         return self.name
 
+    def begin(self, gen: _Generation) -> None:
+        """A generation starts: it runs (and holds its prompt's blocks) until end()."""
+        self.running += 1
+        self.running_blocks += gen.blocks
+
+    def end(self, gen: _Generation, ok: bool) -> None:
+        self.running -= 1
+        self.running_blocks -= gen.blocks
+        if ok:
+            self.completed_total += 1
+            self.prompt_tokens_total += gen.prompt_tokens
+            self.generation_tokens_total += gen.completion_tokens
+        else:
+            self.failed_total += 1
+
+
+# -------------------------------------------------------------------- generation: what one request gets back
+
+
+class _Generation:
+    """One completion (or chat completion) request as the fake answers it: sizes, ids and the OpenAI bodies."""
+
+    def __init__(self, st: FakeState, request: Request, body: dict[str, Any], prompts: list[Any], chat: bool):
+        self.chat = chat
+        prompt_counts = [_count_tokens(p) for p in prompts]
+        self.prompt_tokens = sum(prompt_counts)
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        n_out = st.tokens_per_response
+        if isinstance(max_tokens, int) and max_tokens >= 0:
+            n_out = min(n_out, max_tokens)
+        self.n_out = n_out
+        self.finish = "length" if isinstance(max_tokens, int) and n_out >= max_tokens else "stop"
+        self.model = body.get("model") or st.model
+        self.stream = bool(body.get("stream"))
+        so = body.get("stream_options") or {}
+        self.include_usage = bool(so.get("include_usage")) if isinstance(so, dict) else False
+        self.req_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.fp = "fake-backend:" + st.backend_name(request)
+        self.blocks = sum(math.ceil(c / st.block_size) for c in prompt_counts) if st.block_size > 0 else 0
+        self.n_choices = len(prompts)
+        self.completion_tokens = n_out * self.n_choices
+        self.usage = {
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "completion_tokens": self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0, "created_cache_tokens": None,
+                                      "multimodal_tokens": None},
+        }
+
+    def completion_body(self) -> bytes:
+        """The whole non-streaming reply."""
+        text = "".join(f" t{i}" for i in range(self.n_out))
+        if self.chat:
+            choices = [{"index": 0, "message": {"role": "assistant", "content": text,
+                                                "reasoning_content": None, "tool_calls": []},
+                        "logprobs": None, "finish_reason": self.finish, "stop_reason": None}]
+            obj = "chat.completion"
+        else:
+            choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": self.finish,
+                        "stop_reason": None, "prompt_logprobs": None} for i in range(self.n_choices)]
+            obj = "text_completion"
+        return _dumps({"id": self.req_id, "object": obj, "created": self.created, "model": self.model,
+                       "choices": choices, "usage": self.usage, "system_fingerprint": self.fp,
+                       "service_tier": None, "prompt_logprobs": None, "kv_transfer_params": None})
+
+    @property
+    def chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    def chunk(self, i: int, piece: str | None, fin: str | None, first: bool = False) -> bytes:
+        """One SSE event: choice i's next piece of text (chat: first=True is the role-only delta)."""
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+                delta["content"] = ""
+            elif piece is not None:
+                delta["content"] = piece
+            choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": fin,
+                        "stop_reason": None}]
+        else:
+            choices = [{"index": i, "text": piece or "", "logprobs": None, "finish_reason": fin,
+                        "stop_reason": None}]
+        return b"data: " + _dumps({"id": self.req_id, "object": self.chunk_object, "created": self.created,
+                                   "model": self.model, "choices": choices, "system_fingerprint": self.fp}) + b"\n\n"
+
+    def usage_chunk(self) -> bytes:
+        return b"data: " + _dumps({"id": self.req_id, "object": self.chunk_object, "created": self.created,
+                                   "model": self.model, "choices": [], "usage": self.usage,
+                                   "system_fingerprint": self.fp}) + b"\n\n"
+
+
+async def _sleep_like_generation(st: FakeState, gen: _Generation) -> None:
+    """A non-streaming request's wait: prefill, then every token."""
+    if st.delay_s > 0:
+        await asyncio.sleep(st.delay_s)
+    if st.inter_token_delay_s > 0:
+        await asyncio.sleep(st.inter_token_delay_s * gen.n_out)
+
+
+async def _sse_events(st: FakeState, gen: _Generation, mode: str | None):
+    """The SSE stream of one request, with the fail mode's breakage; ends the generation in st however it stops."""
+    ok = False
+    sent = 0
+    try:
+        if st.delay_s > 0:
+            await asyncio.sleep(st.delay_s)
+        if gen.chat:
+            yield gen.chunk(0, None, None, first=True)
+            sent += 1
+        per_step = 1 if gen.chat else gen.n_choices
+        for t in range(gen.n_out):
+            for i in range(per_step):
+                if mode == "stall_mid_stream" and sent >= 1:
+                    await asyncio.sleep(3600)  # cancelled when the client goes away
+                if mode == "die_mid_stream" and sent >= 2:
+                    raise FakeBackendAbort("fake backend: fail_mode=die_mid_stream")
+                last = t == gen.n_out - 1
+                yield gen.chunk(i, f" t{t}", gen.finish if last else None)
+                sent += 1
+            if st.inter_token_delay_s > 0 and t < gen.n_out - 1:
+                await asyncio.sleep(st.inter_token_delay_s)
+        if gen.n_out == 0:
+            for i in range(per_step):
+                yield gen.chunk(i, "", gen.finish)
+        if mode == "die_mid_stream":
+            raise FakeBackendAbort("fake backend: fail_mode=die_mid_stream")
+        if gen.include_usage:
+            yield gen.usage_chunk()
+        yield b"data: [DONE]\n\n"
+        ok = True
+    finally:
+        st.end(gen, ok)
+
+
+def _prompts(body: dict[str, Any], chat: bool) -> list[Any] | str:
+    """The request's prompts (one entry per choice), or why the body is invalid."""
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return "'messages' must be a list"
+        return [_chat_text(messages)]
+    if "prompt" not in body:
+        return "'prompt' is required"
+    return _prompt_list(body.get("prompt"))
+
+
+# -------------------------------------------------------------------- the other endpoints' bodies
+
+
+def _metrics_text(st: FakeState) -> str:
+    """GET /metrics: Prometheus text with vLLM 0.32's metric names and labels."""
+    lbl = f'engine="0",model_name="{st.model}"'
+    usage = min(1.0, st.running_blocks / st.num_gpu_blocks) if st.num_gpu_blocks > 0 else 0.0
+    cache_labels = ",".join(f'{k}="{v}"' for k, v in (
+        ("block_size", st.block_size), ("cache_dtype", "auto"), ("calculate_kv_scales", "False"),
+        ("cpu_offload_gb", "0"), ("enable_prefix_caching", "True"), ("engine", "0"),
+        ("gpu_memory_utilization", "0.9"), ("hash_block_size", "None"),
+        ("is_attention_free", "False"), ("num_cpu_blocks", "None"),
+        ("num_gpu_blocks", st.num_gpu_blocks), ("num_gpu_blocks_override", "None"),
+        ("prefix_caching_hash_algo", "sha256"), ("sliding_window", "None"), ("swap_space", "4.0"),
+    ))
+    lines = [
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+        "# TYPE vllm:num_requests_running gauge",
+        f"vllm:num_requests_running{{{lbl}}} {float(st.running)}",
+        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+        "# TYPE vllm:num_requests_waiting gauge",
+        f"vllm:num_requests_waiting{{{lbl}}} 0.0",
+        "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+        "# TYPE vllm:kv_cache_usage_perc gauge",
+        f"vllm:kv_cache_usage_perc{{{lbl}}} {usage}",
+        "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.",
+        "# TYPE vllm:prefix_cache_queries_total counter",
+        f"vllm:prefix_cache_queries_total{{{lbl}}} {float(st.prompt_tokens_total)}",
+        "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.",
+        "# TYPE vllm:prefix_cache_hits_total counter",
+        f"vllm:prefix_cache_hits_total{{{lbl}}} 0.0",
+        "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
+        "# TYPE vllm:prompt_tokens_total counter",
+        f"vllm:prompt_tokens_total{{{lbl}}} {float(st.prompt_tokens_total)}",
+        "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
+        "# TYPE vllm:generation_tokens_total counter",
+        f"vllm:generation_tokens_total{{{lbl}}} {float(st.generation_tokens_total)}",
+        "# HELP vllm:request_success_total Count of successfully processed requests.",
+        "# TYPE vllm:request_success_total counter",
+        f'vllm:request_success_total{{{lbl},finished_reason="length"}} {float(st.completed_total)}',
+        "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig",
+        "# TYPE vllm:cache_config_info gauge",
+        f"vllm:cache_config_info{{{cache_labels}}} 1.0",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _tokenize_body(body: dict[str, Any]) -> dict[str, Any] | str:
+    """POST /tokenize's reply for a JSON object body, or why the body is invalid."""
+    if "messages" in body:
+        text = _chat_text(body.get("messages"))
+    else:
+        text = body.get("prompt") or ""
+        if not isinstance(text, str):
+            return "'prompt' must be a string"
+    toks = _token_ids(text)
+    out: dict[str, Any] = {"count": len(toks), "max_model_len": MAX_MODEL_LEN, "tokens": toks, "token_strs": None}
+    if body.get("return_token_strs"):
+        out["token_strs"] = _words(text)
+    return out
+
+
+# -------------------------------------------------------------------- the app
+
+
+class _FakeBackend:
+    """The endpoints of one fake backend over its FakeState (see the module docstring)."""
+
+    def __init__(self, st: FakeState):
+        self.st = st
+
+    # ---- replies
+
+    def headers(self, request: Request) -> dict[str, str]:
+        out = {"x-fake-backend": self.st.backend_name(request)}
+        if request.headers.get("x-fake-set-cookie"):  # for proxies' tests: set a cookie, echo what came in
+            out["set-cookie"] = "fake-session=secret; Path=/"
+            out["x-fake-got-cookie"] = request.headers.get("cookie", "")
+        return out
+
+    def json_response(self, request: Request, obj: Any, status: int = 200) -> Response:
+        return Response(_dumps(obj), status_code=status, media_type="application/json",
+                        headers=self.headers(request))
+
+    def error(self, request: Request, status: int, msg: str, typ: str = "BadRequestError") -> Response:
+        return self.json_response(request, {"error": {"message": msg, "type": typ, "param": None,
+                                                      "code": status}}, status)
+
+    @staticmethod
+    async def hang(request: Request) -> Response:
+        # Never answer; return (to free the task) once the client has gone away.
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.05)
+        return Response(status_code=499)
+
+    # ---- generation
+
+    async def completions(self, request: Request) -> Response:
+        return await self.generate(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.generate(request, chat=True)
+
+    async def generate(self, request: Request, chat: bool) -> Response:
+        st = self.st
+        st.requests_total += 1
+        key = "chat" if chat else "completions"
+        st.by_endpoint[key] = st.by_endpoint.get(key, 0) + 1
+        try:
+            body = _loads(await request.body())
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+        except Exception as e:  # noqa: BLE001
+            st.failed_total += 1
+            return self.error(request, 400, f"invalid JSON body: {e}")
+
+        mode = st.fail_mode
+        if mode == "500":
+            st.failed_total += 1
+            return self.error(request, 500, "fake backend: fail_mode=500", "InternalServerError")
+        if mode == "hang" or (mode == "stall_mid_stream" and not body.get("stream")):
+            return await self.hang(request)
+
+        prompts = _prompts(body, chat)
+        if isinstance(prompts, str):
+            st.failed_total += 1
+            return self.error(request, 400, prompts)
+        gen = _Generation(st, request, body, prompts, chat)
+        st.begin(gen)
+        if gen.stream:
+            return StreamingResponse(_sse_events(st, gen, mode), media_type="text/event-stream; charset=utf-8",
+                                     headers=self.headers(request))
+        try:
+            await _sleep_like_generation(st, gen)
+        except BaseException:
+            st.end(gen, False)
+            raise
+        payload = gen.completion_body()
+        if mode == "die_mid_stream":
+            st.end(gen, False)
+            return _TruncatedResponse(payload, self.headers(request))
+        st.end(gen, True)
+        return Response(payload, media_type="application/json", headers=self.headers(request))
+
+    # ---- info endpoints
+
+    async def health(self, request: Request) -> Response:
+        return Response(b"", headers=self.headers(request))
+
+    async def version(self, request: Request) -> Response:
+        return self.json_response(request, {"version": FAKE_VERSION})
+
+    async def load(self, request: Request) -> Response:
+        return self.json_response(request, {"server_load": self.st.running})
+
+    async def models(self, request: Request) -> Response:
+        st = self.st
+        return self.json_response(request, {"object": "list", "data": [{
+            "id": st.model, "object": "model", "created": int(st.started), "owned_by": "vllm",
+            "root": st.model, "parent": None, "max_model_len": MAX_MODEL_LEN, "permission": []}]})
+
+    async def tokenize(self, request: Request) -> Response:
+        try:
+            body = _loads(await request.body())
+        except Exception as e:  # noqa: BLE001
+            return self.error(request, 400, f"invalid JSON body: {e}")
+        if not isinstance(body, dict):
+            return self.error(request, 400, "body must be a JSON object")
+        out = _tokenize_body(body)
+        if isinstance(out, str):
+            return self.error(request, 400, out)
+        return self.json_response(request, out)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(_metrics_text(self.st), media_type="text/plain; version=0.0.4; charset=utf-8",
+                        headers=self.headers(request))
+
+    # ---- test hooks (not vLLM)
+
+    async def fake_stats(self, request: Request) -> Response:
+        st = self.st
+        return self.json_response(request, {
+            "name": st.backend_name(request), "running": st.running, "requests_total": st.requests_total,
+            "completed_total": st.completed_total, "failed_total": st.failed_total,
+            "by_endpoint": st.by_endpoint, "fail_mode": st.fail_mode, "pid": os.getpid()})
+
+    async def fake_config(self, request: Request) -> Response:
+        st = self.st
+        try:
+            body = _loads(await request.body())
+        except Exception as e:  # noqa: BLE001
+            return self.error(request, 400, f"invalid JSON body: {e}")
+        if "fail_mode" in body:
+            if body["fail_mode"] not in FAIL_MODES:
+                return self.error(request, 400, f"fail_mode must be one of {FAIL_MODES}")
+            st.fail_mode = body["fail_mode"]
+        for k in ("delay_s", "inter_token_delay_s"):
+            if k in body:
+                setattr(st, k, float(body[k]))
+        if "tokens_per_response" in body:
+            st.tokens_per_response = int(body["tokens_per_response"])
+        return await self.fake_stats(request)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/ping", self.health, methods=["GET", "POST"]),
+            Route("/version", self.version, methods=["GET"]),
+            Route("/load", self.load, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/_fake/stats", self.fake_stats, methods=["GET"]),
+            Route("/_fake/config", self.fake_config, methods=["POST"]),
+        ]
+
 
 def make_fake_backend_app(
     model: str = "tiny",
@@ -206,305 +573,7 @@ def make_fake_backend_app(
     _install_log_filter()
     st = FakeState(model, block_size, num_gpu_blocks, delay_s, tokens_per_response, fail_mode, name,
                    inter_token_delay_s)
-
-    def headers(request: Request) -> dict[str, str]:
-        out = {"x-fake-backend": st.backend_name(request)}
-        if request.headers.get("x-fake-set-cookie"):  # for proxies' tests: set a cookie, echo what came in
-            out["set-cookie"] = "fake-session=secret; Path=/"
-            out["x-fake-got-cookie"] = request.headers.get("cookie", "")
-        return out
-
-    def json_response(request: Request, obj: Any, status: int = 200) -> Response:
-        return Response(_dumps(obj), status_code=status, media_type="application/json",
-                        headers=headers(request))
-
-    def error(request: Request, status: int, msg: str, typ: str = "BadRequestError") -> Response:
-        return json_response(request, {"error": {"message": msg, "type": typ, "param": None,
-                                                 "code": status}}, status)
-
-    async def hang(request: Request) -> Response:
-        # Never answer; return (to free the task) once the client has gone away.
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.05)
-        return Response(status_code=499)
-
-    # ---------------------------------------------------------------- generation
-
-    async def generate(request: Request, chat: bool) -> Response:
-        st.requests_total += 1
-        key = "chat" if chat else "completions"
-        st.by_endpoint[key] = st.by_endpoint.get(key, 0) + 1
-        try:
-            body = _loads(await request.body())
-            if not isinstance(body, dict):
-                raise ValueError("body must be a JSON object")
-        except Exception as e:  # noqa: BLE001
-            st.failed_total += 1
-            return error(request, 400, f"invalid JSON body: {e}")
-
-        mode = st.fail_mode
-        if mode == "500":
-            st.failed_total += 1
-            return error(request, 500, "fake backend: fail_mode=500", "InternalServerError")
-        if mode == "hang" or (mode == "stall_mid_stream" and not body.get("stream")):
-            return await hang(request)
-
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list):
-                st.failed_total += 1
-                return error(request, 400, "'messages' must be a list")
-            prompts = [_chat_text(messages)]
-        else:
-            if "prompt" not in body:
-                st.failed_total += 1
-                return error(request, 400, "'prompt' is required")
-            prompts = _prompt_list(body.get("prompt"))
-        prompt_counts = [_count_tokens(p) for p in prompts]
-        prompt_tokens = sum(prompt_counts)
-
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        n_out = st.tokens_per_response
-        if isinstance(max_tokens, int) and max_tokens >= 0:
-            n_out = min(n_out, max_tokens)
-        finish = "length" if isinstance(max_tokens, int) and n_out >= max_tokens else "stop"
-        model = body.get("model") or st.model
-        stream = bool(body.get("stream"))
-        so = body.get("stream_options") or {}
-        include_usage = bool(so.get("include_usage")) if isinstance(so, dict) else False
-        req_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        created = int(time.time())
-        fp = "fake-backend:" + st.backend_name(request)
-        blocks = sum(math.ceil(c / st.block_size) for c in prompt_counts) if st.block_size > 0 else 0
-        n_choices = len(prompts)
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "total_tokens": prompt_tokens + n_out * n_choices,
-            "completion_tokens": n_out * n_choices,
-            "prompt_tokens_details": {"cached_tokens": 0, "created_cache_tokens": None,
-                                      "multimodal_tokens": None},
-        }
-
-        st.running += 1
-        st.running_blocks += blocks
-
-        def done(ok: bool = True) -> None:
-            st.running -= 1
-            st.running_blocks -= blocks
-            if ok:
-                st.completed_total += 1
-                st.prompt_tokens_total += prompt_tokens
-                st.generation_tokens_total += n_out * n_choices
-            else:
-                st.failed_total += 1
-
-        if not stream:
-            try:
-                if st.delay_s > 0:
-                    await asyncio.sleep(st.delay_s)
-                if st.inter_token_delay_s > 0:
-                    await asyncio.sleep(st.inter_token_delay_s * n_out)
-            except BaseException:
-                done(False)
-                raise
-            text = "".join(f" t{i}" for i in range(n_out))
-            if chat:
-                choices = [{"index": 0, "message": {"role": "assistant", "content": text,
-                                                    "reasoning_content": None, "tool_calls": []},
-                            "logprobs": None, "finish_reason": finish, "stop_reason": None}]
-                obj = "chat.completion"
-            else:
-                choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish,
-                            "stop_reason": None, "prompt_logprobs": None} for i in range(n_choices)]
-                obj = "text_completion"
-            payload = _dumps({"id": req_id, "object": obj, "created": created, "model": model,
-                              "choices": choices, "usage": usage, "system_fingerprint": fp,
-                              "service_tier": None, "prompt_logprobs": None, "kv_transfer_params": None})
-            if mode == "die_mid_stream":
-                done(False)
-                return _TruncatedResponse(payload, headers(request))
-            done(True)
-            return Response(payload, media_type="application/json", headers=headers(request))
-
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(i: int, piece: str | None, fin: str | None, first: bool = False) -> bytes:
-            if chat:
-                delta: dict[str, Any] = {}
-                if first:
-                    delta["role"] = "assistant"
-                    delta["content"] = ""
-                elif piece is not None:
-                    delta["content"] = piece
-                choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": fin,
-                            "stop_reason": None}]
-            else:
-                choices = [{"index": i, "text": piece or "", "logprobs": None, "finish_reason": fin,
-                            "stop_reason": None}]
-            return b"data: " + _dumps({"id": req_id, "object": obj, "created": created, "model": model,
-                                       "choices": choices, "system_fingerprint": fp}) + b"\n\n"
-
-        async def events():
-            ok = False
-            sent = 0
-            try:
-                if st.delay_s > 0:
-                    await asyncio.sleep(st.delay_s)
-                if chat:
-                    yield chunk(0, None, None, first=True)
-                    sent += 1
-                for t in range(n_out):
-                    for i in range(n_choices if not chat else 1):
-                        if mode == "stall_mid_stream" and sent >= 1:
-                            await asyncio.sleep(3600)  # cancelled when the client goes away
-                        if mode == "die_mid_stream" and sent >= 2:
-                            raise FakeBackendAbort("fake backend: fail_mode=die_mid_stream")
-                        last = t == n_out - 1
-                        yield chunk(i, f" t{t}", finish if last else None)
-                        sent += 1
-                    if st.inter_token_delay_s > 0 and t < n_out - 1:
-                        await asyncio.sleep(st.inter_token_delay_s)
-                if n_out == 0:
-                    for i in range(n_choices if not chat else 1):
-                        yield chunk(i, "", finish)
-                if mode == "die_mid_stream":
-                    raise FakeBackendAbort("fake backend: fail_mode=die_mid_stream")
-                if include_usage:
-                    yield b"data: " + _dumps({"id": req_id, "object": obj, "created": created,
-                                              "model": model, "choices": [], "usage": usage,
-                                              "system_fingerprint": fp}) + b"\n\n"
-                yield b"data: [DONE]\n\n"
-                ok = True
-            finally:
-                done(ok)
-
-        return StreamingResponse(events(), media_type="text/event-stream; charset=utf-8",
-                                 headers=headers(request))
-
-    async def completions(request: Request) -> Response:
-        return await generate(request, chat=False)
-
-    async def chat_completions(request: Request) -> Response:
-        return await generate(request, chat=True)
-
-    # ---------------------------------------------------------------- info endpoints
-
-    async def health(request: Request) -> Response:
-        return Response(b"", headers=headers(request))
-
-    async def version(request: Request) -> Response:
-        return json_response(request, {"version": FAKE_VERSION})
-
-    async def load(request: Request) -> Response:
-        return json_response(request, {"server_load": st.running})
-
-    async def models(request: Request) -> Response:
-        return json_response(request, {"object": "list", "data": [{
-            "id": st.model, "object": "model", "created": int(st.started), "owned_by": "vllm",
-            "root": st.model, "parent": None, "max_model_len": MAX_MODEL_LEN, "permission": []}]})
-
-    async def tokenize(request: Request) -> Response:
-        try:
-            body = _loads(await request.body())
-        except Exception as e:  # noqa: BLE001
-            return error(request, 400, f"invalid JSON body: {e}")
-        if not isinstance(body, dict):
-            return error(request, 400, "body must be a JSON object")
-        if "messages" in body:
-            text = _chat_text(body.get("messages"))
-        else:
-            text = body.get("prompt") or ""
-            if not isinstance(text, str):
-                return error(request, 400, "'prompt' must be a string")
-        toks = _token_ids(text)
-        out: dict[str, Any] = {"count": len(toks), "max_model_len": MAX_MODEL_LEN, "tokens": toks,
-                               "token_strs": None}
-        if body.get("return_token_strs"):
-            out["token_strs"] = _words(text)
-        return json_response(request, out)
-
-    async def metrics(request: Request) -> Response:
-        lbl = f'engine="0",model_name="{st.model}"'
-        usage = min(1.0, st.running_blocks / st.num_gpu_blocks) if st.num_gpu_blocks > 0 else 0.0
-        cache_labels = ",".join(f'{k}="{v}"' for k, v in (
-            ("block_size", st.block_size), ("cache_dtype", "auto"), ("calculate_kv_scales", "False"),
-            ("cpu_offload_gb", "0"), ("enable_prefix_caching", "True"), ("engine", "0"),
-            ("gpu_memory_utilization", "0.9"), ("hash_block_size", "None"),
-            ("is_attention_free", "False"), ("num_cpu_blocks", "None"),
-            ("num_gpu_blocks", st.num_gpu_blocks), ("num_gpu_blocks_override", "None"),
-            ("prefix_caching_hash_algo", "sha256"), ("sliding_window", "None"), ("swap_space", "4.0"),
-        ))
-        lines = [
-            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
-            "# TYPE vllm:num_requests_running gauge",
-            f"vllm:num_requests_running{{{lbl}}} {float(st.running)}",
-            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
-            "# TYPE vllm:num_requests_waiting gauge",
-            f"vllm:num_requests_waiting{{{lbl}}} 0.0",
-            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
-            "# TYPE vllm:kv_cache_usage_perc gauge",
-            f"vllm:kv_cache_usage_perc{{{lbl}}} {usage}",
-            "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.",
-            "# TYPE vllm:prefix_cache_queries_total counter",
-            f"vllm:prefix_cache_queries_total{{{lbl}}} {float(st.prompt_tokens_total)}",
-            "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.",
-            "# TYPE vllm:prefix_cache_hits_total counter",
-            f"vllm:prefix_cache_hits_total{{{lbl}}} 0.0",
-            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
-            "# TYPE vllm:prompt_tokens_total counter",
-            f"vllm:prompt_tokens_total{{{lbl}}} {float(st.prompt_tokens_total)}",
-            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
-            "# TYPE vllm:generation_tokens_total counter",
-            f"vllm:generation_tokens_total{{{lbl}}} {float(st.generation_tokens_total)}",
-            "# HELP vllm:request_success_total Count of successfully processed requests.",
-            "# TYPE vllm:request_success_total counter",
-            f'vllm:request_success_total{{{lbl},finished_reason="length"}} {float(st.completed_total)}',
-            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig",
-            "# TYPE vllm:cache_config_info gauge",
-            f"vllm:cache_config_info{{{cache_labels}}} 1.0",
-            "",
-        ]
-        return Response("\n".join(lines), media_type="text/plain; version=0.0.4; charset=utf-8",
-                        headers=headers(request))
-
-    # ---------------------------------------------------------------- test hooks (not vLLM)
-
-    async def fake_stats(request: Request) -> Response:
-        return json_response(request, {
-            "name": st.backend_name(request), "running": st.running, "requests_total": st.requests_total,
-            "completed_total": st.completed_total, "failed_total": st.failed_total,
-            "by_endpoint": st.by_endpoint, "fail_mode": st.fail_mode, "pid": os.getpid()})
-
-    async def fake_config(request: Request) -> Response:
-        try:
-            body = _loads(await request.body())
-        except Exception as e:  # noqa: BLE001
-            return error(request, 400, f"invalid JSON body: {e}")
-        if "fail_mode" in body:
-            if body["fail_mode"] not in FAIL_MODES:
-                return error(request, 400, f"fail_mode must be one of {FAIL_MODES}")
-            st.fail_mode = body["fail_mode"]
-        for k in ("delay_s", "inter_token_delay_s"):
-            if k in body:
-                setattr(st, k, float(body[k]))
-        if "tokens_per_response" in body:
-            st.tokens_per_response = int(body["tokens_per_response"])
-        return await fake_stats(request)
-
-    routes = [
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/ping", health, methods=["GET", "POST"]),
-        Route("/version", version, methods=["GET"]),
-        Route("/load", load, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/tokenize", tokenize, methods=["POST"]),
-        Route("/_fake/stats", fake_stats, methods=["GET"]),
-        Route("/_fake/config", fake_config, methods=["POST"]),
-    ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=_FakeBackend(st).routes())
     app.state.fake = st
     return app
 
