@@ -3,7 +3,7 @@ real `preble-router` in front of FAKE backends (testkit/fake_backend.py).
 
 Every reply must satisfy `problems()`: no 5xx from the router's own code (a 502/503/504 is a backend's failure,
 allowed only with a JSON error body), every error status with an OpenAI-style `{"error": {...}}` body, and the
-router still answering a good request afterwards. tests/test_fuzz.py runs a bounded number of examples; this
+router still answering a good request afterwards. tests/proxy/test_fuzz.py runs a bounded number of examples; this
 command runs a longer fuzz and prints how many inputs it tried and the counts by status::
 
     python -m benchmarks.fuzz --examples 5000 [--seed 1]

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny model built offline (the servers the tests run come from testkit)."""
+"""Shared fixtures for every level (unit/, proxy/, e2e/, kernels/): a tiny model built offline. The servers the
+tests start come from testkit."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Imported up front, as when this file also served the router: the CLI imports transformers, hence torch and
+# triton, so tests/kernels/test_kernels.py re-runs its tests in a child process with TRITON_INTERPRET=1 instead of
+# setting that variable in this process, where every later subprocess (vLLM replicas among them) would inherit it.
+import preble_router.cli  # noqa: F401
 from testkit.tiny_model import build_tiny_model
 
 

@@ -16,7 +16,7 @@ from testkit.fake_backend import make_fake_backend_app, run_fake_backend_in_thre
 from testkit.ports import free_port
 from testkit.router_process import answers_health, server_process
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPT = "the quick brown fox jumps over the lazy dog " * 10  # 90 words
 
 

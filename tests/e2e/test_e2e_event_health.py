@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks.vllm_replicas import start_replicas
 from testkit.router_process import router_argv, start_router
-from tests.test_e2e_vllm import observed_cached, text, wait_for
+from tests.e2e.test_e2e_vllm import observed_cached, text, wait_for
 
 pytestmark = pytest.mark.e2e
 
