@@ -671,8 +671,9 @@ async def test_static_discovery_is_a_no_op(router):
     args = p.parse_args(["--backends", "http://127.0.0.1:1"])
     check_discovery_args(p, args)
     d = await start_discovery(args, router)
-    assert isinstance(d, StaticDiscovery) and d.describe() == {"mode": "static"}
+    assert isinstance(d, StaticDiscovery) and not router.backends  # watches nothing, adds nothing
     await d.stop()
+    assert not router.backends
 
 
 async def test_proxy_routes_to_discovered_pods(api, kubeconfig, tiny_model):
@@ -692,7 +693,7 @@ async def test_proxy_routes_to_discovered_pods(api, kubeconfig, tiny_model):
     discovery = await start_discovery(args, router)  # what Proxy.startup does first
     await proxy.startup()
     try:
-        assert discovery.describe()["synced"] and urls(router) == {f"http://127.0.0.1:{ports[0]}"}
+        assert discovery.stats.synced_at is not None and urls(router) == {f"http://127.0.0.1:{ports[0]}"}
         transport = httpx.ASGITransport(app=proxy.app())
         async with httpx.AsyncClient(transport=transport, base_url="http://router") as c:
             body = {"model": "tiny", "prompt": "hello there " * 20, "max_tokens": 2}
@@ -730,7 +731,7 @@ def test_cli_discovers_pods(api, kubeconfig, tiny_model):
         with serve_router(["--discovery", "k8s", "--k8s-selector", SELECTOR, "--k8s-namespace", NS,
                            "--k8s-kubeconfig", kubeconfig, "--model", str(tiny_model), "--served-model-name",
                            "tiny", "--health-interval", "0.2"]) as (router_url, proxy):
-            assert proxy.discovery is not None and proxy.discovery.describe()["synced"]
+            assert proxy.discovery is not None and proxy.discovery.stats.synced_at is not None
             r = httpx.post(router_url + "/v1/completions", json={"model": "tiny", "prompt": "hi " * 30,
                                                                   "max_tokens": 2}, timeout=20)
             assert r.status_code == 200 and r.headers["x-preble-backend"] == url
