@@ -50,9 +50,10 @@ from typing import Any
 
 import httpx
 
-from benchmarks.router_process import free_port, start_server
-from benchmarks.tiny_model import build_tiny_model
 from benchmarks.vllm_replicas import Replica, start_replicas
+from testkit.ports import free_port
+from testkit.router_process import answers_health, start_server
+from testkit.tiny_model import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS = ("kill", "stop", "engine_restart", "router_restart", "feed_drop")
@@ -255,9 +256,7 @@ class RouterProc:
         _ALL_ROUTER_LOGS.append(log)
         stack = contextlib.ExitStack()
         cmd = [sys.executable, "-m", "preble_router.cli", *self.argv, "--port", str(self.port)]
-        stack.enter_context(start_server(cmd, self.url,
-                                         lambda url: httpx.get(url + "/health", timeout=2).status_code == 200,
-                                         ready_timeout=90, log_path=log))
+        stack.enter_context(start_server(cmd, self.url, answers_health, ready_timeout=90, log_path=log))
         self._stack = stack
         return time.monotonic() - t0
 

@@ -28,8 +28,9 @@ from transformers import AutoTokenizer
 from benchmarks.demo import ROOT, prepare_run, reset_caches
 from benchmarks.loadgen import live_summary, run_load_sync
 from benchmarks.report import plot_latency_cdf, print_table
-from benchmarks.router_process import free_port, router_argv, start_router, start_server
 from benchmarks.vllm_replicas import start_replicas
+from testkit.ports import free_port
+from testkit.router_process import router_argv, start_router, start_server
 
 OURS = {"preble", "cache_aware", "least_load", "round_robin"}
 

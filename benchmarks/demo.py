@@ -21,10 +21,10 @@ import httpx
 from benchmarks.arrivals import poisson
 from benchmarks.loadgen import live_summary, run_load_sync
 from benchmarks.report import print_table
-from benchmarks.router_process import router_argv, start_router
-from benchmarks.tiny_model import build_tiny_model
 from benchmarks.vllm_replicas import start_replicas
 from benchmarks.workloads import generate, with_arrivals
+from testkit.router_process import router_argv, start_router
+from testkit.tiny_model import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 
 from benchmarks.demo import ROOT
-from benchmarks.router_process import router_argv, start_router
-from benchmarks.tiny_model import build_tiny_model
 from benchmarks.vllm_replicas import Replica, start_replicas
+from testkit.router_process import router_argv, start_router
+from testkit.tiny_model import build_tiny_model
 
 
 async def _one(client: httpx.AsyncClient, url: str, i: int, stream: bool) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Fuzz the router: generated bodies (JSON-ish and raw bytes), headers, paths and methods, sent over HTTP to a
-real `preble-router` in front of FAKE backends (benchmarks/fake_backend.py).
+real `preble-router` in front of FAKE backends (testkit/fake_backend.py).
 
 Every reply must satisfy `problems()`: no 5xx from the router's own code (a 502/503/504 is a backend's failure,
 allowed only with a JSON error body), every error status with an OpenAI-style `{"error": {...}}` body, and the
-router still answering a good request afterwards. tests/test_fuzz.py runs a bounded number of examples; this
+router still answering a good request afterwards. tests/proxy/test_fuzz.py runs a bounded number of examples; this
 command runs a longer fuzz and prints how many inputs it tried and the counts by status::
 
     python -m benchmarks.fuzz --examples 5000 [--seed 1]
@@ -196,9 +196,9 @@ def fuzz(url: str, examples: int, *, seed: int | None = None, on_problem: Callab
 
 # ---- the benchmark command ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.fake_backend import run_fake_backend_in_thread
-    from benchmarks.router_process import router_argv, start_router
-    from benchmarks.tiny_model import build_tiny_model
+    from testkit.fake_backend import run_fake_backend_in_thread
+    from testkit.router_process import router_argv, start_router
+    from testkit.tiny_model import build_tiny_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=2000, help="generated inputs to send")

@@ -18,7 +18,7 @@ sys.executable, else `python -c "from preble_router.cli import main; main()"` fr
 
 What it does:
 
-1. Starts two fake vLLM backends (``benchmarks/fake_backend.py``, separate processes, free ports). They
+1. Starts two fake vLLM backends (``testkit/fake_backend.py``, separate processes, free ports). They
    answer in microseconds, so whatever latency a router adds is visible.
 2. Baseline: drives the two fakes directly (requests alternate between them), with the same load.
 3. For each router (``ours`` = preble-router, ``smg`` = SGLang's Rust router, ``vllm-router``): starts it
@@ -50,7 +50,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,8 @@ from typing import Any
 
 import httpx
 
+from testkit.ports import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 ALL_ROUTERS = ("ours", "smg", "vllm-router")
@@ -72,12 +73,6 @@ ROUTER_BINARIES = {"ours": "preble-router", "smg": "smg", "vllm-router": "vllm-r
 
 
 # ---------------------------------------------------------------------------------------------- utils
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def find_binary(name: str, extra_dirs: list[str] | None = None) -> str | None:
@@ -646,7 +641,7 @@ def _tokenizer_only_dir(out_dir: Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     try:
-        from benchmarks.tiny_model import CHAT_TEMPLATE, _train_tokenizer  # type: ignore
+        from testkit.tiny_model import CHAT_TEMPLATE, _train_tokenizer  # type: ignore
 
         tk = _train_tokenizer(1024)
         template = CHAT_TEMPLATE
@@ -677,7 +672,7 @@ def _tokenizer_only_dir(out_dir: Path) -> Path:
 def make_model_dir(out_dir: Path) -> Path:
     """A tokenizer dir for `preble-router --model`: the tiny model if it can be built, else tokenizer only."""
     try:
-        from benchmarks.tiny_model import build_tiny_model
+        from testkit.tiny_model import build_tiny_model
 
         return Path(build_tiny_model(out_dir, "tiny"))
     except ImportError as e:  # tiny_model or torch missing
@@ -963,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
         while ports[0] == ports[1]:
             ports[1] = free_port()
         for p in ports:
-            backends.append(Proc(f"fake-{p}", [sys.executable, "-m", "benchmarks.fake_backend", "--port", str(p),
+            backends.append(Proc(f"fake-{p}", [sys.executable, "-m", "testkit.fake_backend", "--port", str(p),
                                                "--model", served_model], log_dir / f"fake-{p}.log", env))
         urls = [f"http://{HOST}:{p}" for p in ports]
         for u, b in zip(urls, backends):

@@ -33,8 +33,8 @@ import httpx
 from benchmarks.demo import prepare_run
 from benchmarks.loadgen import live_summary, run_load, run_load_sync
 from benchmarks.report import print_table
-from benchmarks.router_process import router_argv, start_router
 from benchmarks.vllm_replicas import start_replicas
+from testkit.router_process import router_argv, start_router
 from vllm_patches.launch import plugin_args, plugin_env
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -161,7 +161,7 @@ def resolve_params(dirs: Sequence[str | Path], records: dict[str, list[dict[str,
 # ---------------------------------------------------------------------------------------------- workload
 def model_dir(model_size: str) -> Path:
     from benchmarks.demo import ROOT
-    from benchmarks.tiny_model import build_tiny_model
+    from testkit.tiny_model import build_tiny_model
 
     path = ROOT / ".cache" / "models" / model_size
     if (path / "tokenizer.json").exists():

@@ -24,7 +24,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from testkit.ports import free_ports
 
 # Each replica runs under this small supervisor, the leader of the replica's process group. Why:
 # EngineCore and its Worker do NOT exit when the API server dies (measured: still alive 10 s after
@@ -80,21 +81,6 @@ def _raise_nofile_limit(want: int = 65536) -> None:
     if soft != resource.RLIM_INFINITY and soft < target:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
-def _free_ports(n: int) -> list[int]:
-    # Hold every socket until all are picked so the n ports are distinct; small race with other
-    # processes after close is acceptable for tests.
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _descendants(pid: int) -> list[int]:
@@ -354,12 +340,12 @@ def start_replicas(
     # ipc paths must stay short (sun_path is 108 bytes), hence a short prefix under /tmp.
     run_dir = Path(tempfile.mkdtemp(prefix="vllmrep-", dir="/tmp" if os.path.isdir("/tmp") else None))
     logs = Path(log_dir) if log_dir is not None else run_dir
-    ports = _free_ports(n)
+    ports = free_ports(n)
     replicas: list[Replica] = []
     try:
         for i, port in enumerate(ports):
             if kv_transport in ("tcp", "tcp-connect"):  # for consumers that only speak tcp (vllm-router)
-                kv_port, replay_port = _free_ports(2)
+                kv_port, replay_port = free_ports(2)
                 bind_kv, bind_replay = f"tcp://*:{kv_port}", f"tcp://*:{replay_port}"  # '*' makes vLLM bind
                 kv_ep, replay_ep = f"tcp://127.0.0.1:{kv_port}", f"tcp://127.0.0.1:{replay_port}"
                 if kv_transport == "tcp-connect":  # a user's easy mistake: no '*', so vLLM's publisher connects

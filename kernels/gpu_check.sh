@@ -17,6 +17,6 @@ s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True
 s.record(); [y.copy_(x) for _ in range(10)]; e.record(); torch.cuda.synchronize()
 print(f"device-to-device copy: {2 * 10 * x.numel() / (s.elapsed_time(e) * 1e-3) / 1e9:.0f} GB/s (read + write)")
 PY
-python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_kernels.py 2>&1 | tee "$out/pytest.log" | tail -3
+python3 -m pytest -q -p no:cacheprovider --noconftest tests/kernels/test_kernels.py 2>&1 | tee "$out/pytest.log" | tail -3
 python3 benchmarks/kernel_bench.py --shapes all --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
 python3 benchmarks/kernel_tune.py ${TUNE_ARGS:-} --json "$out/tune.json" 2>&1 | tee "$out/tune.log" | tail -8

@@ -7,10 +7,9 @@ brings it back). Block size and capacity are learned, never assumed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -33,7 +32,6 @@ class Backend:
     capacity_blocks: int | None = None
     models: tuple[str, ...] = ()
     lora_models: frozenset[str] = frozenset()  # entries of /v1/models with a parent: LoRA adapters
-    consecutive_failures: int = 0
     # What the engine says it is doing: from the Preble plugin's GET /preble/load when the replica runs it
     # (load_source "preble"), else from vLLM's own gauges in /metrics (load_source "metrics").
     engine_running: int | None = None
@@ -44,7 +42,6 @@ class Backend:
     kv_auto: bool = False
     kv_problem: str | None = None  # why its events cannot be followed, or what is wrong with them
     last_error: str | None = None
-    probed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def parse_cache_config(metrics_text: str) -> tuple[int | None, int | None]:
@@ -91,9 +88,6 @@ async def probe_backend(client: httpx.AsyncClient, backend: Backend,
             log.info("backend %s is up (block size %s, %s blocks)", backend.url, backend.block_size,
                      backend.capacity_blocks)
         backend.healthy = True
-        backend.consecutive_failures = 0
-    finally:
-        backend.probed.set()
 
 
 def parse_engine_gauges(metrics_text: str) -> tuple[int | None, int | None]:
@@ -127,7 +121,6 @@ async def _probe_engine_load(client: httpx.AsyncClient, backend: Backend, metric
 
 def mark_failure(backend: Backend, error: str) -> None:
     """A request to the backend failed in transport: stop sending there until a probe says otherwise."""
-    backend.consecutive_failures += 1
     backend.last_error = error
     if backend.healthy:
         log.warning("backend %s marked down after a request failed: %s", backend.url, error)

@@ -91,15 +91,10 @@ def check_discovery_args(parser: argparse.ArgumentParser, args: argparse.Namespa
 
 
 class Discovery:
-    """What the proxy holds: `await stop()` at shutdown; `describe()` for a debug endpoint."""
-
-    mode = "static"
+    """What the proxy holds: `await stop()` at shutdown."""
 
     async def stop(self) -> None:
         return None
-
-    def describe(self) -> dict[str, Any]:
-        return {"mode": self.mode}
 
 
 class StaticDiscovery(Discovery):
@@ -247,8 +242,6 @@ def load_api_client(kubeconfig: str | None = None) -> Any:
 
 
 class KubernetesDiscovery(Discovery):
-    mode = "k8s"
-
     def __init__(self, router: Router, *, selector: str, namespace: str | None = None, port: str | int = "http",
                  kv_port: int | None = None, replay_port: int | None = None, kubeconfig: str | None = None,
                  api_client: Any = None, watch_timeout: int = 300, connect_timeout: float = 10.0,
@@ -289,14 +282,6 @@ class KubernetesDiscovery(Discovery):
     def backends(self) -> dict[str, BackendSpec]:
         """The backends this discovery has added to the router and not removed, by URL."""
         return dict(self._managed)
-
-    def describe(self) -> dict[str, Any]:
-        s = self.stats
-        return {"mode": self.mode, "namespace": self.namespace, "selector": self.selector,
-                "synced": self._synced.is_set(), "pods": s.pods, "backends": sorted(self._managed),
-                "resource_version": s.resource_version, "lists": s.lists, "relists_gone": s.relists_gone,
-                "watches": s.watches, "short_watches": s.short_watches, "events": s.events, "errors": s.errors,
-                "last_error": s.last_error}
 
     # ---- lifecycle (event loop) ---------------------------------------------------------------------------
     async def start(self) -> None:

@@ -6,8 +6,7 @@ Dynamo's: a request costs its uncached prompt tokens until its first token, then
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -18,9 +17,6 @@ class BackendLoad:
     running_decode: int = 0
     completed: int = 0
     failed: int = 0
-    # Recent observations, for time models: (uncached prompt tokens, ttft seconds) and per-token seconds.
-    ttft_samples: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=256))
-    tpot_samples: deque[float] = field(default_factory=lambda: deque(maxlen=256))
 
 
 @dataclass(slots=True)
@@ -65,9 +61,9 @@ class LoadTracker:
         load = req.load
         load.pending_prefill_tokens -= req.uncached_tokens
         load.running_decode += 1
-        load.ttft_samples.append((req.uncached_tokens, now - req.started))
 
     def finish(self, req: InFlight, now: float, *, ok: bool, output_tokens: int | None = None) -> None:
+        """The request ended (now and output_tokens: as the router reports them; the counts here need neither)."""
         if req.done:
             return
         req.done = True
@@ -77,8 +73,6 @@ class LoadTracker:
             load.pending_prefill_tokens -= req.uncached_tokens
         else:
             load.running_decode -= 1
-            if ok and output_tokens and output_tokens > 1:
-                load.tpot_samples.append((now - req.first_token_at) / (output_tokens - 1))
         if ok:
             load.completed += 1
         else:

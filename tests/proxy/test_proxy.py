@@ -1,4 +1,4 @@
-"""The proxy over real HTTP in front of FAKE backends (benchmarks/fake_backend.py): routing, relaying, errors."""
+"""The proxy over real HTTP in front of FAKE backends (testkit/fake_backend.py): routing, relaying, errors."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import httpx
 import pytest
 
-from benchmarks.fake_backend import run_fake_backend_in_thread
-from tests.conftest import serve_router
+from testkit.fake_backend import run_fake_backend_in_thread
+from testkit.in_thread import serve_router
 
 LONG = " ".join(f"word{i}" for i in range(400))
 
@@ -201,7 +201,7 @@ def _metric_sum(text: str, name: str) -> float:
 def test_workers_share_the_port_and_their_counters(fakes, tiny_model):
     """`preble-router --workers 2` (a real subprocess, its own CLI): two router processes on one port; /metrics
     adds up the counters of both, whichever worker answers the scrape."""
-    from benchmarks.router_process import start_router
+    from testkit.router_process import start_router
 
     argv = ["--backends", *fakes, "--model", str(tiny_model), "--served-model-name", "tiny", "--policy", "preble",
             "--workers", "2", "--health-interval", "0.5"]

@@ -4,7 +4,7 @@ No model hub is reachable here, yet tests and demos need a model vLLM can serve.
 fine: the router only cares about tokens, prefixes and latency (send ``"ignore_eos": true`` to get the
 asked length). Usage::
 
-    python -m benchmarks.tiny_model OUT_DIR [--size tiny|small] [--seed 0]
+    python -m testkit.tiny_model OUT_DIR [--size tiny|small] [--seed 0]
 """
 
 from __future__ import annotations

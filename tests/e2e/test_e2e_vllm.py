@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
-from benchmarks.router_process import router_argv, start_router
 from benchmarks.vllm_replicas import start_replicas
+from testkit.router_process import router_argv, start_router
 
 pytestmark = pytest.mark.e2e
 

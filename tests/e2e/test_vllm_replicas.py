@@ -24,8 +24,8 @@ def _post(url: str, body: dict) -> dict:
 
 
 def test_two_replicas_serve_completions(tmp_path_factory: pytest.TempPathFactory) -> None:
-    from benchmarks.tiny_model import build_tiny_model
     from benchmarks.vllm_replicas import start_replicas
+    from testkit.tiny_model import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
     with start_replicas(model_dir, n=2, block_size=32, ready_timeout=240) as reps:

@@ -11,7 +11,8 @@ import pytest
 import zmq.asyncio
 
 from preble_router.kv_events import FeedState, KvEventSubscriber, advertised_feed
-from tests.fakes.vllm_kv_publisher import EventBatch, FakeVllmKvPublisher
+from testkit.fake_kv_publisher import EventBatch, FakeVllmKvPublisher
+from testkit.ports import free_port
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -368,10 +369,8 @@ async def test_requests_needing_no_new_blocks_never_make_a_feed_silent(publisher
 
 async def test_unreachable_publisher_is_reported(tmp_path, ctx, caplog):
     # The engine was started with a connect-style endpoint (tcp://HOST:PORT, no '*'): nothing listens there.
-    from tests.fakes.vllm_kv_publisher import _free_port
-
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
-    sub = KvEventSubscriber(BID, endpoint, RecordingSink(), replay_endpoint=f"tcp://127.0.0.1:{_free_port()}",
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    sub = KvEventSubscriber(BID, endpoint, RecordingSink(), replay_endpoint=f"tcp://127.0.0.1:{free_port()}",
                             ctx=ctx, replay_timeout=0.1, silence_after=0.1)
     sub.start()
     try:

@@ -1,19 +1,19 @@
-"""Keys, admission control and graceful drain, in front of FAKE backends (benchmarks/fake_backend.py)."""
+"""Keys, admission control and graceful drain, in front of FAKE backends (testkit/fake_backend.py)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import signal
-import socket
-import subprocess
 import sys
 import time
 
 import httpx
 import pytest
 
-from benchmarks.fake_backend import run_fake_backend_in_thread
-from tests.conftest import serve_router
+from testkit.fake_backend import run_fake_backend_in_thread
+from testkit.in_thread import serve_router
+from testkit.ports import free_port
+from testkit.router_process import answers_health, server_process
 
 
 def test_api_and_admin_keys(tiny_model):
@@ -112,37 +112,23 @@ def test_sigterm_drains_in_flight_streams(tiny_model, workers):
     # The fake streams 20 tokens 0.1 s apart: the stream is still running when the router gets SIGTERM (with
     # --workers, the supervisor passes it on to the worker serving the stream).
     url_b, stop = run_fake_backend_in_thread(model="tiny", tokens_per_response=20, inter_token_delay_s=0.1)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    proc = subprocess.Popen([sys.executable, "-m", "preble_router.cli", "--backends", url_b, "--model", str(tiny_model),
-                             "--served-model-name", "tiny", "--drain-timeout", "20", "--port", str(port),
-                             "--workers", str(workers)])
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "preble_router.cli", "--backends", url_b, "--model", str(tiny_model),
+           "--served-model-name", "tiny", "--drain-timeout", "20", "--port", str(port), "--workers", str(workers)]
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.2)
-        body = {"model": "tiny", "prompt": "hello", "stream": True, "max_tokens": 20}
-        lines = []
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    lines.append(line)
-                    if len(lines) == 2:
-                        proc.send_signal(signal.SIGTERM)
-        assert lines[-1] == "data: [DONE]" and len(lines) >= 21  # every chunk arrived despite the SIGTERM
-        assert proc.wait(20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+        with server_process(cmd, url, answers_health) as proc:
+            body = {"model": "tiny", "prompt": "hello", "stream": True, "max_tokens": 20}
+            lines = []
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line)
+                        if len(lines) == 2:
+                            proc.send_signal(signal.SIGTERM)
+            assert lines[-1] == "data: [DONE]" and len(lines) >= 21  # every chunk arrived despite the SIGTERM
+            assert proc.wait(20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
     finally:
-        if proc.poll() is None:
-            proc.kill()
         stop()
 
 

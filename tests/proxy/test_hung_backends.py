@@ -1,4 +1,4 @@
-"""Backends that accept connections but stop answering, in front of FAKE backends (benchmarks/fake_backend.py):
+"""Backends that accept connections but stop answering, in front of FAKE backends (testkit/fake_backend.py):
 the first-byte limit, the stream idle limit and the probes' own timeout."""
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from benchmarks.fake_backend import free_port, run_fake_backend_in_thread
-from tests.conftest import serve_router
+from testkit.fake_backend import run_fake_backend_in_thread
+from testkit.in_thread import serve_router
+from testkit.ports import free_port
+from testkit.router_process import answers_health, server_process
 
 
 def _argv(backends: list[str], tiny_model, *extra: str) -> list[str]:
@@ -146,18 +148,12 @@ def test_requests_waiting_on_a_backend_that_fails_its_probe_go_elsewhere(tiny_mo
 def _fake_process() -> Iterator[tuple[str, subprocess.Popen]]:
     """A fake backend in a process of its own (one that can be paused), once it answers /health."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.fake_backend", "--port", str(port), "--model", "tiny"])
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, "the fake backend did not start"
-            time.sleep(0.1)
-        yield url, proc
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.kill()
-        proc.wait(10)
+    cmd = [sys.executable, "-m", "testkit.fake_backend", "--port", str(port), "--model", "tiny"]
+    with server_process(cmd, url, answers_health, ready_timeout=30) as proc:
+        try:
+            yield url, proc
+        finally:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait(10)

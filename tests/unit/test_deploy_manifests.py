@@ -33,7 +33,7 @@ from kubernetes import client as k8s_client
 from preble_router import cli
 from preble_router.discovery import add_discovery_args, check_discovery_args, pod_backend
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 CHART = DEPLOY / "helm" / "preble-router"
 K8S_VERSIONS = ["1.29.0", kubernetes_validate.utils.latest_version()]
 POD_IP = "10.0.0.5"  # only ever a string here: nothing connects anywhere

@@ -52,7 +52,7 @@ def test_in_fresh_interpreter_process():
     """Run this module in a child process that has TRITON_INTERPRET=1 from the start."""
     if not _REEXEC:
         pytest.skip("the tests run in this process")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider"],

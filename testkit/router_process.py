@@ -1,25 +1,22 @@
-"""Start `preble-router` as a real subprocess (its own CLI) in front of replicas, for tests and demos."""
+"""Servers as real subprocesses, each in its own process group: `preble-router` (its own CLI) in front of replicas,
+a fake backend, a peer router; for tests, demos and benchmarks."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from testkit.ports import free_port
 
 
 def router_argv(backends: Sequence, model_dir: str | os.PathLike, *, policy: str, kv_events: bool = True,
@@ -37,13 +34,22 @@ def router_argv(backends: Sequence, model_dir: str | os.PathLike, *, policy: str
     return argv + list(extra)
 
 
+def answers_health(url: str) -> bool:
+    """Ready check for start_server / server_process: GET url/health answers 200."""
+    return httpx.get(url + "/health", timeout=2).status_code == 200
+
+
 @contextlib.contextmanager
-def start_server(cmd: Sequence[str], url: str, is_ready: Callable[[str], bool], *, ready_timeout: float = 60.0,
-                 log_path: Path | None = None) -> Iterator[str]:
-    """Run cmd in its own process group; yield url once is_ready(url); stop the whole group on exit."""
+def server_process(cmd: Sequence[str], url: str, is_ready: Callable[[str], bool], *, ready_timeout: float = 60.0,
+                   log_path: Path | None = None, env: Mapping[str, str] | None = None,
+                   cwd: str | os.PathLike | None = None) -> Iterator[subprocess.Popen]:
+    """Run cmd in its own process group (output to log_path, a temporary file by default); yield the process once
+    is_ready(url) (an httpx.HTTPError counts as not yet); on exit SIGTERM the whole group, SIGKILL after 15 s.
+    Raises with the log's tail if it exits, or is not ready within ready_timeout seconds."""
     log_path = log_path or Path(tempfile.mkstemp(prefix="server-", suffix=".log")[1])
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=env, cwd=cwd)
     try:
         deadline = time.monotonic() + ready_timeout
         while True:
@@ -55,7 +61,7 @@ def start_server(cmd: Sequence[str], url: str, is_ready: Callable[[str], bool], 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{cmd[0]} not ready in {ready_timeout}s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.2)
-        yield url
+        yield proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -66,10 +72,16 @@ def start_server(cmd: Sequence[str], url: str, is_ready: Callable[[str], bool], 
                 proc.wait()
 
 
+@contextlib.contextmanager
+def start_server(cmd: Sequence[str], url: str, is_ready: Callable[[str], bool], **kwargs: Any) -> Iterator[str]:
+    """server_process (same arguments), yielding url."""
+    with server_process(cmd, url, is_ready, **kwargs):
+        yield url
+
+
 def start_router(argv: Sequence[str], *, python: str = sys.executable, ready_timeout: float = 60.0,
                  log_path: Path | None = None) -> contextlib.AbstractContextManager[str]:
     """Run `python -m preble_router.cli ARGV --port P`; yields its URL once /health answers 200."""
     port = free_port()
     return start_server([python, "-m", "preble_router.cli", *argv, "--port", str(port)], f"http://127.0.0.1:{port}",
-                        lambda url: httpx.get(url + "/health", timeout=2).status_code == 200,
-                        ready_timeout=ready_timeout, log_path=log_path)
+                        answers_health, ready_timeout=ready_timeout, log_path=log_path)

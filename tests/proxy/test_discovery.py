@@ -36,7 +36,8 @@ from preble_router.discovery import (
 )
 from preble_router.policies import make_policy
 from preble_router.router import Router
-from tests.fakes.vllm_kv_publisher import FakeVllmKvPublisher
+from testkit.fake_kv_publisher import FakeVllmKvPublisher
+from testkit.ports import free_port
 
 NS = "llm"
 SELECTOR = "app=vllm,tier!=canary"
@@ -324,12 +325,6 @@ async def until(predicate, timeout: float = 10.0, what: str = "condition") -> No
 
 def urls(router: Router) -> set[str]:
     return {b.url for b in router.backends.values()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- fixtures -------------------------------------------------------------------------------------------
@@ -676,14 +671,15 @@ async def test_static_discovery_is_a_no_op(router):
     args = p.parse_args(["--backends", "http://127.0.0.1:1"])
     check_discovery_args(p, args)
     d = await start_discovery(args, router)
-    assert isinstance(d, StaticDiscovery) and d.describe() == {"mode": "static"}
+    assert isinstance(d, StaticDiscovery) and not router.backends  # watches nothing, adds nothing
     await d.stop()
+    assert not router.backends
 
 
 async def test_proxy_routes_to_discovered_pods(api, kubeconfig, tiny_model):
-    from benchmarks.fake_backend import run_fake_backend_in_thread
     from preble_router.proxy import Proxy, ProxyConfig
     from preble_router.tokens import PromptTokenizer
+    from testkit.fake_backend import run_fake_backend_in_thread
 
     fakes = [run_fake_backend_in_thread(model="tiny") for _ in range(2)]
     ports = [int(url.rsplit(":", 1)[1]) for url, _ in fakes]
@@ -697,7 +693,7 @@ async def test_proxy_routes_to_discovered_pods(api, kubeconfig, tiny_model):
     discovery = await start_discovery(args, router)  # what Proxy.startup does first
     await proxy.startup()
     try:
-        assert discovery.describe()["synced"] and urls(router) == {f"http://127.0.0.1:{ports[0]}"}
+        assert discovery.stats.synced_at is not None and urls(router) == {f"http://127.0.0.1:{ports[0]}"}
         transport = httpx.ASGITransport(app=proxy.app())
         async with httpx.AsyncClient(transport=transport, base_url="http://router") as c:
             body = {"model": "tiny", "prompt": "hello there " * 20, "max_tokens": 2}
@@ -725,8 +721,8 @@ async def test_proxy_routes_to_discovered_pods(api, kubeconfig, tiny_model):
 def test_cli_discovers_pods(api, kubeconfig, tiny_model):
     """`preble-router --discovery k8s ...` end to end: cli.build_parser/build_proxy and Proxy's lifespan
     (needs discovery wired into cli.py and proxy.py)."""
-    from benchmarks.fake_backend import run_fake_backend_in_thread
-    from tests.conftest import serve_router
+    from testkit.fake_backend import run_fake_backend_in_thread
+    from testkit.in_thread import serve_router
 
     url, stop = run_fake_backend_in_thread(model="tiny")
     port = int(url.rsplit(":", 1)[1])
@@ -735,7 +731,7 @@ def test_cli_discovers_pods(api, kubeconfig, tiny_model):
         with serve_router(["--discovery", "k8s", "--k8s-selector", SELECTOR, "--k8s-namespace", NS,
                            "--k8s-kubeconfig", kubeconfig, "--model", str(tiny_model), "--served-model-name",
                            "tiny", "--health-interval", "0.2"]) as (router_url, proxy):
-            assert proxy.discovery is not None and proxy.discovery.describe()["synced"]
+            assert proxy.discovery is not None and proxy.discovery.stats.synced_at is not None
             r = httpx.post(router_url + "/v1/completions", json={"model": "tiny", "prompt": "hi " * 30,
                                                                   "max_tokens": 2}, timeout=20)
             assert r.status_code == 200 and r.headers["x-preble-backend"] == url

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import httpx
 import pytest
 
 from benchmarks.arrivals import poisson
 from benchmarks.cli import main
-from benchmarks.fake_backend import run_fake_backend_in_thread
 from benchmarks.loadgen import live_summary, run_load
 from benchmarks.workloads import Request, generate, with_arrivals
+from testkit.fake_backend import run_fake_backend_in_thread
+from testkit.ports import free_port
 
 
 @pytest.fixture
@@ -75,9 +75,7 @@ async def test_errors_are_recorded_never_lost(fake, mode, expect):
 
 
 async def test_unreachable_server_is_an_error_per_request():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     recs = await run_load(small(3), f"http://127.0.0.1:{port}", model="m", progress=False, timeout=2)
     assert [bool(r["error"]) for r in recs] == [True] * 3
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.fake_backend import run_fake_backend_in_thread
 from benchmarks.fuzz import ADMIN_KEY, MODEL, Case, fuzz
-from tests.conftest import serve_router
+from testkit.fake_backend import run_fake_backend_in_thread
+from testkit.in_thread import serve_router
 
 EXAMPLES = 250  # bounded for CI: a few seconds here
 

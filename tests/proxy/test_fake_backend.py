@@ -1,10 +1,9 @@
-"""Quick tests of the FAKE vLLM backend (benchmarks/fake_backend.py) that router tests and benchmarks use."""
+"""Quick tests of the FAKE vLLM backend (testkit/fake_backend.py) that router tests and benchmarks use."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -13,9 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.fake_backend import free_port, make_fake_backend_app, run_fake_backend_in_thread
+from testkit.fake_backend import make_fake_backend_app, run_fake_backend_in_thread
+from testkit.ports import free_port
+from testkit.router_process import answers_health, server_process
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPT = "the quick brown fox jumps over the lazy dog " * 10  # 90 words
 
 
@@ -199,21 +200,10 @@ def test_bad_fail_mode_rejected():
 
 def test_cli_serves():
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.fake_backend", "--port", str(port), "--model", "m1"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                r = HTTP.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "m1", "prompt": "hi"})
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "CLI fake backend did not start"
-                time.sleep(0.05)
+    cmd = [sys.executable, "-m", "testkit.fake_backend", "--port", str(port), "--model", "m1"]
+    with server_process(cmd, url, answers_health, ready_timeout=10, env=env, cwd=REPO):
+        r = HTTP.post(url + "/v1/completions", json={"model": "m1", "prompt": "hi"})
         assert r.status_code == 200 and r.headers["x-fake-backend"] == str(port)
-        assert HTTP.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == "m1"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        assert HTTP.get(url + "/v1/models").json()["data"][0]["id"] == "m1"

@@ -22,6 +22,8 @@ from typing import Any
 import msgspec
 import zmq
 
+from testkit.ports import free_port
+
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 
 
@@ -95,8 +97,8 @@ class FakeVllmKvPublisher:
             self._bind = f"ipc://{tmp_path}/{name}.pub"
             self._replay_bind = f"ipc://{tmp_path}/{name}.replay" if replay else None
         else:  # bind ephemeral ports once, then reuse them across restarts like a fixed --kv-events-config
-            self._bind = f"tcp://127.0.0.1:{_free_port()}"
-            self._replay_bind = f"tcp://127.0.0.1:{_free_port()}" if replay else None
+            self._bind = f"tcp://127.0.0.1:{free_port()}"
+            self._replay_bind = f"tcp://127.0.0.1:{free_port()}" if replay else None
         self.endpoint = self._bind  # what a subscriber connects to
         self.replay_endpoint = self._replay_bind
         self._ctx = zmq.Context()
@@ -220,11 +222,3 @@ class FakeVllmKvPublisher:
                     router.send_multipart((client_id, b"", b"", END_SEQ, b""))
         finally:
             router.close(linger=0)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

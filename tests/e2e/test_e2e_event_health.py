@@ -10,9 +10,9 @@ import time
 import httpx
 import pytest
 
-from benchmarks.router_process import router_argv, start_router
 from benchmarks.vllm_replicas import start_replicas
-from tests.test_e2e_vllm import observed_cached, text, wait_for
+from testkit.router_process import router_argv, start_router
+from tests.e2e.test_e2e_vllm import observed_cached, text, wait_for
 
 pytestmark = pytest.mark.e2e
 

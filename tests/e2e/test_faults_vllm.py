@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from benchmarks.faults import run_fault_scenario
-from benchmarks.router_process import router_argv, start_router
 from benchmarks.vllm_replicas import start_replicas
+from testkit.router_process import router_argv, start_router
 
 pytestmark = pytest.mark.e2e
 

@@ -446,15 +446,25 @@ def test_split_keeps_a_partial_hold_on_the_right_side():
 
 
 def test_stateless_policies_accept_evictions():
+    """The Router reports every eviction to its policy; the stateless ones keep no block history, so evicting the
+    very blocks a request matches, between dispatches, leaves each decision as it is without evictions."""
     from preble_router.policies import make_policy
 
-    for name in ("cache_aware", "least_load", "round_robin"):
+    expected = {
+        "cache_aware": [(0, "cache_hit")] * 4,  # backend 0 holds 8 of the request's 10 blocks
+        "least_load": [(0, "least_load"), (1, "least_load")] * 2,  # backend 0 has one in flight every other step
+        "round_robin": [(0, "round_robin"), (1, "round_robin")] * 2,  # its turn survives the evictions
+    }
+    for name, want in expected.items():
         p, twin = make_policy(name), make_policy(name)
-        assert p.on_blocks_evicted(0, [1, 2, 3]) is None
-        # They keep no history, so an eviction changes none of their decisions.
+        decisions, twin_decisions = [], []
         for i in range(4):
-            req, s = request(f"r{i}", range(10)), snap(i, backend(0, matched=8 * BS), backend(1))
-            assert p.choose(req, s) == twin.choose(req, s)
+            req, s = request(f"r{i}", range(10)), snap(i, backend(0, matched=8 * BS, in_flight=i % 2), backend(1))
+            assert p.on_blocks_evicted(i % 2, list(range(10))) is None  # p only: twin never hears of one
+            decisions.append(send(p, req, s))
+            twin_decisions.append(send(twin, req, s))
+        assert [(d.backend_id, d.reason) for d in decisions] == want, name
+        assert decisions == twin_decisions, name
 
 
 def _served(p, rid, keys, backend_id, now, uses=1):

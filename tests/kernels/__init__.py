@@ -1,0 +1,1 @@
+"""The Triton kernels (kernels/) against their PyTorch reference, and their GPU compile."""
