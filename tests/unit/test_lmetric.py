@@ -7,7 +7,7 @@ from benchmarks.sim import SimConfig, simulate
 from benchmarks.workloads import generate, with_arrivals
 from preble_router.policies import (BackendState, CacheAwarePolicy, ClusterSnapshot, LeastLoadPolicy, LMetricPolicy,
                                     make_policy)
-from tests.test_policies import pick, req
+from tests.unit.test_policies import pick, req
 
 
 def state(i, matched=0, in_flight=0, pending=0):
