@@ -43,8 +43,8 @@ from preble_router.block_hash import chain_root, hash_blocks
 from preble_router.block_table import U64Map
 
 _U64 = (1 << 64) - 1
-# match() walks a prompt over 2 * _WALK blocks only this far, then looks the rest up at once: a walk costs ~0.6 us
-# a block, the lookup ~15-30 us in all (16 took ~30 us less than 64 per 180-block prompt).
+# match() walks a prompt over 2 * _WALK blocks only this far, then looks the rest up at once: the walk costs a
+# Python step per block, the vectorized lookup a fixed numpy overhead, so short prompts walk and long ones look up.
 _WALK = 16
 _WINDOW_BLOCKS = 16  # an estimated backend's LRU keeps prompt blocks in windows of this many
 # A prediction's value is its expiry time, or, while its request is in flight, a pin: _PIN_BASE plus the pin's
@@ -348,11 +348,11 @@ class CacheIndex:
 
     def _match_rest(self, holders: U64Map, base: int, alive: int, keys: Sequence[int], start: int, now: float,
                     result: dict[int, int]) -> int:
-        """_match_group() for keys[start:], looked up at once (~10x cheaper per block than the walk, but ~15 us
-        fixed): records the depth of each backend that stops matching; returns the ones held to the end.
+        """_match_group() for keys[start:], looked up at once (cheaper per block than the walk, at a fixed
+        numpy cost): records the depth of each backend that stops matching; returns the ones held to the end.
         Estimated backends are in no holder map: each leaves at once and walks its own set as far as it matches."""
         rest = keys[start:]
-        # Through array("Q"): ~2x faster than np.array() on a list of Python ints.
+        # Through array("Q"): faster than np.array() on a list of Python ints.
         masks = holders.get_many(np.frombuffer(array("Q", rest), np.uint64)) & np.uint64(alive)
         # held[i]: the alive backends holding every block of rest[:i + 1]. It changes at a few indices only,
         # where backends leave it; a prediction may carry one of them further.

@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
     p.add_argument("--port", type=int, default=8080, help="Port to listen on.")
     p.add_argument("--workers", type=int, default=1,
-                   help="Router processes sharing the port (one Python process saturates one core near 1,700 "
-                        "prefix-routed requests/s). Each keeps its own index and load view: with --kv-events all "
+                   help="Router processes sharing the port (one Python process is bound to one core; BENCHMARKS.md "
+                        "gives its throughput). Each keeps its own index and load view: with --kv-events all "
                         "indexes follow the engines; without, each estimates from the requests it routed. "
                         "Counters and histograms in /metrics add up across workers.")
     add_flags(p, ProxyConfig)

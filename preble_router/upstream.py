@@ -1,6 +1,6 @@
 """Forwarding to backends: pooled HTTP/1.1 connections that send a POST and hand back its reply.
 
-Why not aiohttp (used before) or httpx: the router's request path is CPU-bound on one core, and the HTTP client
+Why not aiohttp or httpx: the router's request path is CPU-bound on one core, and the HTTP client
 was its largest part; both do work per request that a proxy does not need (httpx checks every pooled connection on
 each request), and this client spends less of the router's CPU per request than either (BENCHMARKS.md, measured
 through the router by benchmarks.overhead). It does one job: keep-alive connections per backend, a request written
