@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, Policy, RouteRequest
+from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, Policy, Reason, RouteRequest
 from preble_router.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
 from preble_router.policies.lmetric import LMetricPolicy
 from preble_router.policies.preble import PrebleConfig, PreblePolicy
@@ -40,6 +40,7 @@ __all__ = [
     "LeastLoadPolicy",
     "POLICIES",
     "Policy",
+    "Reason",
     "PrebleConfig",
     "PreblePolicy",
     "TimeModel",

@@ -7,6 +7,7 @@ and the simulator build the same snapshot types and call the same objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 
@@ -47,10 +48,27 @@ class ClusterSnapshot:
         raise KeyError(backend_id)
 
 
+class Reason(StrEnum):
+    """Why a policy chose its backend (a metric label and /debug/route's "reason"; equal to its string)."""
+
+    ROUND_ROBIN = "round_robin"  # round_robin: the next backend in turn
+    LEAST_LOAD = "least_load"  # least_load: fewest requests in flight
+    CACHE_HIT = "cache_hit"  # cache_aware: the longest match, loads balanced enough
+    IMBALANCED = "imbalanced"  # cache_aware: loads too far apart, so the least loaded
+    MIN_TREE = "min_tree"  # cache_aware: no useful match, so the backend holding the least
+    LMETRIC = "lmetric"  # lmetric: the least new prefill x batch
+    EXPLOIT = "exploit"  # preble: most of the prompt is cached, the longest match's least loaded holder
+    OVERFLOW = "overflow"  # preble: the holder's prefill queue is longer than recomputing elsewhere
+    EXPLORE = "explore"  # preble: the least load + eviction + prefill cost
+    PD_BALANCE = "pd_balance"  # preble: prefill-heavy work to a decode-heavy backend
+    REBALANCE = "rebalance"  # preble: the prefix group was moved off a heavy backend
+    REPLICA = "replica"  # preble: the hot prefix group's least loaded replica
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     backend_id: int
-    reason: str  # e.g. "round_robin", "least_load", "cache_hit", "imbalanced", "min_tree", "exploit", "explore"
+    reason: Reason
     matched_tokens: int
     costs: dict[int, float] = field(default_factory=dict)  # per backend id, when the policy scores them
 

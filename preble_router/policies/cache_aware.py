@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from preble_router.policies.base import ClusterSnapshot, Decision, RouteRequest, StatelessPolicy
+from preble_router.policies.base import ClusterSnapshot, Decision, Reason, RouteRequest, StatelessPolicy
 from preble_router.policies.simple import load_key
 
 
@@ -34,9 +34,9 @@ class CacheAwarePolicy(StatelessPolicy):
         loads = [b.in_flight for b in backends]
         if max(loads) - min(loads) > cfg.balance_abs_threshold and max(loads) > cfg.balance_rel_threshold * min(loads):
             chosen = min(backends, key=load_key)
-            return Decision(chosen.backend_id, "imbalanced", chosen.matched_tokens)
+            return Decision(chosen.backend_id, Reason.IMBALANCED, chosen.matched_tokens)
         best = max(backends, key=lambda b: (b.matched_tokens, -b.in_flight, -b.pending_prefill_tokens, -b.backend_id))
         if request.prompt_tokens and best.matched_tokens / request.prompt_tokens > cfg.cache_threshold:
-            return Decision(best.backend_id, "cache_hit", best.matched_tokens)
+            return Decision(best.backend_id, Reason.CACHE_HIT, best.matched_tokens)
         chosen = min(backends, key=lambda b: (b.cached_blocks or 0, *load_key(b)))
-        return Decision(chosen.backend_id, "min_tree", chosen.matched_tokens)
+        return Decision(chosen.backend_id, Reason.MIN_TREE, chosen.matched_tokens)

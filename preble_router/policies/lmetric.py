@@ -38,7 +38,7 @@ Stateless: all of it comes from the snapshot, so evictions change its decisions 
 
 from __future__ import annotations
 
-from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, RouteRequest, StatelessPolicy
+from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, Reason, RouteRequest, StatelessPolicy
 from preble_router.policies.simple import load_key
 
 
@@ -59,5 +59,5 @@ class LMetricPolicy(StatelessPolicy):
         scores = {b.backend_id: lmetric_score(request, b) for b in snapshot.backends}
         chosen = min(snapshot.backends,
                      key=lambda b: (scores[b.backend_id], new_prefill_tokens(request, b), *load_key(b)))
-        return Decision(chosen.backend_id, "lmetric", chosen.matched_tokens,
+        return Decision(chosen.backend_id, Reason.LMETRIC, chosen.matched_tokens,
                         {i: float(s) for i, s in scores.items()})

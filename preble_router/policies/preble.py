@@ -29,12 +29,22 @@ import math
 import statistics
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 from itertools import count
+from typing import NamedTuple
 
-from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, RouteRequest
+from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, Reason, RouteRequest
 from preble_router.policies.prefix_tree import Node, PrefixTree
 from preble_router.policies.time_model import TimeModel
 from preble_router.settings import setting
+
+
+class LoadSignal(StrEnum):
+    """What L (a backend's load) counts; PrebleConfig.load_signal."""
+
+    WINDOW = "window"  # compute sent within H (the paper's)
+    BOTH = "both"  # that plus the work still outstanding
+    OUTSTANDING = "outstanding"  # prefill not yet done and decode still ahead of what was sent
 
 
 @dataclass
@@ -73,13 +83,13 @@ class PrebleConfig:
         "least recently used blocks first, so a request is charged for the ones after them); 0: free = what the "
         "KV events report, and two cold documents sent to one backend close together both see room that their "
         "blocks, not stored yet, are about to take.", flag="--preble-eviction-pending", type=int, choices=[0, 1])
-    load_signal: str = setting(
-        "outstanding", "L: compute sent within H (the paper's), plus the work still outstanding (both), or the "
+    load_signal: LoadSignal = setting(
+        LoadSignal.OUTSTANDING, "L: compute sent within H (the paper's), plus the work still outstanding (both), or the "
         "outstanding work alone (prefill not yet done and decode still ahead of what was sent; reacts to queues, "
         "not history). At a few requests per second per backend the H-window sum is the backends' history, not "
         "their queues, and outweighs P and the queue itself (a cold document can be sent behind another while the "
         "other backend is idle). Rebalancing always compares the window loads.",
-        flag="--preble-load-signal", choices=["window", "both", "outstanding"])
+        flag="--preble-load-signal", choices=[s.value for s in LoadSignal])
     exploit_ratio: float = setting(
         0.5, "Exploit when the best match covers more than this share of the prompt (0.5: cached > missed).",
         flag="--preble-exploit-ratio")
@@ -97,6 +107,9 @@ class PrebleConfig:
         "or when a request needs more of the LRU than it covers: a lookup is then a binary search, not a walk of "
         "the prefix groups, and a rebuild (a walk) happens a few times a second whatever the rate. 0: rebuilt for "
         "every decision.")
+
+    def __post_init__(self) -> None:
+        self.load_signal = LoadSignal(self.load_signal)  # from a flag or a caller's string
 
 
 @dataclass(slots=True)
@@ -171,6 +184,25 @@ class _EvictionCurve:
         return self.complete or (bool(self.cum_blocks) and self.cum_blocks[-1] >= blocks)
 
 
+class _HitEntry(NamedTuple):
+    time: float
+    cached: int  # prompt tokens found cached
+    prompt: int  # prompt tokens
+
+
+class _DecodeEnd(NamedTuple):
+    """A heap entry: ordered by expected end, then by arrival (seq), never by the flight."""
+
+    end: float
+    seq: int
+    flight: _Flight
+
+
+class _Ttft(NamedTuple):
+    time: float  # when the first token came
+    seconds: float  # its time to first token
+
+
 class _HitWindow:
     """Cached and prompt tokens sent to one backend within a window of seconds, as running sums."""
 
@@ -178,21 +210,21 @@ class _HitWindow:
 
     def __init__(self, window: float) -> None:
         self.window = window
-        self.entries: deque[tuple[float, int, int]] = deque()  # (time, cached, prompt)
+        self.entries: deque[_HitEntry] = deque()
         self.cached = 0
         self.prompt = 0
 
     def add(self, now: float, cached: int, prompt: int) -> None:
-        self.entries.append((now, cached, prompt))
+        self.entries.append(_HitEntry(now, cached, prompt))
         self.cached += cached
         self.prompt += prompt
 
     def ratio(self, now: float) -> float:
         entries, horizon = self.entries, now - self.window
-        while entries and entries[0][0] < horizon:
-            _, cached, prompt = entries.popleft()
-            self.cached -= cached
-            self.prompt -= prompt
+        while entries and entries[0].time < horizon:
+            gone = entries.popleft()
+            self.cached -= gone.cached
+            self.prompt -= gone.prompt
         return self.cached / self.prompt if self.prompt else 0.0
 
 
@@ -235,7 +267,7 @@ class _DecodeSet:
 
     def __init__(self) -> None:
         self.flights = 0  # requests decoding (expected end passed or not)
-        self._heap: list[tuple[float, int, _Flight]] = []
+        self._heap: list[_DecodeEnd] = []
         self._ends = 0.0
         self._live = 0
         self._seq = count()
@@ -245,7 +277,7 @@ class _DecodeSet:
         flight.decode_end, flight.decode_counted = end, True
         self._ends += end
         self._live += 1
-        heapq.heappush(self._heap, (end, next(self._seq), flight))
+        heapq.heappush(self._heap, _DecodeEnd(end, next(self._seq), flight))
 
     def remove(self, flight: _Flight) -> None:
         self.flights -= 1
@@ -253,8 +285,8 @@ class _DecodeSet:
 
     def remaining_ms(self, now: float) -> float:
         heap = self._heap
-        while heap and heap[0][0] <= now:
-            self._uncount(heapq.heappop(heap)[2])
+        while heap and heap[0].end <= now:
+            self._uncount(heapq.heappop(heap).flight)
         if not self._live:
             self._ends = 0.0
             return 0.0
@@ -269,7 +301,7 @@ class _DecodeSet:
 
 @dataclass
 class _GroupState:
-    ttft: deque[tuple[float, float]] = field(default_factory=deque)  # (time, seconds)
+    ttft: deque[_Ttft] = field(default_factory=deque)
     outputs: deque[int] = field(default_factory=lambda: deque(maxlen=32))
 
 
@@ -312,10 +344,10 @@ class PreblePolicy:
             if replica and len(replica.holders & backends.keys()) > 1 and exploit:
                 costs = {i: loads[i] + self._prefill(request, backends[i]) for i in replica.holders & backends.keys()}
                 chosen = min(costs, key=costs.__getitem__)
-                return Decision(chosen, "replica", backends[chosen].matched_tokens, costs)
+                return Decision(chosen, Reason.REPLICA, backends[chosen].matched_tokens, costs)
             moved = self._moved.get(id(node))
             if moved and moved.target in backends and moved.until > now and exploit:
-                return Decision(moved.target, "rebalance", backends[moved.target].matched_tokens,
+                return Decision(moved.target, Reason.REBALANCE, backends[moved.target].matched_tokens,
                                 {moved.target: loads[moved.target]})
 
         if exploit:
@@ -324,7 +356,7 @@ class PreblePolicy:
             overflow = self._overflow(request, chosen, snapshot, loads)
             if overflow is not None:
                 return overflow
-            return Decision(chosen.backend_id, "exploit", cached,
+            return Decision(chosen.backend_id, Reason.EXPLOIT, cached,
                             {b.backend_id: loads[b.backend_id] for b in holders})
 
         costs = {b.backend_id: loads[b.backend_id] + self._eviction(request, b, now) + self._prefill(request, b)
@@ -336,9 +368,9 @@ class PreblePolicy:
         # tight KV capacity the paper's rule would trade that backend's hot prefixes for compute).
         if (len(backends) > 1 and ratios[decode_heavy] >= self.config.pd_hit_ratio and loads[decode_heavy] <= mean_load
                 and self._eviction(request, backends[decode_heavy], now) == 0.0):
-            return Decision(decode_heavy, "pd_balance", backends[decode_heavy].matched_tokens, costs)
+            return Decision(decode_heavy, Reason.PD_BALANCE, backends[decode_heavy].matched_tokens, costs)
         chosen_id = min(costs, key=lambda i: (costs[i], backends[i].in_flight, i))
-        return Decision(chosen_id, "explore", backends[chosen_id].matched_tokens, costs)
+        return Decision(chosen_id, Reason.EXPLORE, backends[chosen_id].matched_tokens, costs)
 
     def _overflow(self, request: RouteRequest, holder: BackendState, snapshot: ClusterSnapshot,
                   loads: dict[int, float]) -> Decision | None:
@@ -357,14 +389,14 @@ class PreblePolicy:
         if stay <= factor * costs[best]:
             return None
         costs[holder.backend_id] = stay
-        return Decision(best, "overflow", snapshot.by_id(best).matched_tokens, costs)
+        return Decision(best, Reason.OVERFLOW, snapshot.by_id(best).matched_tokens, costs)
 
     # ---- cost terms ---------------------------------------------------------------------------------
     def _load_term(self, b: BackendState, now: float) -> float:
-        if self.config.load_signal == "window":
+        if self.config.load_signal == LoadSignal.WINDOW:
             return self.load_ms(b.backend_id, now)
         outstanding = self._remaining_prefill_ms(b, now) + self._remaining_decode_ms(b, now)
-        if self.config.load_signal == "outstanding":
+        if self.config.load_signal == LoadSignal.OUTSTANDING:
             return outstanding
         return self.load_ms(b.backend_id, now) + outstanding
 
@@ -540,7 +572,7 @@ class PreblePolicy:
         if flight.idle and flight.missed > 0:
             self.time.observe_prefill(flight.missed, flight.prompt, ttft * 1000.0)
         if flight.group is not None:
-            _group_state(flight.group).ttft.append((now, ttft))
+            _group_state(flight.group).ttft.append(_Ttft(now, ttft))
 
     def on_finished(self, request: RouteRequest, backend_id: int, now: float,
                     output_tokens: int | None = None, ok: bool = True) -> None:
@@ -629,10 +661,10 @@ class PreblePolicy:
         if state is None:
             return False
         half = self.config.window / 2
-        while state.ttft and state.ttft[0][0] < now - self.config.window:
+        while state.ttft and state.ttft[0].time < now - self.config.window:
             state.ttft.popleft()
-        older = [t for ts, t in state.ttft if ts < now - half]
-        newer = [t for ts, t in state.ttft if ts >= now - half]
+        older = [t.seconds for t in state.ttft if t.time < now - half]
+        newer = [t.seconds for t in state.ttft if t.time >= now - half]
         if len(older) < 3 or len(newer) < 3:
             return False
         return statistics.fmean(newer) >= self.config.replicate_ttft_ratio * statistics.fmean(older)

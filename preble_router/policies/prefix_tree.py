@@ -18,7 +18,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby, repeat
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass(eq=False, slots=True)
@@ -47,6 +47,14 @@ class Node:
         while q and q[0] < since:
             q.popleft()
         return len(q)
+
+
+class _EvictedRun(NamedTuple):
+    """One node's evicted blocks in an eviction batch."""
+
+    node: Node
+    first: int  # the first evicted key seen in it
+    gone: set[int]  # all its evicted keys
 
 
 class PrefixTree:
@@ -138,19 +146,20 @@ class PrefixTree:
         # Per node, only the evicted block nearest its start matters. Evictions come a window of a prompt at a
         # time (whole prompts in a row), so group them by node in runs and find that block with C-level scans
         # (one list.index, one set check), not a Python step per key.
-        groups: dict[int, tuple[Node, int, set[int]]] = {}
+        groups: dict[int, _EvictedRun] = {}
         pos = 0
         for node, run in groupby(map(self._by_key.get, keys)):
             n = len(list(run))
             if node is not None and backend_id in node.last_use:
                 group = groups.get(id(node))
                 if group is None:
-                    groups[id(node)] = (node, keys[pos], set(keys[pos:pos + n]))
+                    groups[id(node)] = _EvictedRun(node, keys[pos], set(keys[pos:pos + n]))
                 else:
-                    group[2].update(keys[pos:pos + n])
+                    group.gone.update(keys[pos:pos + n])
             pos += n
         dropped = 0
-        for node, first, gone in groups.values():
+        for evicted in groups.values():
+            node, first, gone = evicted.node, evicted.first, evicted.gone
             if backend_id not in node.last_use:
                 continue  # dropped meanwhile, below an earlier group's cut
             at = node.keys.index(first)

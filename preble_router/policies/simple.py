@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, RouteRequest, StatelessPolicy
+from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, Reason, RouteRequest, StatelessPolicy
 
 
 def load_key(b: BackendState) -> tuple[int, int, int]:
@@ -20,7 +20,7 @@ class RoundRobinPolicy(StatelessPolicy):
         # Cycle over backend ids (not list positions) so a backend leaving does not skew the rotation.
         ordered = sorted(snapshot.backends, key=lambda b: b.backend_id)
         chosen = next((b for b in ordered if b.backend_id >= self._next), ordered[0])
-        return Decision(chosen.backend_id, "round_robin", chosen.matched_tokens)
+        return Decision(chosen.backend_id, Reason.ROUND_ROBIN, chosen.matched_tokens)
 
     def on_dispatched(self, request: RouteRequest, decision: Decision, snapshot: ClusterSnapshot) -> None:
         self._next = decision.backend_id + 1
@@ -31,4 +31,4 @@ class LeastLoadPolicy(StatelessPolicy):
 
     def choose(self, request: RouteRequest, snapshot: ClusterSnapshot) -> Decision:
         chosen = min(snapshot.backends, key=load_key)
-        return Decision(chosen.backend_id, "least_load", chosen.matched_tokens)
+        return Decision(chosen.backend_id, Reason.LEAST_LOAD, chosen.matched_tokens)
