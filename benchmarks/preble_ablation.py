@@ -40,6 +40,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "refresh0": {"eviction_refresh": 0.0},
     "r0_no_overflow": {"eviction_refresh": 0.0, "exploit_overflow": math.inf},
     "r0_window": {"eviction_refresh": 0.0, "load_signal": "window"},
+    "sharing": {"cost_model": "sharing"},
+    "sharing_r0": {"cost_model": "sharing", "eviction_refresh": 0.0},
+    "sharing_norebal": {"cost_model": "sharing", "bal_threshold": math.inf},
 }
 
 

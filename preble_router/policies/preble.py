@@ -47,6 +47,13 @@ class LoadSignal(StrEnum):
     OUTSTANDING = "outstanding"  # prefill not yet done and decode still ahead of what was sent
 
 
+class CostModel(StrEnum):
+    """How a backend's load and this request's own work combine into its cost; PrebleConfig.cost_model."""
+
+    QUEUE = "queue"  # L + M + P: the request waits behind L, then prefills (a serial queue)
+    SHARING = "sharing"  # (M + P) x (in flight + 1): the engine's batch shares its compute among its requests
+
+
 @dataclass
 class PrebleConfig:
     """The policy's settings; each field's help says what it does and why its default (preble-router and
@@ -108,8 +115,16 @@ class PrebleConfig:
         "the prefix groups, and a rebuild (a walk) happens a few times a second whatever the rate. 0: rebuilt for "
         "every decision.")
 
+    cost_model: CostModel = setting(
+        CostModel.QUEUE, "queue: exploit the longest match unless its prefill queue overflows, else explore the least "
+        "L + M + P (the paper's); sharing: every backend costs (M + P) x (its requests in flight + 1), the least "
+        "wins (a continuous-batching engine shares each step among its batch, so a request's time grows with the "
+        "batch it joins; LMetric's product, with M).", flag="--preble-cost-model",
+        choices=["queue", "sharing"])
+
     def __post_init__(self) -> None:
         self.load_signal = LoadSignal(self.load_signal)  # from a flag or a caller's string
+        self.cost_model = CostModel(self.cost_model)
 
 
 @dataclass(slots=True)
@@ -350,6 +365,9 @@ class PreblePolicy:
                 return Decision(moved.target, Reason.REBALANCE, backends[moved.target].matched_tokens,
                                 {moved.target: loads[moved.target]})
 
+        if self.config.cost_model == CostModel.SHARING:
+            return self._shared_cost(request, snapshot, cached, exploit)
+
         if exploit:
             holders = [b for b in snapshot.backends if b.matched_tokens == cached]
             chosen = min(holders, key=lambda b: (loads[b.backend_id], b.in_flight, b.backend_id))
@@ -371,6 +389,21 @@ class PreblePolicy:
             return Decision(decode_heavy, Reason.PD_BALANCE, backends[decode_heavy].matched_tokens, costs)
         chosen_id = min(costs, key=lambda i: (costs[i], backends[i].in_flight, i))
         return Decision(chosen_id, Reason.EXPLORE, backends[chosen_id].matched_tokens, costs)
+
+    def _shared_cost(self, request: RouteRequest, snapshot: ClusterSnapshot, cached: int, exploit: bool) -> Decision:
+        """CostModel.SHARING: the least (M + P) x (in flight + 1), P at least one token's prefill (vLLM recomputes
+        the last prompt token), so a loaded backend never looks free."""
+        now = snapshot.now
+        floor = self.time.prefill_ms(1, request.prompt_tokens)
+        costs = {b.backend_id: (self._eviction(request, b, now) + max(self._prefill(request, b), floor))
+                 * (b.in_flight + 1) for b in snapshot.backends}
+        chosen = min(snapshot.backends, key=lambda b: (costs[b.backend_id], -b.matched_tokens, b.in_flight,
+                                                       b.backend_id))
+        if not exploit:
+            reason = Reason.EXPLORE
+        else:
+            reason = Reason.EXPLOIT if chosen.matched_tokens == cached else Reason.OVERFLOW
+        return Decision(chosen.backend_id, reason, chosen.matched_tokens, costs)
 
     def _overflow(self, request: RouteRequest, holder: BackendState, snapshot: ClusterSnapshot,
                   loads: dict[int, float]) -> Decision | None:

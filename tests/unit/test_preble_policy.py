@@ -504,3 +504,42 @@ def test_queued_prefills_evict_the_oldest_blocks_first():
     _served(blind, "old", range(20), 0, 0.0, uses=1)
     _served(blind, "hot", range(100, 120), 0, 1.0, uses=5)
     assert _m(blind, new, state, 3) == pytest.approx(1 * p.time.prefill_ms(20 * BS, 20 * BS))  # only "old"
+
+
+def test_config_strings_become_enums_and_bad_ones_fail():
+    from preble_router.policies.preble import CostModel, LoadSignal
+
+    cfg = PrebleConfig(load_signal="window", cost_model="sharing")
+    assert cfg.load_signal is LoadSignal.WINDOW and cfg.cost_model is CostModel.SHARING
+    with pytest.raises(ValueError):
+        PrebleConfig(load_signal="history")
+    with pytest.raises(ValueError):
+        PrebleConfig(cost_model="fifo")
+
+
+def test_every_reason_is_a_reason():
+    from preble_router.policies import Reason
+
+    p = policy()
+    r = request(1, range(10))
+    for d in (p.choose(r, snap(0, backend(0, matched=96), backend(1))), p.choose(r, snap(0, backend(0), backend(1)))):
+        assert isinstance(d.reason, Reason)
+
+
+def test_sharing_cost_is_work_times_the_batch_it_joins():
+    p = policy(cost_model="sharing")
+    r = request(1, range(10))  # 161 tokens; P = 0.1 ms a token (a=1.0 fixed) in this time model
+    # The holder's batch is small: stay (exploit), whatever the other's idle state.
+    d = p.choose(r, snap(0, backend(0, matched=144, in_flight=1), backend(1)))
+    assert (d.backend_id, d.reason) == (0, "exploit")
+    assert d.costs[0] == pytest.approx(p._prefill(r, backend(0, matched=144)) * 2)
+    assert d.costs[1] == pytest.approx(p._prefill(r, backend(1)) * 1)
+    # A holder with a batch large enough that recomputing elsewhere is cheaper loses the request (overflow).
+    d = p.choose(r, snap(0, backend(0, matched=144, in_flight=40), backend(1)))
+    assert (d.backend_id, d.reason) == (1, "overflow")
+    # No useful match: the least (M + P) x (in flight + 1) explores.
+    d = p.choose(r, snap(0, backend(0, in_flight=3), backend(1, in_flight=1)))
+    assert (d.backend_id, d.reason) == (1, "explore")
+    # A fully cached prompt still counts its batch (P floored at one token's prefill).
+    d = p.choose(r, snap(0, backend(0, matched=161, in_flight=5), backend(1, matched=161, in_flight=2)))
+    assert d.backend_id == 1 and d.costs[0] > d.costs[1] > 0
