@@ -3,7 +3,7 @@
 Three sources write it, each for the backends it owns:
 - confirmed blocks, from vLLM's KV-cache events (exact: the engine says what it stored and evicted);
 - estimated blocks, for backends without events: what the router sent there, LRU-bounded by the backend's
-  capacity in blocks (recency kept per window of 16 prompt blocks);
+  capacity in blocks (recency kept per span of 16 prompt blocks);
 - predicted blocks, from the router's own decisions, so that requests sharing a new prefix land together before
   the engine's events arrive. A routed request's new blocks count as held from dispatch until the engine's
   BlockStored confirms them, or until the request ended plus a short grace (`predicted_ttl`) for events still in
@@ -22,7 +22,7 @@ two numpy arrays each, ~16 bytes a slot at a load of 0.35-0.7, so an event-fed b
 Python dicts cost ~175 (an int object and a dict slot per entry, twice). Masks are uint64: backends 64g..64g+63
 share the holder map of group g (one map for up to 64 backends).
 
-An estimated backend's blocks are a Python set of its own instead (plus its LRU windows): every request routed
+An estimated backend's blocks are a Python set of its own instead (plus its LRU spans): every request routed
 there adds its new blocks and evicts as many, and a set takes a whole prompt's keys in one C-level update where
 the U64Map takes one Python-level insert (or backward-shift delete) per block. It costs more memory per block,
 but an estimate is bounded by the backend's capacity, and a lookup walks each estimated backend only as far as
@@ -46,7 +46,7 @@ _U64 = (1 << 64) - 1
 # match() walks a prompt over 2 * _WALK blocks only this far, then looks the rest up at once: the walk costs a
 # Python step per block, the vectorized lookup a fixed numpy overhead, so short prompts walk and long ones look up.
 _WALK = 16
-_WINDOW_BLOCKS = 16  # an estimated backend's LRU keeps prompt blocks in windows of this many
+_SPAN_BLOCKS = 16  # an estimated backend's LRU keeps prompt blocks in spans of this many
 # A prediction's value is its expiry time, or, while its request is in flight, a pin: _PIN_BASE plus the pin's
 # number. Pins are far in the future of any clock, so match() needs one comparison for both, and exact integers
 # in a float (below 2**53), so a request's release can tell its own pins from a later request's.
@@ -83,15 +83,15 @@ class _BackendEntry:
     capacity_blocks: int | None
     blocks: int = 0  # confirmed or estimated blocks held
     orphan_blocks: int = 0  # stored blocks whose parent we never saw (cannot be keyed)
-    # Estimated mode only: the blocks routed here, in windows of _WINDOW_BLOCKS prompt blocks keyed by a window's
-    # last key, least recently used first; each window owns the keys it added (a key has one owner). `estimate`
-    # is the set of every window's keys (so blocks == len(estimate)). A window's list holds the same int objects
+    # Estimated mode only: the blocks routed here, in spans of _SPAN_BLOCKS prompt blocks keyed by a span's
+    # last key, least recently used first; each span owns the keys it added (a key has one owner). `estimate`
+    # is the set of every span's keys (so blocks == len(estimate)). A span's list holds the same int objects
     # as the set (a pointer each), so the set's C-level updates take it without boxing a key again.
-    windows: OrderedDict[int, list[int]] | None = None
+    spans: OrderedDict[int, list[int]] | None = None
     estimate: set[int] | None = None
 
     def start_estimate(self) -> None:
-        self.estimated, self.windows, self.estimate = True, OrderedDict(), set()
+        self.estimated, self.spans, self.estimate = True, OrderedDict(), set()
 
 
 class CacheIndex:
@@ -144,7 +144,7 @@ class CacheIndex:
         """Switch a backend between events mode and the estimate.
 
         To the estimate (its events went silent): what the index knew there stays, as the least recently used
-        windows, followed by its live predictions (requests still in flight), and the LRU bounds it from then on.
+        spans, followed by its live predictions (requests still in flight), and the LRU bounds it from then on.
         To events (events flow again): the estimate is dropped; the caller replays the engine's state into the
         index (KvEventSubscriber resyncs from the replay socket)."""
         entry = self._backends.get(backend_id)
@@ -152,16 +152,16 @@ class CacheIndex:
             return
         if not estimated:
             self.apply_cleared(backend_id)
-            entry.estimated, entry.windows, entry.estimate = False, None, None
+            entry.estimated, entry.spans, entry.estimate = False, None, None
             return
         held = self._drop_confirmed(backend_id)
         now_pred = self._predicted.pop(backend_id, {})
         entry.start_estimate()
-        assert entry.windows is not None and entry.estimate is not None
-        for start in range(0, len(held), _WINDOW_BLOCKS):
-            window = held[start:start + _WINDOW_BLOCKS]
-            entry.windows[window[-1]] = window
-            entry.estimate.update(window)
+        assert entry.spans is not None and entry.estimate is not None
+        for start in range(0, len(held), _SPAN_BLOCKS):
+            span = held[start:start + _SPAN_BLOCKS]
+            entry.spans[span[-1]] = span
+            entry.estimate.update(span)
         entry.blocks = len(entry.estimate)
         live = [key for key, expiry in now_pred.items() if expiry > now]
         self._record_estimated(backend_id, entry, live, 0)
@@ -252,8 +252,8 @@ class CacheIndex:
         if entry.estimate is not None:
             dropped = list(entry.estimate)
             entry.estimate.clear()
-            assert entry.windows is not None
-            entry.windows.clear()
+            assert entry.spans is not None
+            entry.spans.clear()
         else:
             dropped = self._drop_confirmed(backend_id)
         entry.blocks = 0
@@ -278,7 +278,7 @@ class CacheIndex:
 
     def record_routed(self, backend_id: int, keys: Sequence[int], now: float, held: int = 0) -> RoutedBlocks | None:
         """A request with these prompt keys was sent to backend_id. `held`: how many leading keys match() just
-        found there (an estimated backend then only touches their windows; an events backend predicts the rest).
+        found there (an estimated backend then only touches their spans; an events backend predicts the rest).
 
         Events mode: returns the request's prediction, pinned until release_routed() (the request ended)."""
         entry = self._backends.get(backend_id)
@@ -443,39 +443,39 @@ class CacheIndex:
         self._engine_to_own.replace(hashes[held], keys[held])
 
     def _record_estimated(self, backend_id: int, entry: _BackendEntry, keys: Sequence[int], held: int) -> None:
-        """The estimate of what an engine without KV events holds: an LRU of prompt windows, bounded by the
-        backend's capacity. Per window rather than per block: the LRU's bookkeeping is one OrderedDict entry per
-        window, not one per block (the blocks themselves are in the set).
-        Windows are touched last first, so a prompt's first blocks are the most recently used and the LRU trims
+        """The estimate of what an engine without KV events holds: an LRU of prompt spans, bounded by the
+        backend's capacity. Per span rather than per block: the LRU's bookkeeping is one OrderedDict entry per
+        span, not one per block (the blocks themselves are in the set).
+        Spans are touched last first, so a prompt's first blocks are the most recently used and the LRU trims
         prefixes from their ends, as vLLM frees a request's blocks (tail first)."""
-        windows, estimate = entry.windows, entry.estimate
-        assert windows is not None and estimate is not None
-        n, size = len(keys), _WINDOW_BLOCKS
+        spans, estimate = entry.spans, entry.estimate
+        assert spans is not None and estimate is not None
+        n, size = len(keys), _SPAN_BLOCKS
         for start in range((n - 1) // size * size, -1, -size):
             stop = min(start + size, n)
-            window_key = keys[stop - 1]
-            owned = windows.get(window_key)
+            span_key = keys[stop - 1]
+            owned = spans.get(span_key)
             if owned is not None:
-                windows.move_to_end(window_key)
+                spans.move_to_end(span_key)
             if stop <= held:
-                continue  # all held already (their keys may belong to other prompts' windows)
+                continue  # all held already (their keys may belong to other prompts' spans)
             new = list(filterfalse(estimate.__contains__, keys[max(start, held):stop]))
             if new:
                 estimate.update(new)
                 if owned is None:
-                    windows[window_key] = new
+                    spans[span_key] = new
                 else:
                     owned.extend(new)
         entry.blocks = len(estimate)
         self._evict_to_capacity(backend_id, entry)
 
     def _evict_to_capacity(self, backend_id: int, entry: _BackendEntry) -> None:
-        windows, estimate = entry.windows, entry.estimate
-        if windows is None or estimate is None or entry.capacity_blocks is None:
+        spans, estimate = entry.spans, entry.estimate
+        if spans is None or estimate is None or entry.capacity_blocks is None:
             return
         dropped: list[int] = []
-        while len(estimate) > entry.capacity_blocks and windows:
-            _, owned = windows.popitem(last=False)
+        while len(estimate) > entry.capacity_blocks and spans:
+            _, owned = spans.popitem(last=False)
             estimate.difference_update(owned)
             dropped += owned
         entry.blocks = len(estimate)

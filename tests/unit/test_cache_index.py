@@ -216,7 +216,7 @@ class Model:
         self.ttl = ttl
         self.copies: dict[int, Counter] = defaultdict(Counter)
         # estimated backends: window key -> keys it owns (the index's windows, the plain way), key -> window
-        self.windows = {b: OrderedDict() for b in estimated}
+        self.spans = {b: OrderedDict() for b in estimated}
         self.owner: dict[int, dict] = {b: {} for b in estimated}
         self.capacity = estimated
         self.pred: dict[tuple[int, int], float] = {}
@@ -229,18 +229,18 @@ class Model:
         return {b: next((i for i, k in enumerate(keys) if not self.holds(b, k, now)), len(keys)) for b in backends}
 
     def routed(self, b, keys, now):
-        if b in self.windows:
-            windows, owner = self.windows[b], self.owner[b]
+        if b in self.spans:
+            spans, owner = self.spans[b], self.owner[b]
             for start in reversed(range(0, len(keys), 16)):  # last window first: a prompt's head is the newest
                 window = keys[min(start + 16, len(keys)) - 1]
-                if window in windows:
-                    windows.move_to_end(window)
+                if window in spans:
+                    spans.move_to_end(window)
                 for k in keys[start:start + 16]:
                     if k not in owner:
                         owner[k] = window
-                        windows.setdefault(window, set()).add(k)
-            while len(owner) > self.capacity[b] and windows:
-                for k in windows.popitem(last=False)[1]:
+                        spans.setdefault(window, set()).add(k)
+            while len(owner) > self.capacity[b] and spans:
+                for k in spans.popitem(last=False)[1]:
                     del owner[k]
         elif keys:  # pinned (inf) by this request until it ends
             pin = object()
@@ -261,7 +261,7 @@ class Model:
 
     def cleared(self, b):
         self.copies[b].clear()
-        self.windows.get(b, {}).clear()
+        self.spans.get(b, {}).clear()
         self.owner.get(b, {}).clear()
         self.pred = {bk: e for bk, e in self.pred.items() if bk[0] != b}
 
