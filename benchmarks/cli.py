@@ -107,27 +107,17 @@ def add_workload_args(p: argparse.ArgumentParser, *, default_vocab: int | None =
 
 
 def add_sim_args(p: argparse.ArgumentParser) -> None:
-    from benchmarks.sim import PROFILES
-
-    g = p.add_argument_group("simulated cluster")
-    g.add_argument("--gpus", "-g", type=int, default=4, help="Number of simulated GPUs (engines).")
-    g.add_argument("--policies", "-p", type=_csv, default="round_robin,least_load,cache_aware",
-                   help="Comma-separated policy names from preble_router.policies.POLICIES.")
-    g.add_argument("--block-size", type=int, default=16, help="KV block size in tokens.")
-    g.add_argument("--capacity-blocks", type=int, default=None,
-                   help="KV-cache blocks per GPU (default: the profile's, 25000 x 16 tokens for llama3-8b-h100).")
-    g.add_argument("--max-batched-tokens", type=int, default=2048, help="Token budget per step (chunked prefill).")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="Max requests running per engine.")
-    g.add_argument("--profile", default="llama3-8b-h100",
-                   help=f"Time profile: {', '.join(PROFILES)}, optionally with overrides "
-                        "'NAME:a=0.006,b=2.7e-5,c=5e-8,d=2.7e-5,e=1.2e-9,capacity_blocks=25000' (see sim.py).")
-    g.add_argument("--local-scheduler", default="fcfs", choices=["fcfs", "preble"],
-                   help="Engine-side admission: vLLM's FCFS, or Preble's cache-hit priority groups.")
-    g.add_argument("--predicted-ttl", type=float, default=3.0, help="Router's predicted-block TTL (s).")
-    g.add_argument("--model", default="sim-model", help="Model name (namespaces the router's block keys).")
+    from benchmarks.sim import PROFILES, SimConfig
     from preble_router.policies import PrebleConfig
     from preble_router.settings import add_flags
 
+    g = p.add_argument_group("simulated cluster")
+    add_flags(g, SimConfig)
+    g.add_argument("--policies", "-p", type=_csv, default="round_robin,least_load,cache_aware",
+                   help="Comma-separated policy names from preble_router.policies.POLICIES.")
+    g.add_argument("--profile", default="llama3-8b-h100",
+                   help=f"Time profile: {', '.join(PROFILES)}, optionally with overrides "
+                        "'NAME:a=0.006,b=2.7e-5,c=5e-8,d=2.7e-5,e=1.2e-9,capacity_blocks=25000' (see sim.py).")
     add_flags(p.add_argument_group("preble policy (--policies preble; docs/design.md)"), PrebleConfig)
 
 
@@ -254,10 +244,9 @@ def default_rate(name: str, gpus: int) -> float:
 def sim_config(args: argparse.Namespace):
     from benchmarks.sim import SimConfig, parse_profile
 
-    return SimConfig(gpus=args.gpus, block_size=args.block_size, capacity_blocks=args.capacity_blocks,
-                     max_batched_tokens=args.max_batched_tokens, max_num_seqs=args.max_num_seqs,
-                     local_scheduler=args.local_scheduler, profile=parse_profile(args.profile), model=args.model,
-                     predicted_ttl=args.predicted_ttl)
+    from preble_router.settings import from_args
+
+    return from_args(SimConfig, args, profile=parse_profile(args.profile))
 
 
 def sim_policy(args: argparse.Namespace, name: str) -> Any:

@@ -77,6 +77,7 @@ from benchmarks.workloads import Request
 from preble_router.load import InFlight
 from preble_router.policies import POLICIES, Policy, make_policy
 from preble_router.router import BlockSource, PreparedRequest, Router
+from preble_router.settings import setting
 from vllm_patches.group_queue import PrebleRequestQueue
 
 
@@ -128,15 +129,20 @@ def parse_profile(spec: str | None) -> TimeProfile:
 
 @dataclass
 class SimConfig:
-    gpus: int = 4
-    block_size: int = 16
-    capacity_blocks: int | None = None  # None: the profile's (scaled to block_size)
-    max_batched_tokens: int = 2048
-    max_num_seqs: int = 256
-    local_scheduler: str = "fcfs"  # or "preble"
+    """The simulated cluster; `preble-bench sim` takes each flagged field as an option (and --profile by name)."""
+
+    gpus: int = setting(4, "Number of simulated GPUs (engines).", flag="--gpus", aliases=("-g",))
+    block_size: int = setting(16, "KV block size in tokens.", flag="--block-size")
+    capacity_blocks: int | None = setting(
+        None, "KV-cache blocks per GPU (default: the profile's, 25000 x 16 tokens for llama3-8b-h100).",
+        flag="--capacity-blocks")
+    max_batched_tokens: int = setting(2048, "Token budget per step (chunked prefill).", flag="--max-batched-tokens")
+    max_num_seqs: int = setting(256, "Max requests running per engine.", flag="--max-num-seqs")
+    local_scheduler: str = setting("fcfs", "Engine-side admission: vLLM's FCFS, or Preble's cache-hit priority "
+                                   "groups.", flag="--local-scheduler", choices=["fcfs", "preble"])
     profile: TimeProfile = field(default_factory=TimeProfile)
-    model: str = "sim-model"
-    predicted_ttl: float = 3.0
+    model: str = setting("sim-model", "Model name (namespaces the router's block keys).", flag="--model")
+    predicted_ttl: float = setting(3.0, "Router's predicted-block TTL (s).", flag="--predicted-ttl")
 
     def capacity(self) -> int:
         if self.capacity_blocks is not None:

@@ -22,14 +22,14 @@ import types
 import typing
 from typing import Any
 
-_HELP, _FLAG, _ENV, _ARGPARSE = "help", "flag", "env", "argparse"
+_HELP, _FLAG, _ALIASES, _ENV, _ARGPARSE = "help", "flag", "aliases", "env", "argparse"
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, env: str | None = None,  # noqa: A002
-            **argparse_kwargs: Any) -> Any:
-    """A dataclass field with its default and help; with `flag`, also a command-line option (extra keyword
-    arguments, such as choices or type, go to argparse's add_argument)."""
-    return dataclasses.field(default=default, metadata={_HELP: help, _FLAG: flag, _ENV: env,
+def setting(default: Any, help: str, *, flag: str | None = None, aliases: tuple[str, ...] = (),  # noqa: A002
+            env: str | None = None, **argparse_kwargs: Any) -> Any:
+    """A dataclass field with its default and help; with `flag` (and its short `aliases`), also a command-line
+    option (extra keyword arguments, such as choices or type, go to argparse's add_argument)."""
+    return dataclasses.field(default=default, metadata={_HELP: help, _FLAG: flag, _ALIASES: aliases, _ENV: env,
                                                          _ARGPARSE: argparse_kwargs})
 
 
@@ -64,7 +64,8 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
             default = kwargs["type"](default)
         elif hint in (int, float):
             kwargs.setdefault("type", hint)
-        parser.add_argument(f.metadata[_FLAG], default=default, help=f.metadata[_HELP], **kwargs)
+        parser.add_argument(f.metadata[_FLAG], *f.metadata.get(_ALIASES, ()), default=default, help=f.metadata[_HELP],
+                            **kwargs)
 
 
 def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
