@@ -18,7 +18,7 @@ from preble_router.discovery import add_discovery_args, check_discovery_args, st
 from preble_router.policies import POLICIES, Policy, PrebleConfig, PreblePolicy, TimeModel, make_policy
 from preble_router.policies.time_model import PROFILES
 from preble_router.proxy import Proxy, ProxyConfig
-from preble_router.router import Router
+from preble_router.router import EVENTS_SILENCE_S, PREDICTED_TTL_S, Router
 from preble_router.settings import add_flags, from_args
 from preble_router.tokens import PromptTokenizer
 
@@ -62,11 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "endpoint) per backend, e.g. http://127.0.0.1:8001=tcp://127.0.0.1:5557|tcp://127.0.0.1:5558 "
                         "(may be combined with auto). Backends without events use an estimated index (what the "
                         "router sent, LRU-bounded by capacity).")
-    p.add_argument("--kv-events-silence", type=float, default=5.0,
+    p.add_argument("--kv-events-silence", type=float, default=EVENTS_SILENCE_S,
                    help="Seconds requests that store new blocks may wait for a KV event before that backend's "
                         "events count as silent: a WARNING, the preble_kv_event_feed metric and /debug/backends "
                         "say so, and the backend is routed on the estimated index until events flow again.")
-    p.add_argument("--predicted-ttl", type=float, default=3.0,
+    p.add_argument("--predicted-ttl", type=float, default=PREDICTED_TTL_S,
                    help="A routed request's new blocks count as cached on its backend from dispatch until the "
                         "engine's events confirm them, or until the request ends plus this many seconds (events "
                         "still in flight).")

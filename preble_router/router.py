@@ -31,6 +31,11 @@ if TYPE_CHECKING:  # transformers is heavy; the simulator routes token ids and n
 log = logging.getLogger(__name__)
 
 
+# Defaults of the CLI's --predicted-ttl and --kv-events-silence too (their help says what they do).
+PREDICTED_TTL_S = 3.0
+EVENTS_SILENCE_S = 5.0
+
+
 @dataclass(slots=True)
 class PreparedRequest:
     request_id: str
@@ -70,10 +75,10 @@ class Router:
         model: str,
         tokenizer: PromptTokenizer | None,
         policy: Policy,
-        predicted_ttl: float = 3.0,
+        predicted_ttl: float = PREDICTED_TTL_S,
         clock: Callable[[], float] = time.monotonic,
         kv_events_auto: bool = False,
-        events_silence: float = 5.0,
+        events_silence: float = EVENTS_SILENCE_S,
     ) -> None:
         """predicted_ttl: seconds a request's predicted blocks outlive the request (events still in flight).
         kv_events_auto: backends given no event endpoint subscribe to what the engine advertises.
