@@ -1,6 +1,8 @@
 """Preble's E2 global scheduling (arXiv 2407.00023); docs/design.md gives each term and why.
 
-Per request:
+Per request, with the default cost model (`cost_model="sharing"`): every backend costs (M + P) x (its requests in
+flight + 1) and the least wins (M and P as below; the outcome is named exploit, overflow or explore), after the
+replica and rebalance checks. With `cost_model="queue"` (the paper's E2):
 - exploit: when the best backend's cached prompt tokens outnumber its missed ones, send to the longest
   match (least load L among ties), unless the prefix group was moved (rebalance) or replicated (replica),
   or (ours, `exploit_overflow`) the holder's queued prefill + P exceeds another backend's queued prefill + M + P:
@@ -116,7 +118,8 @@ class PrebleConfig:
         "every decision.")
 
     cost_model: CostModel = setting(
-        CostModel.QUEUE, "queue: exploit the longest match unless its prefill queue overflows, else explore the least "
+        CostModel.SHARING,
+        "queue: exploit the longest match unless its prefill queue overflows, else explore the least "
         "L + M + P (the paper's); sharing: every backend costs (M + P) x (its requests in flight + 1), the least "
         "wins (a continuous-batching engine shares each step among its batch, so a request's time grows with the "
         "batch it joins; LMetric's product, with M).", flag="--preble-cost-model",

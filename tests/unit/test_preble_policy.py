@@ -31,6 +31,9 @@ def send(policy, req, snapshot):
 
 
 def policy(**cfg):
+    # Most rules tested here (L, the exploit overflow, prefill/decode balance, M as seen in the explore costs) are
+    # the queue cost model's, the paper's E2; the default, sharing, is tested by test_sharing_* and the simulator.
+    cfg.setdefault("cost_model", "queue")
     return PreblePolicy(PrebleConfig(**cfg), TimeModel(a=1.0, b=0.1, d=0.0, e=0.0, decode_ms=1.0))
 
 
@@ -509,6 +512,7 @@ def test_queued_prefills_evict_the_oldest_blocks_first():
 def test_config_strings_become_enums_and_bad_ones_fail():
     from preble_router.policies.preble import CostModel, LoadSignal
 
+    assert PrebleConfig().cost_model is CostModel.SHARING  # the default (docs/design.md says why)
     cfg = PrebleConfig(load_signal="window", cost_model="sharing")
     assert cfg.load_signal is LoadSignal.WINDOW and cfg.cost_model is CostModel.SHARING
     with pytest.raises(ValueError):
