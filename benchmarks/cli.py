@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import sys
 import time
 from collections.abc import Sequence
@@ -125,6 +126,11 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="Engine-side admission: vLLM's FCFS, or Preble's cache-hit priority groups.")
     g.add_argument("--predicted-ttl", type=float, default=3.0, help="Router's predicted-block TTL (s).")
     g.add_argument("--model", default="sim-model", help="Model name (namespaces the router's block keys).")
+    add_preble_args(p)
+
+
+def add_preble_args(p: argparse.ArgumentParser) -> None:
+    """The --preble-* settings of PrebleConfig (read back by sim_policy())."""
     from preble_router.policies import PrebleConfig
     from preble_router.settings import add_flags
 
@@ -267,8 +273,7 @@ def sim_policy(args: argparse.Namespace, name: str) -> Any:
     from preble_router.policies import PrebleConfig, PreblePolicy
     from preble_router.settings import from_args
 
-    config = from_args(PrebleConfig, args)
-    return lambda: PreblePolicy(config)
+    return functools.partial(PreblePolicy, from_args(PrebleConfig, args))  # picklable, for worker processes
 
 
 def _slug(x: Any) -> str:
