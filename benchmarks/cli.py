@@ -11,6 +11,7 @@
                           --workload tool_use --rates 1,2 --requests 200 --scale 0.1 --vocab 1024
     preble-bench sim-vs-live runs/compare [runs/compare_rr]   # a compare_routers run, replayed in the simulator
     preble-bench matrix   [--workloads tool_use,video_qa] [--gpus 4,8]    # every workload near saturation
+    preble-bench suite    [--gpus 2,4,8,16] [--rate-levels sat,0.6] [--seeds 0,1,2] [--jobs 1]   # all of it, seeds
     preble-bench policy-bench [--rates 100,1000,10000]    # us per routing decision as policy windows fill
 
 Rates are requests per second for the whole cluster (the paper gives its rates per 2 GPUs).
@@ -216,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
                    description="For each workload and GPU count, find the rate at which least_load's avg latency "
                    "reaches 3x its low-load latency, run round_robin, least_load, cache_aware and preble there, and "
                    "write matrix.json and matrix.md (benchmarks/sim_matrix.py).")
+
+    from benchmarks import suite
+
+    sub.add_parser("suite", parents=[suite.build_parser(add_help=False)], formatter_class=fmt,
+                   help="The simulator comparison: workloads x GPUs x rate levels x seeds x policies.",
+                   description="For each workload and GPU count, find the rate near saturation (as `matrix` does; "
+                   "once, seed 0) unless --rates gives it, run every policy at each rate level and seed, and write "
+                   "suite.json, suite.md and plots: min / median / max over seeds, preble's ratios, issue #20's "
+                   "targets PASS / FAIL (benchmarks/suite.py).")
 
     from benchmarks import policy_bench
 
@@ -430,6 +440,13 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suite(args: argparse.Namespace) -> int:
+    from benchmarks import suite
+
+    suite.run(args)
+    return 0
+
+
 def cmd_policy_bench(args: argparse.Namespace) -> int:
     from benchmarks import policy_bench
 
@@ -438,7 +455,8 @@ def cmd_policy_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"workload": cmd_workload, "sim": cmd_sim, "live": cmd_live, "compare": cmd_compare,
-            "sim-vs-live": cmd_sim_vs_live, "matrix": cmd_matrix, "policy-bench": cmd_policy_bench}
+            "sim-vs-live": cmd_sim_vs_live, "matrix": cmd_matrix, "suite": cmd_suite,
+            "policy-bench": cmd_policy_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
