@@ -430,14 +430,20 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any], name: str,
+             argv: Sequence[str] | None) -> int:
+    """Parse `argv`, run; a ValueError (bad workload / policy / rate) exits 2 with its message."""
+    args = parser.parse_args(argv)
     try:
         run(args)
     except ValueError as exc:
-        print(f"sim_matrix: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(build_parser(), run, "sim_matrix", argv)
 
 
 if __name__ == "__main__":

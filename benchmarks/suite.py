@@ -73,24 +73,13 @@ def _median(values: Sequence[float | None]) -> float | None:
 def paired_ratios(runs: dict[str, dict[int, dict[str, Any]]], target: str = "preble",
                   invert: bool = False) -> dict[str, dict[str, float | None]]:
     """Per other policy and metric: the median over seeds of target / other (invert: other / target), each seed
-    paired with itself (same requests)."""
-    mine = runs.get(target)
-    out: dict[str, dict[str, float | None]] = {}
-    if not mine:
-        return out
-    for p, by_seed in runs.items():
-        if p == target:
-            continue
-        out[p] = {}
-        for m in RATIO_METRICS:
-            key = METRICS[m]
-            vals = []
-            for seed, r in by_seed.items():
-                a, b = (mine.get(seed) or {}).get(key), r.get(key)
-                if a and b:
-                    vals.append(b / a if invert else a / b)
-            out[p][m] = _median(vals)
-    return out
+    paired with itself (same requests; sim_matrix.ratios per seed)."""
+    if target not in runs:
+        return {}
+    seeds = sorted({s for by_seed in runs.values() for s in by_seed})
+    per_seed = [sm.ratios({p: by_seed[s] for p, by_seed in runs.items() if s in by_seed}, target) for s in seeds]
+    return {p: {m: _median([q[p][m] if invert else 1 / q[p][m] for q in per_seed if q.get(p, {}).get(m)])
+                for m in RATIO_METRICS} for p in runs if p != target}
 
 
 def cell_stats(runs: dict[str, dict[int, dict[str, Any]]], target: str = "preble") -> dict[str, Any]:
@@ -411,13 +400,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except ValueError as exc:
-        print(f"suite: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return sm.run_main(build_parser(), run, "suite", argv)
 
 
 if __name__ == "__main__":
