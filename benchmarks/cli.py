@@ -11,6 +11,7 @@
                           --workload tool_use --rates 1,2 --requests 200 --scale 0.1 --vocab 1024
     preble-bench sim-vs-live runs/compare [runs/compare_rr]   # a compare_routers run, replayed in the simulator
     preble-bench matrix   [--workloads tool_use,video_qa] [--gpus 4,8]    # every workload near saturation
+    preble-bench suite    [--gpus 2,4,8,16] [--rate-levels sat,0.6] [--seeds 0,1,2] [--jobs 1]   # all of it, seeds
     preble-bench policy-bench [--rates 100,1000,10000]    # us per routing decision as policy windows fill
 
 Rates are requests per second for the whole cluster (the paper gives its rates per 2 GPUs).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import sys
 import time
 from collections.abc import Sequence
@@ -108,7 +110,6 @@ def add_workload_args(p: argparse.ArgumentParser, *, default_vocab: int | None =
 
 def add_sim_args(p: argparse.ArgumentParser) -> None:
     from benchmarks.sim import PROFILES, SimConfig
-    from preble_router.policies import PrebleConfig
     from preble_router.settings import add_flags
 
     g = p.add_argument_group("simulated cluster")
@@ -118,6 +119,14 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", default="llama3-8b-h100",
                    help=f"Time profile: {', '.join(PROFILES)}, optionally with overrides "
                         "'NAME:a=0.006,b=2.7e-5,c=5e-8,d=2.7e-5,e=1.2e-9,capacity_blocks=25000' (see sim.py).")
+    add_preble_args(p)
+
+
+def add_preble_args(p: argparse.ArgumentParser) -> None:
+    """The --preble-* settings of PrebleConfig (read back by sim_policy())."""
+    from preble_router.policies import PrebleConfig
+    from preble_router.settings import add_flags
+
     add_flags(p.add_argument_group("preble policy (--policies preble; docs/design.md)"), PrebleConfig)
 
 
@@ -201,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "reaches 3x its low-load latency, run round_robin, least_load, cache_aware and preble there, and "
                    "write matrix.json and matrix.md (benchmarks/sim_matrix.py).")
 
+    from benchmarks import suite
+
+    sub.add_parser("suite", parents=[suite.build_parser(add_help=False)], formatter_class=fmt,
+                   help="The simulator comparison: workloads x GPUs x rate levels x seeds x policies.",
+                   description="For each workload and GPU count, find the rate near saturation (as `matrix` does; "
+                   "once, seed 0) unless --rates gives it, run every policy at each rate level and seed, and write "
+                   "suite.json, suite.md and plots: min / median / max over seeds, preble's ratios, issue #20's "
+                   "targets PASS / FAIL (benchmarks/suite.py).")
+
     from benchmarks import policy_bench
 
     sub.add_parser("policy-bench", parents=[policy_bench.build_parser(add_help=False)], formatter_class=fmt,
@@ -256,8 +274,7 @@ def sim_policy(args: argparse.Namespace, name: str) -> Any:
     from preble_router.policies import PrebleConfig, PreblePolicy
     from preble_router.settings import from_args
 
-    config = from_args(PrebleConfig, args)
-    return lambda: PreblePolicy(config)
+    return functools.partial(PreblePolicy, from_args(PrebleConfig, args))  # picklable, for worker processes
 
 
 def _slug(x: Any) -> str:
@@ -414,6 +431,13 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suite(args: argparse.Namespace) -> int:
+    from benchmarks import suite
+
+    suite.run(args)
+    return 0
+
+
 def cmd_policy_bench(args: argparse.Namespace) -> int:
     from benchmarks import policy_bench
 
@@ -422,7 +446,8 @@ def cmd_policy_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"workload": cmd_workload, "sim": cmd_sim, "live": cmd_live, "compare": cmd_compare,
-            "sim-vs-live": cmd_sim_vs_live, "matrix": cmd_matrix, "policy-bench": cmd_policy_bench}
+            "sim-vs-live": cmd_sim_vs_live, "matrix": cmd_matrix, "suite": cmd_suite,
+            "policy-bench": cmd_policy_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

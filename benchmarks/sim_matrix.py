@@ -194,6 +194,30 @@ def run_policy(spec: CellSpec, policy: str, rate: float, n: int, cfg: Any) -> di
     return dict(res.summary, keep_up=keep_up(res.records))
 
 
+RESULT_KEYS = ("latency_avg", "latency_p50", "latency_p99", "ttft_avg", "ttft_p99", "hit_rate", "imbalance",
+               "errors", "requests", "throughput_rps", "sim_time_s", "wall_s", "preemptions", "keep_up")
+
+
+def search_rate(spec: CellSpec, cfg: Any, on_stage: Callable[[str], None] | None = None) -> SearchResult:
+    """The cell's rate near saturation: find_saturation() with short runs of the reference policy."""
+    stage = on_stage or (lambda s: None)
+    start = wl.DEFAULT_RATE_PER_GPU.get(spec.workload, 5.0) * spec.gpus
+    low: list[float] = []
+
+    def measure(r: float) -> dict[str, float]:
+        # the first call is the low-load one; later runs span >= SEARCH_SPAN low-load latencies, so that
+        # filling the engines at the start does not read as falling behind (keep_up)
+        n = spec.search_requests if not low else max(spec.search_requests,
+                                                     min(SEARCH_MAX, math.ceil(SEARCH_SPAN * r * low[0])))
+        stage(f"search {r:.3g}/s x{n}")
+        s = run_policy(spec, REFERENCE_POLICY, r, n, cfg)
+        avg = float(s["latency_avg"]) if s.get("latency_avg") is not None else math.inf
+        low.append(avg)
+        return {"avg": avg, "keep_up": float(s["keep_up"]), "throughput": float(s.get("throughput_rps") or 0)}
+
+    return find_saturation(measure, start, low_load_rate=start * LOW_LOAD_FRACTION)
+
+
 def run_cell(spec: CellSpec, cfg: Any, rate: float | None, policies: Sequence[str] = POLICIES,
              on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Search the cell's rate (unless given), then run every policy at it."""
@@ -201,31 +225,14 @@ def run_cell(spec: CellSpec, cfg: Any, rate: float | None, policies: Sequence[st
     t0 = time.perf_counter()
     search: SearchResult | None = None
     if rate is None:
-        start = wl.DEFAULT_RATE_PER_GPU.get(spec.workload, 5.0) * spec.gpus
-
-        low: list[float] = []
-
-        def measure(r: float) -> dict[str, float]:
-            # the first call is the low-load one; later runs span >= SEARCH_SPAN low-load latencies, so that
-            # filling the engines at the start does not read as falling behind (keep_up)
-            n = spec.search_requests if not low else max(spec.search_requests,
-                                                         min(SEARCH_MAX, math.ceil(SEARCH_SPAN * r * low[0])))
-            stage(f"search {r:.3g}/s x{n}")
-            s = run_policy(spec, REFERENCE_POLICY, r, n, cfg)
-            avg = float(s["latency_avg"]) if s.get("latency_avg") is not None else math.inf
-            low.append(avg)
-            return {"avg": avg, "keep_up": float(s["keep_up"]), "throughput": float(s.get("throughput_rps") or 0)}
-
-        search = find_saturation(measure, start, low_load_rate=start * LOW_LOAD_FRACTION)
+        search = search_rate(spec, cfg, stage)
         rate = search.rate
     search_s = time.perf_counter() - t0
     results: dict[str, dict[str, Any]] = {}
     for p in policies:
         stage(f"{p} @ {rate:g}/s")
         s = run_policy(spec, p, rate, spec.requests, cfg)
-        results[p] = {k: s.get(k) for k in ("latency_avg", "latency_p50", "latency_p99", "ttft_avg", "ttft_p99",
-                                            "hit_rate", "imbalance", "errors", "requests", "throughput_rps",
-                                            "sim_time_s", "wall_s", "preemptions", "keep_up")}
+        results[p] = {k: s.get(k) for k in RESULT_KEYS}
     cell: dict[str, Any] = {
         "workload": spec.workload, "gpus": spec.gpus, "rate": rate, "requests": spec.requests,
         "workload_args": spec.workload_args, "search_requests": spec.search_requests if search else None,
@@ -315,13 +322,14 @@ def summary_lines(summ: dict[str, Any]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def parse_rates(spec: str | None) -> dict[tuple[str, int | None], float]:
-    """'tool_use:4=160,video_qa=6.5' (without GPUs: per GPU) or a matrix.json from an earlier run."""
+    """'tool_use:4=160,video_qa=6.5' (without GPUs: per GPU) or a matrix.json (or suite.json, whose "rates" are
+    the cells' saturation rates) from an earlier run."""
     if not spec:
         return {}
     p = Path(spec)
     if spec.endswith(".json") or p.is_file():
         data = json.loads(p.read_text())
-        return {(c["workload"], int(c["gpus"])): float(c["rate"]) for c in data["cells"]}
+        return {(c["workload"], int(c["gpus"])): float(c["rate"]) for c in data.get("rates", data.get("cells"))}
     out: dict[tuple[str, int | None], float] = {}
     for part in filter(None, (x.strip() for x in spec.split(","))):
         key, sep, val = part.partition("=")
@@ -422,14 +430,20 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any], name: str,
+             argv: Sequence[str] | None) -> int:
+    """Parse `argv`, run; a ValueError (bad workload / policy / rate) exits 2 with its message."""
+    args = parser.parse_args(argv)
     try:
         run(args)
     except ValueError as exc:
-        print(f"sim_matrix: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(build_parser(), run, "sim_matrix", argv)
 
 
 if __name__ == "__main__":
