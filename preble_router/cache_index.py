@@ -162,9 +162,8 @@ class CacheIndex:
             span = held[start:start + _SPAN_BLOCKS]
             entry.spans[span[-1]] = span
             entry.estimate.update(span)
-        entry.blocks = len(entry.estimate)
         live = [key for key, expiry in now_pred.items() if expiry > now]
-        self._record_estimated(backend_id, entry, live, 0)
+        self._record_estimated(backend_id, entry, live, 0)  # counts entry.blocks and bounds it by capacity
 
     def remove_backend(self, backend_id: int) -> None:
         self.apply_cleared(backend_id)

@@ -116,14 +116,13 @@ class PrebleConfig:
         "or when a request needs more of the LRU than it covers: a lookup is then a binary search, not a walk of "
         "the prefix groups, and a rebuild (a walk) happens a few times a second whatever the rate. 0: rebuilt for "
         "every decision.")
-
     cost_model: CostModel = setting(
         CostModel.SHARING,
         "queue: exploit the longest match unless its prefill queue overflows, else explore the least "
         "L + M + P (the paper's); sharing: every backend costs (M + P) x (its requests in flight + 1), the least "
         "wins (a continuous-batching engine shares each step among its batch, so a request's time grows with the "
         "batch it joins; LMetric's product, with M).", flag="--preble-cost-model",
-        choices=["queue", "sharing"])
+        choices=[m.value for m in CostModel])
 
     def __post_init__(self) -> None:
         self.load_signal = LoadSignal(self.load_signal)  # from a flag or a caller's string
