@@ -1,7 +1,7 @@
 """Which of the preble policy's rules earn their place: the simulator runs the default policy, variants with one
 rule changed, and other policies on the same requests, per workload x GPU count x seed.
 
-    python -m benchmarks.preble_ablation [--variants default,refresh0,...] [--others cache_aware,lmetric]
+    python -m benchmarks.preble_ablation [--variants default,queue,queue_no_overflow,...] [--others cache_aware,lmetric]
                                          [--gpus 4,8] [--seeds 0,1,2] [--workloads tool_use,...] [--out F.json]
 
 Rates are the near-saturation rates of the simulator matrix (BENCHMARKS.md, "Simulator matrix"); a variant is a
@@ -14,37 +14,36 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from benchmarks import sim_matrix as sm
-from benchmarks.sim import SimConfig, simulate
+from benchmarks.suite import spread
+from benchmarks.sim import SimConfig
 from preble_router.policies import make_policy
 from preble_router.policies.preble import PrebleConfig
 
 SATURATION_RATES = {("tool_use", 4): 111, ("tool_use", 8): 222, ("embodied_agent", 4): 444,
                     ("embodied_agent", 8): 815, ("program_generation", 4): 37, ("program_generation", 8): 74,
                     ("video_qa", 4): 21.9, ("video_qa", 8): 33.7, ("long_doc_qa", 4): 4.36, ("long_doc_qa", 8): 9.51}
-REQUESTS = {"tool_use": 2000, "embodied_agent": 2000, "program_generation": 1500, "video_qa": 1500,
-            "long_doc_qa": 1000}
+_QUEUE = {"cost_model": "queue"}
+# The queue model's rules (overflow, load signal, pd balance) act only under it, so its variants pin it.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "no_overflow": {"exploit_overflow": math.inf},
-    "window": {"load_signal": "window"},
-    "no_rebalance": {"bal_threshold": math.inf},
-    "no_pd": {"pd_hit_ratio": 2.0},
-    "no_evpend": {"eviction_pending": False},
+    "default": {},  # the cost model preble-router starts with (sharing)
+    "queue": _QUEUE,  # the paper's exploit / explore (the default before session 9)
+    "queue_no_overflow": {**_QUEUE, "exploit_overflow": math.inf},
+    "queue_window": {**_QUEUE, "load_signal": "window"},
+    "queue_no_rebalance": {**_QUEUE, "bal_threshold": math.inf},
+    "queue_no_pd": {**_QUEUE, "pd_hit_ratio": 2.0},
+    "queue_no_evpend": {**_QUEUE, "eviction_pending": False},
+    "queue_refresh0": {**_QUEUE, "eviction_refresh": 0.0},
+    "queue_r0_no_overflow": {**_QUEUE, "eviction_refresh": 0.0, "exploit_overflow": math.inf},
+    "queue_r0_window": {**_QUEUE, "eviction_refresh": 0.0, "load_signal": "window"},
     "refresh0": {"eviction_refresh": 0.0},
-    "r0_no_overflow": {"eviction_refresh": 0.0, "exploit_overflow": math.inf},
-    "r0_window": {"eviction_refresh": 0.0, "load_signal": "window"},
-    "sharing": {"cost_model": "sharing"},
-    "sharing_r0": {"cost_model": "sharing", "eviction_refresh": 0.0},
-    "sharing_norebal": {"cost_model": "sharing", "bal_threshold": math.inf},
+    "no_rebalance": {"bal_threshold": math.inf},
 }
-
 
 def run(workloads: Sequence[str], gpus: Sequence[int], seeds: Sequence[int], variants: Sequence[str],
         others: Sequence[str]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -52,7 +51,8 @@ def run(workloads: Sequence[str], gpus: Sequence[int], seeds: Sequence[int], var
     for w in workloads:
         for g in gpus:
             for seed in seeds:
-                spec = sm.CellSpec(w, g, REQUESTS[w], 500, seed=seed, workload_args=sm.workload_args(w, g))
+                n = sm.DEFAULT_REQUESTS[w]
+                spec = sm.CellSpec(w, g, n, 500, seed=seed, workload_args=sm.workload_args(w, g))
                 cfg = replace(SimConfig(), gpus=g)
                 policies: dict[str, Any] = {o: o for o in others}
                 for v in variants:
@@ -60,7 +60,7 @@ def run(workloads: Sequence[str], gpus: Sequence[int], seeds: Sequence[int], var
                     policies[v] = lambda config=config: make_policy("preble", config=config)
                 row = {}
                 for name, policy in policies.items():
-                    s = simulate(sm.make_requests(spec, REQUESTS[w], SATURATION_RATES[(w, g)]), policy, cfg).summary
+                    s = sm.run_policy(spec, policy, SATURATION_RATES[(w, g)], n, cfg)
                     row[name] = (s["latency_avg"], s["latency_p99"])
                 out[f"{w}:{g}:{seed}"] = row
                 print(w, g, seed, " ".join(f"{k}={a:.3f}/{p:.2f}" for k, (a, p) in row.items()), flush=True)
@@ -74,8 +74,13 @@ def medians(runs: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
         cell = key.rsplit(":", 1)[0]
         for name, (avg, _) in row.items():
             cells.setdefault(cell, {}).setdefault(name, []).append(avg)
-    return [f"{cell}: " + "  ".join(f"{n} {statistics.median(v):.3f} [{min(v):.3f}-{max(v):.3f}]"
-                                    for n, v in by.items()) for cell, by in cells.items()]
+    return [f"{cell}: " + "  ".join(_spread_text(n, v) for n, v in by.items()) for cell, by in cells.items()]
+
+
+def _spread_text(name: str, values: list[float]) -> str:
+    s = spread(values)
+    assert s is not None  # every run reports its average
+    return f"{name} {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--others", default="cache_aware,lmetric")
     p.add_argument("--gpus", default="4")
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--workloads", default=",".join(REQUESTS))
+    p.add_argument("--workloads", default=",".join(sm.DEFAULT_REQUESTS))
     p.add_argument("--out")
     a = p.parse_args(argv)
     runs = run(a.workloads.split(","), [int(g) for g in a.gpus.split(",")], [int(s) for s in a.seeds.split(",")],
