@@ -35,7 +35,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import filterfalse, repeat
+from itertools import chain, filterfalse, repeat, takewhile
 
 import numpy as np
 
@@ -310,10 +310,17 @@ class CacheIndex:
     def _match_group(self, holders: U64Map, base: int, alive: int, keys: Sequence[int], now: float,
                      result: dict[int, int]) -> None:
         """match() for the alive backends base..base+63 (alive: their mask, shifted down by base)."""
+        # An estimated backend's blocks are one set, so its depth is a single C-level scan of the prompt's keys,
+        # not a step of the walk below: it leaves the walk at once.
+        for b, e in self._backends.items():
+            if e.estimate is not None and base <= b < base + 64 and alive >> (b - base) & 1:
+                held = e.estimate
+                result[b] = len(keys) if held.issuperset(keys) else len(list(takewhile(held.__contains__, keys)))
+                alive &= ~(1 << (b - base))
+        if not alive:
+            return
         predicted = [(1 << (b - base), pred) for b, pred in self._predicted.items()
                      if base <= b < base + 64 and alive >> (b - base) & 1]
-        estimated = [(1 << (b - base), e.estimate) for b, e in self._backends.items()
-                     if e.estimate is not None and base <= b < base + 64 and alive >> (b - base) & 1]
         n = len(keys)
         # Walk block by block, probing inline: ~2x a dict probe, where a call per block would cost ~2x more.
         # A prompt over 2 * _WALK blocks still matching after _WALK of them looks the rest up at once.
@@ -328,9 +335,6 @@ class CacheIndex:
             mask = values[i] if key else zero
             for bit, pred in predicted:
                 if pred.get(key, 0.0) > now:
-                    mask |= bit
-            for bit, estimate in estimated:
-                if key in estimate:
                     mask |= bit
             mask &= alive
             if mask != alive:
@@ -349,7 +353,7 @@ class CacheIndex:
                     result: dict[int, int]) -> int:
         """_match_group() for keys[start:], looked up at once (cheaper per block than the walk, at a fixed
         numpy cost): records the depth of each backend that stops matching; returns the ones held to the end.
-        Estimated backends are in no holder map: each leaves at once and walks its own set as far as it matches."""
+        Estimated backends never get here (_match_group settles them first)."""
         rest = keys[start:]
         # Through array("Q"): faster than np.array() on a list of Python ints.
         masks = holders.get_many(np.frombuffer(array("Q", rest), np.uint64)) & np.uint64(alive)
@@ -362,11 +366,7 @@ class CacheIndex:
             for b in _bits(alive & ~mask):
                 d = i
                 pred = self._predicted.get(base + b)
-                estimate = self._backends[base + b].estimate
-                if estimate is not None:
-                    while d < len(rest) and rest[d] in estimate:
-                        d += 1
-                elif pred:
+                if pred:
                     listed = masks.tolist() if listed is None else listed
                     while d < len(rest) and (listed[d] >> b & 1 or pred.get(rest[d], 0.0) > now):
                         d += 1
@@ -472,14 +472,16 @@ class CacheIndex:
         spans, estimate = entry.spans, entry.estimate
         if spans is None or estimate is None or entry.capacity_blocks is None:
             return
-        dropped: list[int] = []
+        gone: list[list[int]] = []
         while len(estimate) > entry.capacity_blocks and spans:
             _, owned = spans.popitem(last=False)
             estimate.difference_update(owned)
-            dropped += owned
+            gone.append(owned)
         entry.blocks = len(estimate)
-        if dropped and self.on_evicted is not None:
-            self.on_evicted(backend_id, dropped)
+        if gone and self.on_evicted is not None:
+            # Spans leave a prompt last first; reported first to last, each prompt's dropped blocks come in chain
+            # order, so the policy's tree finds the cut of each of its nodes at the run's first key.
+            self.on_evicted(backend_id, list(chain.from_iterable(reversed(gone))))
 
     def _expire(self, now: float) -> None:
         """Drop expired predictions, at most once per grace period: memory stays within the keys of requests in

@@ -56,8 +56,8 @@ class ChunkedEncoder:
     a sample of encodings is also checked against whole-text tokenization, and any mismatch disables it.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, chunk_chars: int = 1024, piece_chars: int = 128,
-                 cache_chunks: int = 8192, cache_pieces: int = 32768, check_first: int = 32,
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, chunk_chars: int = 2048, piece_chars: int = 64,
+                 cache_chunks: int = 4096, cache_pieces: int = 65536, check_first: int = 32,
                  check_every: int = 1024) -> None:
         self.backend = tokenizer.backend_tokenizer
         # encode_batch_fast leaves out the character offsets (about a third of encode()'s time); same ids.

@@ -349,26 +349,35 @@ class PreblePolicy:
     def choose(self, request: RouteRequest, snapshot: ClusterSnapshot) -> Decision:
         now = snapshot.now
         backends = {b.backend_id: b for b in snapshot.backends}
-        loads = {i: self._load_term(b, now) for i, b in backends.items()}
-        keys = request.block_hashes
-        group = self.tree.deepest_shared(keys) if keys else None
         best = max(snapshot.backends, key=lambda b: b.matched_tokens)
         cached = best.matched_tokens
         exploit = cached > self.config.exploit_ratio * request.prompt_tokens
+        # The load terms, computed once and only where a rule reads them: the sharing model's cost does not,
+        # so a request that is not an exploit candidate there never walks the per-backend queues.
+        loads: dict[int, float] = {}
 
-        for node in self._ancestors(group):
-            replica = self._replicas.get(id(node))
-            if replica and len(replica.holders & backends.keys()) > 1 and exploit:
-                costs = {i: loads[i] + self._prefill(request, backends[i]) for i in replica.holders & backends.keys()}
-                chosen = min(costs, key=costs.__getitem__)
-                return Decision(chosen, Reason.REPLICA, backends[chosen].matched_tokens, costs)
-            moved = self._moved.get(id(node))
-            if moved and moved.target in backends and moved.until > now and exploit:
-                return Decision(moved.target, Reason.REBALANCE, backends[moved.target].matched_tokens,
-                                {moved.target: loads[moved.target]})
+        def load(i: int) -> float:
+            if i not in loads:
+                loads[i] = self._load_term(backends[i], now)
+            return loads[i]
+
+        # Replicas and moves only redirect requests that would exploit a cached prefix.
+        if exploit and request.block_hashes:
+            for node in self._ancestors(self.tree.deepest_shared(request.block_hashes)):
+                replica = self._replicas.get(id(node))
+                if replica and len(holders := replica.holders & backends.keys()) > 1:
+                    costs = {i: load(i) + self._prefill(request, backends[i]) for i in holders}
+                    chosen = min(costs, key=costs.__getitem__)
+                    return Decision(chosen, Reason.REPLICA, backends[chosen].matched_tokens, costs)
+                moved = self._moved.get(id(node))
+                if moved and moved.target in backends and moved.until > now:
+                    return Decision(moved.target, Reason.REBALANCE, backends[moved.target].matched_tokens,
+                                    {moved.target: load(moved.target)})
 
         if self.config.cost_model == CostModel.SHARING:
             return self._shared_cost(request, snapshot, cached, exploit)
+        for i in backends:
+            load(i)
 
         if exploit:
             holders = [b for b in snapshot.backends if b.matched_tokens == cached]
@@ -645,6 +654,8 @@ class PreblePolicy:
     def _maintain(self, snapshot: ClusterSnapshot) -> None:
         now, cfg = snapshot.now, self.config
         self.tree.prune(now)
+        for decoding in self._decoding.values():  # retire passed ends: choose() may not read them (sharing)
+            decoding.remaining_ms(now)
         ids = [b.backend_id for b in snapshot.backends]
         if len(ids) < 2:
             return

@@ -54,7 +54,7 @@ class _EvictedRun(NamedTuple):
 
     node: Node
     first: int  # the first evicted key seen in it
-    gone: set[int]  # all its evicted keys
+    gone: list[int]  # all its evicted keys
 
 
 class PrefixTree:
@@ -153,9 +153,9 @@ class PrefixTree:
             if node is not None and backend_id in node.last_use:
                 group = groups.get(id(node))
                 if group is None:
-                    groups[id(node)] = _EvictedRun(node, keys[pos], set(keys[pos:pos + n]))
+                    groups[id(node)] = _EvictedRun(node, keys[pos], list(keys[pos:pos + n]))
                 else:
-                    group.gone.update(keys[pos:pos + n])
+                    group.gone.extend(keys[pos:pos + n])
             pos += n
         dropped = 0
         for evicted in groups.values():
@@ -163,8 +163,8 @@ class PrefixTree:
             if backend_id not in node.last_use:
                 continue  # dropped meanwhile, below an earlier group's cut
             at = node.keys.index(first)
-            if len(gone) > 1 and not gone.isdisjoint(node.keys[:at]):
-                at = next(i for i, k in enumerate(node.keys) if k in gone)
+            if at and len(gone) > 1 and not (gone_set := set(gone)).isdisjoint(node.keys[:at]):
+                at = next(i for i, k in enumerate(node.keys) if k in gone_set)
             if at >= node.held_keys(backend_id):
                 continue  # already cut below this block
             stack = list(node.children.values())
