@@ -74,9 +74,9 @@ import numpy as np
 
 from benchmarks.report import summarize
 from benchmarks.workloads import Request
-from preble_router.load import InFlight
+from preble_router.load import EngineReport, InFlight
 from preble_router.policies import POLICIES, Policy, make_policy
-from preble_router.router import BlockSource, PreparedRequest, Router
+from preble_router.router import LOAD_POLL_INTERVAL_S, BlockSource, PreparedRequest, Router
 from preble_router.settings import setting
 from vllm_patches.group_queue import PrebleRequestQueue
 
@@ -143,6 +143,12 @@ class SimConfig:
     profile: TimeProfile = field(default_factory=TimeProfile)
     model: str = setting("sim-model", "Model name (namespaces the router's block keys).", flag="--model")
     predicted_ttl: float = setting(3.0, "Router's predicted-block TTL (s).", flag="--predicted-ttl")
+    routers: int = setting(1, "Routers in front of the fleet (requests spread round robin over them), each with its "
+                           "own policy and load view, all following the engines' KV events.", flag="--routers")
+    load_poll_interval: float = setting(
+        LOAD_POLL_INTERVAL_S, "Seconds between the engines' load reports to every router (as preble-router's "
+        "--load-poll-interval: the Preble plugin's figures with --local-scheduler preble, else vLLM's gauges), "
+        "merged by the router's own rule (preble_router/load.py); 0: off.", flag="--load-poll-interval")
 
     def capacity(self) -> int:
         if self.capacity_blocks is not None:
@@ -156,7 +162,7 @@ _WAITING, _PREFILL, _DECODE, _DONE = 0, 1, 2, 3
 class _SimReq:
     __slots__ = ("req", "idx", "prepared", "inflight", "decision", "keys", "tokens", "prompt", "output",
                  "sent", "admitted", "first", "end", "cached", "computed", "held", "nblocks", "engine",
-                 "error", "join_step", "join_gen", "target", "gen", "state", "run_seq", "preemptions")
+                 "error", "join_step", "join_gen", "target", "gen", "state", "run_seq", "preemptions", "router")
 
     def __init__(self, req: Request, idx: int) -> None:
         self.req = req
@@ -185,6 +191,7 @@ class _SimReq:
         self.state = _WAITING
         self.run_seq = -1  # admission order on its engine (renewed at each re-admission)
         self.preemptions = 0
+        self.router: Router | None = None  # the router that sent it
 
     # What a waiting queue reads of a vLLM request.
     @property
@@ -194,6 +201,10 @@ class _SimReq:
     @property
     def num_prompt_tokens(self) -> int:
         return self.prompt
+
+    @property
+    def num_computed_tokens(self) -> int:
+        return self.computed
 
 
 class _FcfsQueue(deque):
@@ -305,7 +316,8 @@ class SimEngine:
                 removed.append(k)
         if removed:
             self.evicted_blocks += len(removed)
-            self.sim.router.index.apply_removed(self.backend_id, removed)
+            for router in self.sim.routers:
+                router.index.apply_removed(self.backend_id, removed)
 
     def _grow(self, s: _SimReq, upto: int) -> None:
         """Give s blocks for its first `upto` tokens (the caller checked _cost against the free queue) and
@@ -353,8 +365,9 @@ class SimEngine:
     def _emit_stored(self, s: _SimReq, i0: int, i1: int) -> None:
         bs = self.bs
         self.stored_blocks += i1 - i0
-        self.sim.router.index.apply_stored(self.backend_id, s.keys[i0:i1], s.keys[i0 - 1] if i0 else None,
-                                           s.tokens[i0 * bs: i1 * bs], bs, None, None)
+        for router in self.sim.routers:
+            router.index.apply_stored(self.backend_id, s.keys[i0:i1], s.keys[i0 - 1] if i0 else None,
+                                      s.tokens[i0 * bs: i1 * bs], bs, None, None)
 
     def _admit(self, s: _SimReq, budget: int) -> int:
         """Touch the waiting request's prefix-cache hits and allocate its first chunk (at most `budget`
@@ -574,7 +587,7 @@ class SimEngine:
             produced = s.gen + 1  # the prefill's last position samples the next output token
             if s.first is None:
                 s.first = now
-                sim.router.first_token(s.inflight)
+                s.router.first_token(s.inflight)
             if produced >= s.output:
                 del self.running[s.run_seq]
                 self._finish(s, now, s.computed)
@@ -602,6 +615,17 @@ class SimEngine:
             self._finish(s, now, s.prompt + s.output - 1)
         self._start_step(now)
 
+    def load_report(self) -> EngineReport:
+        """What the engine reports of its queues: the Preble plugin's figures (GET /preble/load) when it runs the
+        plugin's scheduler, else vLLM's gauges (running and waiting requests only)."""
+        running, waiting = len(self.running), len(self.waiting)
+        usage = 1.0 - (self.free + len(self.lru)) / self.capacity
+        if self.sim.config.local_scheduler != "preble":
+            return EngineReport(running, waiting, kv_usage=usage, source="metrics")
+        pending = self.waiting.snapshot()["pending_prefill_tokens"] + sum(s.target - s.computed
+                                                                          for s in self.prefilling)
+        return EngineReport(running, waiting, pending, self.n_dec, usage, source="preble")
+
     def _finish(self, s: _SimReq, now: float, kv_tokens: int) -> None:
         self._release(s, kv_tokens)
         s.state = _DONE
@@ -618,23 +642,33 @@ class Simulator:
         self.profile = self.config.profile
         self.requests = list(requests)
         self.now = 0.0
-        if isinstance(policy, str):
-            self.policy = make_policy(policy)
-        elif callable(policy) and not hasattr(policy, "choose"):
-            self.policy = policy()
-        else:
-            self.policy = policy  # type: ignore[assignment]
-        self.router = Router(model=self.config.model, tokenizer=None,  # type: ignore[arg-type]
-                             policy=self.policy, predicted_ttl=self.config.predicted_ttl, clock=lambda: self.now)
+        if self.config.routers > 1 and not isinstance(policy, str) and hasattr(policy, "choose"):
+            raise ValueError("several routers need a policy name or factory (each router has its own policy)")
+
+        def new_policy() -> Policy:
+            if isinstance(policy, str):
+                return make_policy(policy)
+            if callable(policy) and not hasattr(policy, "choose"):
+                return policy()
+            return policy  # type: ignore[return-value]
+
+        # Every router is the real Router with its own policy; the engines report their KV events to all of them
+        # and their load every load_poll_interval (through the router's merge rule, load.py).
+        self.routers = [Router(model=self.config.model, tokenizer=None,  # type: ignore[arg-type]
+                               policy=new_policy(), predicted_ttl=self.config.predicted_ttl, clock=lambda: self.now)
+                        for _ in range(max(1, self.config.routers))]
+        self.router = self.routers[0]
+        self.policy = self.router.policy
         self.engines: list[SimEngine] = []
         self.by_backend: dict[int, SimEngine] = {}
         for i in range(self.config.gpus):
-            backend = self.router.add_backend(f"sim://gpu{i}", blocks=BlockSource.EXTERNAL,
-                                              block_size=self.config.block_size,
-                                              capacity_blocks=self.config.capacity(), healthy=True)
-            eng = SimEngine(self, i, backend.backend_id)
+            ids = {r.add_backend(f"sim://gpu{i}", blocks=BlockSource.EXTERNAL, block_size=self.config.block_size,
+                                 capacity_blocks=self.config.capacity(), healthy=True).backend_id
+                   for r in self.routers}
+            assert len(ids) == 1, ids  # the routers number the engines alike
+            eng = SimEngine(self, i, ids.pop())
             self.engines.append(eng)
-            self.by_backend[backend.backend_id] = eng
+            self.by_backend[eng.backend_id] = eng
         self._events: list[tuple[float, int, int, Any]] = []
         self._seq = 0
         self.sreqs = [_SimReq(r, i) for i, r in enumerate(self.requests)]
@@ -655,6 +689,9 @@ class Simulator:
         for s in self.sreqs:
             self._seq += 1
             ev.append((s.req.arrival, 1, self._seq, s))
+        if self.config.load_poll_interval > 0:
+            self._seq += 1
+            ev.append((self.config.load_poll_interval, 3, self._seq, None))
         heapq.heapify(ev)
         bar = None
         if progress:
@@ -669,6 +706,8 @@ class Simulator:
                 obj.step_end(t)
             elif kind == 1:
                 self._arrive(obj, t)
+            elif kind == 3:
+                self._report_loads(t)
             else:  # kind 2: a dispatched request reaches its engine after the per-request overhead
                 eng = self.engines[obj.engine]
                 eng.enqueue(obj)
@@ -684,6 +723,16 @@ class Simulator:
             s.error = s.error or "never completed (dependency never finished)"
         return self._result(time.perf_counter() - wall)
 
+    def _report_loads(self, now: float) -> None:
+        """Every engine reports its load to every router (a poll answered at once), then the next poll is due."""
+        for eng in self.engines:
+            report = eng.load_report()
+            for router in self.routers:
+                router.load.apply_report(eng.backend_id, report, router.load.mark(eng.backend_id), now)
+        if self._events:  # anything left to happen
+            self._seq += 1
+            heapq.heappush(self._events, (now + self.config.load_poll_interval, 3, self._seq, None))
+
     def _arrive(self, s: _SimReq, now: float) -> None:
         dep = s.req.depends_on
         if dep is not None and dep in self._by_id and dep not in self._done:
@@ -696,7 +745,7 @@ class Simulator:
         s.sent = now
         s.tokens = r.tokens
         s.prompt = len(s.tokens)
-        router = self.router
+        router = s.router = self.routers[s.idx % len(self.routers)]
         prepared = router.prepare_tokens(s.tokens, max_tokens=r.output_tokens, request_id=r.id)
         decision = router.decide(prepared)
         assert decision is not None
@@ -730,7 +779,7 @@ class Simulator:
         return 1.0 + self.profile.contention * busy / others
 
     def complete(self, s: _SimReq, now: float) -> None:
-        self.router.finish(s.prepared, s.inflight, ok=True, output_tokens=s.output)
+        s.router.finish(s.prepared, s.inflight, ok=True, output_tokens=s.output)
         self._mark_done(s, now)
 
     def _mark_done(self, s: _SimReq, now: float) -> None:
@@ -765,6 +814,7 @@ class Simulator:
         summary.update({
             "policy": self.policy.name,
             "gpus": self.config.gpus,
+            "routers": len(self.routers),
             "imbalance": (max(busy) / mean_busy) if mean_busy > 0 else None,
             "gpu_busy_s": busy,
             "gpu_requests": [sum(1 for s in self.sreqs if s.engine == e.index) for e in self.engines],

@@ -14,10 +14,13 @@ from typing import Any
 
 import httpx
 
+from preble_router.load import EngineReport
+
 log = logging.getLogger(__name__)
 
 _CACHE_CONFIG = re.compile(r"^vllm:cache_config_info\{([^}]*)\}", re.MULTILINE)
-_GAUGE = re.compile(r"^(vllm:num_requests_running|vllm:num_requests_waiting)\{[^}]*\} ([0-9.eE+-]+)$", re.MULTILINE)
+_GAUGE = re.compile(r"^(vllm:num_requests_running|vllm:num_requests_waiting|vllm:kv_cache_usage_perc)\{[^}]*\} "
+                    r"([0-9.eE+-]+)$", re.MULTILINE)
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -37,6 +40,8 @@ class Backend:
     engine_running: int | None = None
     engine_waiting: int | None = None
     engine_pending_prefill_tokens: int | None = None
+    engine_decode_batch: int | None = None  # the plugin's only
+    engine_kv_usage: float | None = None
     load_source: str | None = None
     # --kv-events auto: where its events come from is read from the engine (GET /kv_event_sources) once it answers.
     kv_auto: bool = False
@@ -77,7 +82,7 @@ async def probe_backend(client: httpx.AsyncClient, backend: Backend,
             block_size, capacity = parse_cache_config(metrics.text)
             backend.block_size = block_size or backend.block_size
             backend.capacity_blocks = capacity or backend.capacity_blocks
-        await _probe_engine_load(client, backend, metrics.text if metrics.status_code == 200 else "", timeout)
+        await fetch_engine_load(client, backend, timeout, metrics.text if metrics.status_code == 200 else "")
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         if backend.healthy:
             log.warning("backend %s is down: %s", backend.url, exc)
@@ -90,33 +95,71 @@ async def probe_backend(client: httpx.AsyncClient, backend: Backend,
         backend.healthy = True
 
 
+def _engine_gauges(metrics_text: str) -> dict[str, list[float]]:
+    found: dict[str, list[float]] = {}
+    for name, value in _GAUGE.findall(metrics_text):
+        found.setdefault(name, []).append(float(value))
+    return found
+
+
 def parse_engine_gauges(metrics_text: str) -> tuple[int | None, int | None]:
     """(running, waiting) requests from vLLM's gauges, summed over engines."""
-    found: dict[str, float] = {}
-    for name, value in _GAUGE.findall(metrics_text):
-        found[name] = found.get(name, 0.0) + float(value)
-    running, waiting = found.get("vllm:num_requests_running"), found.get("vllm:num_requests_waiting")
-    return (None if running is None else int(running)), (None if waiting is None else int(waiting))
+    report = parse_engine_load(metrics_text)
+    return (None, None) if report is None else (report.running, report.waiting)
 
 
-async def _probe_engine_load(client: httpx.AsyncClient, backend: Backend, metrics_text: str,
-                             timeout: float | httpx._client.UseClientDefault) -> None:
-    """Prefer the plugin's load report (exact pending prefill tokens); fall back to vLLM's gauges."""
-    if backend.load_source != "metrics":  # once a replica is known not to run the plugin, stop asking
+def parse_engine_load(metrics_text: str) -> EngineReport | None:
+    """The engine's load from vLLM's gauges: requests summed over engines, KV usage their mean; None without
+    vllm:num_requests_running."""
+    found = _engine_gauges(metrics_text)
+    if "vllm:num_requests_running" not in found:
+        return None
+    usage = found.get("vllm:kv_cache_usage_perc")
+    return EngineReport(int(sum(found["vllm:num_requests_running"])),
+                        int(sum(found.get("vllm:num_requests_waiting", ()))),
+                        kv_usage=sum(usage) / len(usage) if usage else None, source="metrics")
+
+
+def parse_plugin_load(report: Any) -> EngineReport:
+    """The Preble plugin's GET /preble/load body (raises KeyError, TypeError or ValueError on another)."""
+    decode = report.get("decode_batch")
+    usage = report.get("kv_cache_usage")
+    return EngineReport(int(report["running"]), int(report["waiting"]), int(report["pending_prefill_tokens"]),
+                        None if decode is None else int(decode), None if usage is None else float(usage),
+                        source="preble")
+
+
+async def fetch_engine_load(client: httpx.AsyncClient, backend: Backend,
+                            timeout: float | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT,
+                            metrics_text: str | None = None) -> EngineReport | None:
+    """What the engine says it is doing, recorded on `backend` too (engine_* fields, load_source).
+
+    The plugin's report when the replica serves it (exact pending prefill tokens), else vLLM's gauges: from
+    `metrics_text` when the caller has it (a health probe), else one GET /metrics. Once a replica is known not to
+    run the plugin it is not asked again. None: no figures; raises httpx.HTTPError when /metrics cannot be read."""
+    report = None
+    if backend.load_source != "metrics":
         try:
             r = await client.get(f"{backend.url}/preble/load", timeout=timeout)
             if r.status_code == 200:
-                report = r.json()
-                backend.engine_running = int(report["running"])
-                backend.engine_waiting = int(report["waiting"])
-                backend.engine_pending_prefill_tokens = int(report["pending_prefill_tokens"])
-                backend.load_source = "preble"
-                return
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                report = parse_plugin_load(r.json())
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
             pass
-    backend.engine_running, backend.engine_waiting = parse_engine_gauges(metrics_text)
-    backend.engine_pending_prefill_tokens = None
-    backend.load_source = "metrics" if backend.engine_running is not None else None
+    if report is None:
+        if metrics_text is None:
+            r = await client.get(f"{backend.url}/metrics", timeout=timeout)
+            r.raise_for_status()
+            metrics_text = r.text
+        report = parse_engine_load(metrics_text)
+    if report is None:
+        backend.engine_running = backend.engine_waiting = backend.engine_pending_prefill_tokens = None
+        backend.engine_decode_batch = backend.engine_kv_usage = backend.load_source = None
+        return None
+    backend.engine_running, backend.engine_waiting = report.running, report.waiting
+    backend.engine_pending_prefill_tokens, backend.engine_decode_batch = (report.pending_prefill_tokens,
+                                                                          report.decode_batch)
+    backend.engine_kv_usage, backend.load_source = report.kv_usage, report.source
+    return report
 
 
 def mark_failure(backend: Backend, error: str) -> None:

@@ -18,7 +18,7 @@ from preble_router.discovery import add_discovery_args, check_discovery_args, st
 from preble_router.policies import POLICIES, Policy, PrebleConfig, PreblePolicy, TimeModel, make_policy
 from preble_router.policies.time_model import PROFILES
 from preble_router.proxy import Proxy, ProxyConfig
-from preble_router.router import EVENTS_SILENCE_S, PREDICTED_TTL_S, Router
+from preble_router.router import EVENTS_SILENCE_S, LOAD_POLL_INTERVAL_S, PREDICTED_TTL_S, Router
 from preble_router.settings import add_flags, from_args
 from preble_router.tokens import PromptTokenizer
 
@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A routed request's new blocks count as cached on its backend from dispatch until the "
                         "engine's events confirm them, or until the request ends plus this many seconds (events "
                         "still in flight).")
+    p.add_argument("--load-poll-interval", type=float, default=LOAD_POLL_INTERVAL_S,
+                   help="Seconds between polls of each backend's own load report (its load feed: one GET of the "
+                        "Preble plugin's /preble/load, else of vLLM's /metrics gauges). Policies see the engine's "
+                        "last report plus what this router sent there since, minus what of that finished "
+                        "(README: several routers), so routers and --workers agree. A feed that fails or goes stale "
+                        "(no report for max(1 s, 4 intervals)) logs a WARNING and falls back to this router's own "
+                        "counts. 0: off (own counts only).")
     pre = p.add_argument_group("preble policy (docs/design.md)")
     add_flags(pre, PrebleConfig)
     pre.add_argument("--time-profile", default="llama3-8b-h100",
@@ -103,7 +110,7 @@ def build_proxy(args: argparse.Namespace) -> Proxy:
         raise SystemExit("--kv-events: 'auto' and 'off' exclude each other")
     router = Router(model=args.served_model_name or args.model, tokenizer=tokenizer,
                     policy=build_policy(args), predicted_ttl=args.predicted_ttl, kv_events_auto="auto" in modes,
-                    events_silence=args.kv_events_silence)
+                    events_silence=args.kv_events_silence, load_poll_interval=args.load_poll_interval)
     kv = {url: (endpoint, replay)
           for url, endpoint, replay in map(parse_kv_source, [m for m in args.kv_events if m not in modes])}
     backends = _split_list(args.backends)

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from preble_router.kv_events import FeedState
+from preble_router.load import LoadFeedState
 
 if TYPE_CHECKING:
     from preble_router.router import Router
@@ -33,6 +34,20 @@ STATE_GAUGES: dict[str, tuple[str, tuple[str, ...], bool, str]] = {
     "preble_cache_index_orphan_blocks": ("Stored blocks with an unknown parent", ("backend",), False, "livemax"),
     "preble_backend_engine_waiting": ("Requests waiting in the engine, as it reports (Preble plugin's /preble/load, "
                                       "else vLLM gauges)", ("backend", "source"), False, "livemax"),
+    "preble_backend_engine_running": ("Requests running in the engine, as it reports", ("backend", "source"), False,
+                                      "livemax"),
+    "preble_backend_engine_pending_prefill_tokens": ("Prompt tokens still to prefill in the engine (Preble plugin)",
+                                                     ("backend",), False, "livemax"),
+    "preble_backend_engine_kv_usage": ("Fraction of the engine's KV cache in use, as it reports", ("backend",),
+                                       False, "livemax"),
+    "preble_load_feed_up": ("1 if the backend's load feed is merged, 0 if it failed or went stale (local counts)",
+                            ("backend",), False, "livemin"),
+    "preble_backend_load_in_flight": ("Requests in flight in the merged load view policies see (engine report + "
+                                      "own requests since)", ("backend",), False, "livemax"),
+    "preble_backend_load_pending_prefill_tokens": ("Pending prefill tokens in the merged load view", ("backend",),
+                                                   False, "livemax"),
+    "preble_backend_load_running_decode": ("Decoding requests in the merged load view", ("backend",), False,
+                                           "livemax"),
     "preble_kv_events": ("KV events applied", ("backend",), True, "livemax"),
     "preble_kv_event_gaps": ("Sequence gaps in a KV-event stream", ("backend",), True, "livemax"),
     "preble_kv_event_resets": ("Index resets (engine restart / unrepairable gap)", ("backend",), True, "livemax"),
@@ -60,6 +75,19 @@ def state_values(router: Router) -> Iterator[tuple[str, tuple[str, ...], float]]
         yield "preble_cache_index_orphan_blocks", (b.url,), router.index.orphan_blocks(b.backend_id)
         if b.engine_waiting is not None:
             yield "preble_backend_engine_waiting", (b.url, b.load_source or ""), b.engine_waiting
+        if b.engine_running is not None:
+            yield "preble_backend_engine_running", (b.url, b.load_source or ""), b.engine_running
+        if b.engine_pending_prefill_tokens is not None:
+            yield "preble_backend_engine_pending_prefill_tokens", (b.url,), b.engine_pending_prefill_tokens
+        if b.engine_kv_usage is not None:
+            yield "preble_backend_engine_kv_usage", (b.url,), b.engine_kv_usage
+        feed = router.load.feed_state(b.backend_id)
+        if feed is not LoadFeedState.OFF:
+            yield "preble_load_feed_up", (b.url,), 1.0 if feed is LoadFeedState.UP else 0.0
+        merged = router.load.view(b.backend_id, router.clock())
+        yield "preble_backend_load_in_flight", (b.url,), merged.in_flight
+        yield "preble_backend_load_pending_prefill_tokens", (b.url,), merged.pending_prefill_tokens
+        yield "preble_backend_load_running_decode", (b.url,), merged.running_decode
         yield "preble_cache_index_estimated", (b.url,), 1.0 if router.index.is_estimated(b.backend_id) else 0.0
         sub = router.subscriber(b.backend_id)
         if sub is not None:

@@ -322,6 +322,7 @@ class Proxy:
                 "engine_load": {"source": b.load_source, "running": b.engine_running, "waiting": b.engine_waiting,
                                 "pending_prefill_tokens": b.engine_pending_prefill_tokens},
                 "index": "estimated" if self.router.index.is_estimated(b.backend_id) else "events",
+                "load": self.router.load_debug(b.backend_id),  # load feed, engine report, local and merged views
                 "kv_events": self._feed_view(b, sub, now),
             })
         return JSONResponse({"policy": self.router.policy.name, "backends": out})

@@ -7,6 +7,7 @@ here: the proxy calls prepare / decide / dispatch / observe, and so can tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from preble_router.backends import Backend, fetch_kv_event_sources, probe_backend
+from preble_router.backends import Backend, fetch_engine_load, fetch_kv_event_sources, probe_backend
 from preble_router.block_hash import BlockKeyCache, chain_root
 from preble_router.cache_index import CacheIndex
 from preble_router.kv_events import KvEventSubscriber, advertised_feed
@@ -31,9 +32,17 @@ if TYPE_CHECKING:  # transformers is heavy; the simulator routes token ids and n
 log = logging.getLogger(__name__)
 
 
-# Defaults of the CLI's --predicted-ttl and --kv-events-silence too (their help says what they do).
+# Defaults of the CLI's --predicted-ttl, --kv-events-silence and --load-poll-interval too (their help says what
+# they do).
 PREDICTED_TTL_S = 3.0
 EVENTS_SILENCE_S = 5.0
+LOAD_POLL_INTERVAL_S = 0.25
+
+
+def load_stale_after(poll_interval: float) -> float:
+    """Seconds an engine's load report is merged after it came (a poll waits as long at most): four polls, 1 s
+    at least; with the feed off, forever (nothing is polled)."""
+    return max(1.0, 4 * poll_interval) if poll_interval > 0 else float("inf")
 
 
 @dataclass(slots=True)
@@ -79,11 +88,15 @@ class Router:
         clock: Callable[[], float] = time.monotonic,
         kv_events_auto: bool = False,
         events_silence: float = EVENTS_SILENCE_S,
+        load_poll_interval: float = 0.0,
     ) -> None:
         """predicted_ttl: seconds a request's predicted blocks outlive the request (events still in flight).
         kv_events_auto: backends given no event endpoint subscribe to what the engine advertises.
         events_silence: seconds requests may wait for a live KV event before the backend's feed counts as silent
-        and it is routed on the estimate."""
+        and it is routed on the estimate.
+        load_poll_interval: seconds between polls of each healthy backend's own load report (its load feed,
+        merged with this router's counts: load.py); 0: off (no polling, and none here by default: the CLI turns
+        it on; the simulator feeds reports itself through load.apply_report)."""
         self.model = model
         self.kv_events_auto = kv_events_auto
         self.events_silence = events_silence
@@ -92,7 +105,10 @@ class Router:
         self.clock = clock
         self.index = CacheIndex(predicted_ttl=predicted_ttl)
         self.index.on_evicted = self._blocks_evicted
-        self.load = LoadTracker()
+        self.load_poll_interval = load_poll_interval
+        self.load = LoadTracker(stale_after=load_stale_after(load_poll_interval))
+        self._load_task: asyncio.Task | None = None
+        self._load_client: httpx.AsyncClient | None = None
         self._block_keys = BlockKeyCache()  # shared prefixes are hashed once, not once a request
         self.backends: dict[int, Backend] = {}
         self._subscribers: dict[int, KvEventSubscriber] = {}
@@ -124,7 +140,7 @@ class Router:
         # EVENTS starts on the estimate: its subscriber switches it once events flow.
         self.index.add_backend(backend_id, model=self.model, estimated=blocks is not BlockSource.EXTERNAL,
                                capacity_blocks=capacity_blocks)
-        self.load.add_backend(backend_id)
+        self.load.add_backend(backend_id, url)
         if kv_endpoint:
             self._subscribe(backend, kv_endpoint, replay_endpoint)
         return backend
@@ -190,12 +206,58 @@ class Router:
             callback(backend_id, keys)
 
     def start_event_consumers(self) -> None:
+        """Start the KV-event subscribers and, with load_poll_interval, the load feed (on the running loop)."""
         for sub in self._subscribers.values():
             sub.start()
+        if self.load_poll_interval > 0 and self._load_task is None:
+            self._load_task = asyncio.get_running_loop().create_task(self._load_feed_loop())
 
     async def stop(self) -> None:
         for sub in self._subscribers.values():
             await sub.stop()
+        if self._load_task is not None:
+            self._load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_task
+            self._load_task = None
+        if self._load_client is not None:
+            await self._load_client.aclose()
+            self._load_client = None
+
+    # ---- the load feed (load.py has the merge rule) ---------------------------------------------------------
+    async def _load_feed_loop(self) -> None:
+        # Its own client: one small GET per backend per interval, each waiting until the report would be stale.
+        self._load_client = httpx.AsyncClient(timeout=httpx.Timeout(self.load.stale_after),
+                                              limits=httpx.Limits(max_keepalive_connections=64))
+        while True:
+            try:
+                await self.poll_loads(self._load_client)
+            except Exception:  # a bug here must never stop the feed
+                log.exception("load feed poll failed")
+            await asyncio.sleep(self.load_poll_interval)
+
+    async def poll_loads(self, client: httpx.AsyncClient) -> None:
+        """Ask every healthy backend for its load once and merge the answers; expire reports gone stale."""
+        await asyncio.gather(*(self._poll_load(client, b) for b in self.healthy()))
+        self.load.check(self.clock())
+
+    async def _poll_load(self, client: httpx.AsyncClient, backend: Backend) -> None:
+        mark = self.load.mark(backend.backend_id)
+        try:
+            report = await fetch_engine_load(client, backend)
+            error = None if report is not None else "neither /preble/load nor vLLM's gauges in /metrics"
+        except httpx.HTTPError as exc:
+            report, error = None, str(exc) or type(exc).__name__
+        if self.backends.get(backend.backend_id) is not backend:
+            return  # it left meanwhile (its id may name another backend now)
+        if report is None:
+            self.load.feed_failed(backend.backend_id, error or "no report")
+        else:
+            self.load.apply_report(backend.backend_id, report, mark, self.clock())
+
+    def load_debug(self, backend_id: int) -> dict[str, Any]:
+        """The backend's load feed, engine figures, local and merged load (for /debug/backends)."""
+        return self.load.debug(backend_id, self.clock())
 
     def subscriber(self, backend_id: int) -> KvEventSubscriber | None:
         return self._subscribers.get(backend_id)
@@ -252,8 +314,9 @@ class Router:
             if ids:
                 matches.update(self.index.match(keys, ids, now))
         prepared.matched_blocks = matches
+        view = self.load.view
         for b in eligible:
-            load = self.load.get(b.backend_id)
+            load = view(b.backend_id, now)  # the merged view (load.py)
             matched = cacheable_tokens(matches.get(b.backend_id, 0), b.block_size or 1, len(prepared.tokens))
             states.append(BackendState(
                 backend_id=b.backend_id,

@@ -17,8 +17,11 @@ the router overhead benchmark (``benchmarks/overhead.py``) to run without starti
   a body, then the drop), ``"hang"`` (never answers until the client goes away or the server stops),
   ``"stall_mid_stream"`` (streams: the first chunk, then nothing until the client goes away; non-streaming
   requests hang).
+- ``GET /preble/load`` (the Preble plugin's load report: running, waiting, pending_prefill_tokens, decode_batch,
+  kv_cache_usage) once ``preble_load`` is turned on (``/_fake/config``); 404 otherwise, as plain vLLM.
 - Test hooks (not in vLLM): ``GET /_fake/stats`` (request counts) and ``POST /_fake/config``
-  (change ``fail_mode``, ``delay_s``, ``tokens_per_response`` at run time).
+  (change ``fail_mode``, ``delay_s``, ``tokens_per_response`` at run time; ``extra_waiting`` and
+  ``extra_pending_prefill_tokens``: load another router sent, added to the reported figures; ``preble_load``).
 
 Token ids (``/tokenize``) are crc32 hashes of whitespace-separated words: deterministic across
 processes, so two fakes agree, but unrelated to any real tokenizer.
@@ -180,6 +183,9 @@ class FakeState:
         self.generation_tokens_total = 0
         self.by_endpoint: dict[str, int] = {}
         self.started = time.time()
+        self.extra_waiting = 0  # requests "another router" sent: reported, never served
+        self.extra_pending_prefill_tokens = 0
+        self.preble_load = False  # serve GET /preble/load (the Preble plugin's report)
 
     def backend_name(self, request: Request) -> str:
         if self.name is None:
@@ -356,7 +362,7 @@ def _metrics_text(st: FakeState) -> str:
         f"vllm:num_requests_running{{{lbl}}} {float(st.running)}",
         "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
         "# TYPE vllm:num_requests_waiting gauge",
-        f"vllm:num_requests_waiting{{{lbl}}} 0.0",
+        f"vllm:num_requests_waiting{{{lbl}}} {float(st.extra_waiting)}",
         "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
         "# TYPE vllm:kv_cache_usage_perc gauge",
         f"vllm:kv_cache_usage_perc{{{lbl}}} {usage}",
@@ -491,6 +497,15 @@ class _FakeBackend:
     async def load(self, request: Request) -> Response:
         return self.json_response(request, {"server_load": self.st.running})
 
+    async def preble_load(self, request: Request) -> Response:
+        st = self.st
+        if not st.preble_load:
+            return self.error(request, 404, "Not Found", "NotFound")
+        return self.json_response(request, {
+            "time": time.time(), "running": st.running, "waiting": st.extra_waiting, "decode_batch": st.running,
+            "prefill_batch": 0, "pending_prefill_tokens": st.extra_pending_prefill_tokens,
+            "kv_cache_usage": min(1.0, st.running_blocks / st.num_gpu_blocks) if st.num_gpu_blocks > 0 else 0.0})
+
     async def models(self, request: Request) -> Response:
         st = self.st
         return self.json_response(request, {"object": "list", "data": [{
@@ -537,6 +552,11 @@ class _FakeBackend:
                 setattr(st, k, float(body[k]))
         if "tokens_per_response" in body:
             st.tokens_per_response = int(body["tokens_per_response"])
+        for k in ("extra_waiting", "extra_pending_prefill_tokens"):
+            if k in body:
+                setattr(st, k, int(body[k]))
+        if "preble_load" in body:
+            st.preble_load = bool(body["preble_load"])
         return await self.fake_stats(request)
 
     def routes(self) -> list[Route]:
@@ -549,6 +569,7 @@ class _FakeBackend:
             Route("/version", self.version, methods=["GET"]),
             Route("/load", self.load, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/preble/load", self.preble_load, methods=["GET"]),
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/_fake/stats", self.fake_stats, methods=["GET"]),
             Route("/_fake/config", self.fake_config, methods=["POST"]),

@@ -271,3 +271,21 @@ def test_prediction_outlives_a_queue_longer_than_the_grace():
     assert recs["second"]["decision"] == "cache_hit" and recs["second"]["matched_tokens"] >= 960
     assert recs["second"]["gpu"] == recs["first"]["gpu"]
     check_all(sim)
+
+
+@pytest.mark.parametrize("local_scheduler", ["fcfs", "preble"])
+def test_several_routers_run_in_front_of_one_fleet(local_scheduler):
+    """#16: requests spread round robin over the routers; each merges the engines' load reports."""
+    from benchmarks import workloads as wl
+    from benchmarks.sim import SimConfig, Simulator
+
+    reqs = wl.generate("tool_use", 200, seed=1)
+    wl.with_arrivals(reqs, [i * 0.01 for i in range(len(reqs))])
+    sim = Simulator(reqs, "least_load", SimConfig(gpus=4, routers=3, local_scheduler=local_scheduler))
+    res = sim.run()
+    assert res.summary["routers"] == 3 and res.summary["errors"] == 0
+    assert all(r.load.feed_state(0).value == "up" for r in sim.routers)
+    sent = [sum(ld.dispatched for ld in (r.load.get(b) for b in r.backends)) for r in sim.routers]
+    assert sent == [67, 67, 66]
+    for e in sim.engines:
+        e.check_invariants()
