@@ -153,10 +153,20 @@ def _invalid_fields(body: dict[str, Any]) -> Response | None:
 
 
 def _cached_tokens_from_usage(usage: Any) -> int | None:
-    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens_details"), dict):
-        cached = usage["prompt_tokens_details"].get("cached_tokens")
-        return cached if isinstance(cached, int) else None
-    return None
+    """The prompt tokens the engine found cached: usage.prompt_tokens_details.cached_tokens (completions, chat),
+    input_tokens_details.cached_tokens (Responses) or cache_read_input_tokens (Anthropic Messages)."""
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
+    cached = details.get("cached_tokens") if isinstance(details, dict) else usage.get("cache_read_input_tokens")
+    return cached if isinstance(cached, int) else None
+
+
+def _output_tokens_from_usage(usage: Any) -> int | None:
+    if not isinstance(usage, dict):
+        return None
+    tokens = usage.get("completion_tokens", usage.get("output_tokens"))
+    return tokens if isinstance(tokens, int) else None
 
 
 class Proxy:
@@ -745,10 +755,39 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 def _usage_from_sse_tail(tail: bytes) -> dict | None:
-    for line in reversed(tail.split(b"\n")):
-        if line.startswith(b"data: {") and b'"usage"' in line:
-            with contextlib.suppress(ValueError, AttributeError, RecursionError):  # whatever the backend sent
-                usage = _decode_json(line[6:]).get("usage")
+    """The stream's last usage object: the final chunk's (chat, completions), message_delta's (Anthropic) or
+    response.completed's (Responses, whose event line, long with the whole response, may start before the tail).
+    Found as the last `"usage": {` in the tail, read to its closing brace."""
+    at = len(tail)
+    while (at := tail.rfind(b'"usage":', 0, at)) >= 0:
+        start = at + 8
+        while tail[start:start + 1] == b" ":
+            start += 1
+        if tail[start:start + 1] != b"{":
+            continue
+        end = _object_end(tail, start)
+        if end is not None:
+            with contextlib.suppress(ValueError, RecursionError):  # whatever the backend sent
+                usage = _decode_json(tail[start:end])
                 if isinstance(usage, dict):
                     return usage
+    return None
+
+
+def _object_end(data: bytes, start: int) -> int | None:
+    """The end of the JSON object that opens at data[start] (strings skipped), or None if data cuts it off."""
+    depth, i, n = 0, start, len(data)
+    while i < n:
+        c = data[i]
+        if c == 0x22:  # a string: skip to its closing quote
+            i += 1
+            while i < n and data[i] != 0x22:
+                i += 2 if data[i] == 0x5C else 1
+        elif c == 0x7B:
+            depth += 1
+        elif c == 0x7D:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
     return None

@@ -336,7 +336,7 @@ class UpstreamPool:
         self.loop = asyncio.get_running_loop()
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._open: set[_Connection] = set()
-        self._targets: dict[tuple[str, str], _Target] = {}
+        self._targets: dict[tuple[str, str, str], _Target] = {}
         self._ssl = ssl_context  # for https backends; the system's CAs when None
 
     async def post(self, base_url: str, path: str, headers: Sequence[tuple[bytes, bytes]], body: bytes, *,
@@ -345,7 +345,14 @@ class UpstreamPool:
         Content-Length (set here). With first_byte_timeout, the reply fails with FirstByteTimeout unless a body
         byte comes within that many seconds of sending (a stream's first chunk); with idle_timeout, it fails with
         StreamStalled once its body has come and then stopped for that long."""
-        target = self._targets.get((base_url, path)) or self._target(base_url, path)
+        return await self.request("POST", base_url, path, headers, body, first_byte_timeout=first_byte_timeout,
+                                  idle_timeout=idle_timeout)
+
+    async def request(self, method: str, base_url: str, path: str, headers: Sequence[tuple[bytes, bytes]],
+                      body: bytes, *, first_byte_timeout: float | None = None,
+                      idle_timeout: float | None = None) -> UpstreamResponse:
+        """post() with another method (GET /v1/responses/ID, GET /version); `path` may carry a query string."""
+        target = self._targets.get((base_url, method, path)) or self._target(base_url, method, path)
         parts = [target.head]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
@@ -425,7 +432,7 @@ class UpstreamPool:
         self._open.add(conn)
         return conn
 
-    def _target(self, base_url: str, path: str) -> _Target:
+    def _target(self, base_url: str, method: str, path: str) -> _Target:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ConnectError(f"not an http(s) URL: {base_url!r}")
@@ -433,9 +440,9 @@ class UpstreamPool:
         port = url.port or (443 if tls else 80)
         authority = url.netloc.rpartition("@")[2]  # as written, with [brackets] around an IPv6 address
         request_target = (url.path.rstrip("/") + path) or "/"
-        head = f"POST {request_target} HTTP/1.1\r\nhost: {authority}\r\n".encode("ascii")
+        head = f"{method} {request_target} HTTP/1.1\r\nhost: {authority}\r\n".encode("ascii")
         target = _Target((url.scheme, url.hostname, port), url.hostname, port, tls, head)
         if len(self._targets) > 1024:  # backends come and go (discovery): never grow without bound
             self._targets.clear()
-        self._targets[(base_url, path)] = target
+        self._targets[(base_url, method, path)] = target
         return target

@@ -104,6 +104,16 @@ async def test_whole_replies_reuse_one_connection_and_frame_the_request() -> Non
                                   b"\r\ncontent-type: application/json\r\ncontent-length: 8\r\n\r\n{\"x\": 1}")
 
 
+async def test_other_methods_and_query_strings_are_sent_as_given() -> None:
+    async with FakeServer.answering(reply(b"{}")) as server:
+        pool = UpstreamPool()
+        resp = await pool.request("GET", server.url, "/v1/responses/resp_1?stream=true", HEADERS, b"")
+        assert resp.status == 200 and await resp.read() == b"{}"
+        await pool.close()
+    assert server.requests[0].startswith(b"GET /v1/responses/resp_1?stream=true HTTP/1.1\r\n")
+    assert server.requests[0].endswith(b"content-length: 0\r\n\r\n")
+
+
 async def test_a_chunked_reply_is_handed_on_piece_by_piece() -> None:
     go_on = asyncio.Event()
 
