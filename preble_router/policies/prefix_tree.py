@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import groupby, repeat
-from typing import Any, NamedTuple
+from itertools import repeat
+from typing import Any
 
 
 @dataclass(eq=False, slots=True)
@@ -49,12 +49,8 @@ class Node:
         return len(q)
 
 
-class _EvictedRun(NamedTuple):
-    """One node's evicted blocks in an eviction batch."""
-
-    node: Node
-    first: int  # the first evicted key seen in it
-    gone: list[int]  # all its evicted keys
+# Runs of one key _evicted_offsets measures before it groups the rest of a batch by node instead.
+_MAX_SINGLE_RUNS = 16
 
 
 class PrefixTree:
@@ -143,28 +139,11 @@ class PrefixTree:
         lru = self._lru.get(backend_id)
         if not lru:
             return 0
-        # Per node, only the evicted block nearest its start matters. Evictions come a window of a prompt at a
-        # time (whole prompts in a row), so group them by node in runs and find that block with C-level scans
-        # (one list.index, one set check), not a Python step per key.
-        groups: dict[int, _EvictedRun] = {}
-        pos = 0
-        for node, run in groupby(map(self._by_key.get, keys)):
-            n = len(list(run))
-            if node is not None and backend_id in node.last_use:
-                group = groups.get(id(node))
-                if group is None:
-                    groups[id(node)] = _EvictedRun(node, keys[pos], list(keys[pos:pos + n]))
-                else:
-                    group.gone.extend(keys[pos:pos + n])
-            pos += n
+        cuts = self._evicted_offsets(backend_id, keys)
         dropped = 0
-        for evicted in groups.values():
-            node, first, gone = evicted.node, evicted.first, evicted.gone
+        for node, at in cuts.values():
             if backend_id not in node.last_use:
-                continue  # dropped meanwhile, below an earlier group's cut
-            at = node.keys.index(first)
-            if at and len(gone) > 1 and not (gone_set := set(gone)).isdisjoint(node.keys[:at]):
-                at = next(i for i, k in enumerate(node.keys) if k in gone_set)
+                continue  # dropped meanwhile, below an earlier node's cut
             if at >= node.held_keys(backend_id):
                 continue  # already cut below this block
             stack = list(node.children.values())
@@ -178,6 +157,57 @@ class PrefixTree:
             else:
                 node.held[backend_id] = at
         return dropped
+
+    def _evicted_offsets(self, backend_id: int, keys: Sequence[int]) -> dict[int, tuple[Node, int]]:
+        """id(node) -> (node, the offset of its first evicted key), for the nodes backend_id used.
+
+        Evictions come a window of a prompt at a time: in chain order (the router's estimate drops whole spans),
+        or in reverse (an engine frees a request's tail first). So a key's node is looked up once per run of
+        keys that follows (or retraces) the node's own keys, and the run is measured by C-level slice
+        comparisons, not a Python step per key; keys the tree does not know are skipped one by one. Keys in no
+        order at all (each its own run) would cost a scan of their node each: past a few, the rest are grouped
+        by node instead (one pass, then one scan per node)."""
+        cuts: dict[int, tuple[Node, int]] = {}
+        get = self._by_key.get
+        pos, n, singles = 0, len(keys), 0
+        while pos < n:
+            key = keys[pos]
+            node = get(key)
+            if node is None:
+                pos += 1
+                continue
+            run = node.keys
+            at = run.index(key)
+            step = _common_run(keys, pos, run, at, min(len(run) - at, n - pos))
+            first = at
+            if step == 1 and at and n - pos > 1:  # perhaps a run backwards: the node's keys reversed from `at`
+                back = run[at::-1]
+                step = _common_run(keys, pos, back, 0, min(len(back), n - pos))
+                first = at - step + 1
+                singles += step == 1
+                if singles > _MAX_SINGLE_RUNS:
+                    self._scattered_offsets(backend_id, keys[pos:], cuts)
+                    break
+            pos += step
+            if backend_id in node.last_use:
+                found = cuts.get(id(node))
+                if found is None or first < found[1]:
+                    cuts[id(node)] = (node, first)
+        return cuts
+
+    def _scattered_offsets(self, backend_id: int, keys: Sequence[int], cuts: dict[int, tuple[Node, int]]) -> None:
+        """_evicted_offsets for keys in no order: grouped by node, then each node's first evicted key found in one
+        walk of its keys."""
+        gone: dict[int, tuple[Node, set[int]]] = {}
+        for key in keys:
+            node = self._by_key.get(key)
+            if node is not None and backend_id in node.last_use:
+                gone.setdefault(id(node), (node, set()))[1].add(key)
+        for node_id, (node, evicted) in gone.items():
+            first = next(i for i, k in enumerate(node.keys) if k in evicted)
+            found = cuts.get(node_id)
+            if found is None or first < found[1]:
+                cuts[node_id] = (node, first)
 
     def _drop(self, node: Node, backend_id: int, lru: OrderedDict[int, Node]) -> int:
         lru.pop(id(node), None)
@@ -249,6 +279,21 @@ class PrefixTree:
             self._lru.setdefault(b, OrderedDict())[id(upper)] = upper
         self.nodes += 1
         return upper
+
+
+def _common_run(a: Sequence[int], i: int, b: Sequence[int], j: int, limit: int) -> int:
+    """How many of a[i:] equal b[j:] one for one, up to limit (>= 1 when a[i] == b[j]): bisected with slice
+    comparisons, which run in C."""
+    if a[i : i + limit] == b[j : j + limit]:
+        return limit
+    lo, hi = 1, limit - 1  # a[i:i+lo] matches (a[i] == b[j]); a[i:i+limit] does not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[i : i + mid] == b[j : j + mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _common_prefix(run: list[int], keys: list[int], pos: int) -> int:

@@ -410,6 +410,47 @@ def test_eviction_cuts_a_node_at_its_earliest_evicted_block_whatever_the_order()
     assert tree.deepest_shared(range(40)).held_keys(0) == 20
 
 
+def test_eviction_batches_in_any_order_cut_each_node_at_its_earliest_evicted_block():
+    """Runs in chain order, reversed (an engine frees a request's tail first), mixed with unknown keys, or
+    shuffled past the run detection's limit: each node keeps exactly the blocks before its earliest evicted
+    one, as a key-by-key reference computes it."""
+    import random
+
+    from preble_router.policies.prefix_tree import PrefixTree
+
+    rng = random.Random(7)
+    for trial in range(200):
+        tree = PrefixTree(window=100.0)
+        prompts = [[1000 * (p + 1) + i for i in range(rng.randrange(5, 60))] for p in range(4)]
+        shared = list(range(rng.randrange(1, 30)))  # a common prefix, so nodes split
+        for p, keys in enumerate(prompts):
+            tree.insert(shared + keys, 0, float(p))
+        nodes = {id(n): n for n in tree.lru_oldest_first(0)}
+        batch: list[int] = []
+        for keys in rng.sample([shared] + prompts, 3):
+            lo = rng.randrange(len(keys))
+            run = keys[lo : lo + rng.randrange(1, 20)]
+            batch += run[::-1] if rng.random() < 0.4 else run
+        batch += [-1, -2][: rng.randrange(3)]  # keys the tree never saw
+        if trial % 4 == 0:
+            rng.shuffle(batch)
+        evicted = set(batch)
+        want = {}
+        for node_id, node in nodes.items():
+            first = next((i for i, k in enumerate(node.keys) if k in evicted), None)
+            want[node_id] = node.held_keys(0) if first is None else min(first, node.held_keys(0))
+        tree.evict(0, batch)
+        for node_id, node in nodes.items():  # a node cut above, or at its first block, loses the backend
+            ancestors_cut, up = False, node.parent
+            while up is not None and up.parent is not None:
+                ancestors_cut |= want[id(up)] < len(up.keys)
+                up = up.parent
+            if ancestors_cut or want[node_id] == 0:
+                assert 0 not in node.last_use, (trial, batch)
+            else:
+                assert node.held_keys(0) == want[node_id], (trial, batch)
+
+
 def test_eviction_of_a_parent_block_drops_the_subtree_and_routing_restores_it():
     from preble_router.policies.prefix_tree import PrefixTree
 
