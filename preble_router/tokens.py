@@ -48,24 +48,26 @@ class ChunkedEncoder:
     """Encodes long texts in chunks cut at pre-token boundaries, caching each chunk: prompts that share a
     prefix share its chunks, so only the part after the shared prefix is tokenized again.
 
-    Two sizes: a text is looked up in chunks of ~chunk_chars, and a chunk not in the cache is looked up in pieces
-    of ~piece_chars, of which only the missing ones are encoded (in one batch). A text that recurs costs few
-    lookups; a change inside it costs the encoding of a piece, not of a whole chunk.
+    Three sizes: a text is looked up in chunks of ~chunk_chars, a chunk not in the cache in parts of ~part_chars,
+    and a part not in the cache in pieces of ~piece_chars, of which only the missing ones are encoded (all of a
+    chunk's in one batch). A text that recurs costs few lookups; a change inside it costs the encoding of a piece
+    and the lookups of one chunk's parts and one part's pieces, not of a whole chunk's pieces.
 
     Exact only for byte-level BPE without a normalizer: enabled for those alone, after a self-check at load;
     a sample of encodings is also checked against whole-text tokenization, and any mismatch disables it.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, chunk_chars: int = 2048, piece_chars: int = 64,
-                 cache_chunks: int = 4096, cache_pieces: int = 65536, check_first: int = 32,
-                 check_every: int = 1024) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, chunk_chars: int = 2048, part_chars: int = 256,
+                 piece_chars: int = 64, cache_chunks: int = 4096, cache_parts: int = 16384, cache_pieces: int = 65536,
+                 check_first: int = 32, check_every: int = 1024) -> None:
         self.backend = tokenizer.backend_tokenizer
         # encode_batch_fast leaves out the character offsets (about a third of encode()'s time); same ids.
         self._encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        self.chunk_chars, self.piece_chars = chunk_chars, piece_chars
+        self.chunk_chars, self.part_chars, self.piece_chars = chunk_chars, part_chars, piece_chars
         self.check_first = check_first  # the first encodings are all checked, then a sample
         self.check_every = check_every
         self._chunks = _LruCache(cache_chunks)
+        self._parts = _LruCache(cache_parts)
         self._pieces = _LruCache(cache_pieces)
         self._encoded = 0
         with_special = self.backend.encode("a", add_special_tokens=True).ids
@@ -108,15 +110,25 @@ class ChunkedEncoder:
         return ids
 
     def _encode_pieces(self, chunk: str) -> array:
-        pieces = list(_cuts(chunk, self.piece_chars))
-        found = [self._pieces.get(piece) for piece in pieces]
-        missing = [piece for piece, ids in zip(pieces, found) if ids is None]
+        """A chunk the cache lacks: its parts from the part cache, the missing parts' pieces from the piece cache,
+        the missing pieces encoded in one batch."""
+        parts = list(_cuts(chunk, self.part_chars))
+        found = [self._parts.get(part) for part in parts]
+        missing = [i for i, ids in enumerate(found) if ids is None]
         if missing:
-            encoded = iter(self._encode_batch(missing, add_special_tokens=False))
-            for i, ids in enumerate(found):
-                if ids is None:
-                    found[i] = array("I", next(encoded).ids)
-                    self._pieces.put(pieces[i], found[i])
+            pieces_of = {i: list(_cuts(parts[i], self.piece_chars)) for i in missing}
+            piece_ids = {i: [self._pieces.get(piece) for piece in pieces] for i, pieces in pieces_of.items()}
+            new = [piece for i in missing for piece, ids in zip(pieces_of[i], piece_ids[i]) if ids is None]
+            encoded = iter(self._encode_batch(new, add_special_tokens=False)) if new else iter(())
+            for i in missing:
+                ids_list, ids = piece_ids[i], array("I")
+                for j, piece_id in enumerate(ids_list):
+                    if piece_id is None:
+                        piece_id = array("I", next(encoded).ids)
+                        self._pieces.put(pieces_of[i][j], piece_id)
+                    ids.extend(piece_id)
+                found[i] = ids
+                self._parts.put(parts[i], ids)
         out = array("I")
         for ids in found:
             out.extend(ids)
