@@ -58,6 +58,15 @@ class PreparedRequest:
     route: RouteRequest | None = None  # the policy's view, built once (keys do not change after prepare)
 
 
+class Endpoint(enum.StrEnum):
+    """The prefix-routed endpoints: Router.prepare renders each as vLLM does (equal to their metric label)."""
+
+    COMPLETIONS = "completions"  # POST /v1/completions
+    CHAT = "chat"  # POST /v1/chat/completions
+    MESSAGES = "messages"  # POST /v1/messages (Anthropic), rendered through the chat template
+    RESPONSES = "responses"  # POST /v1/responses (OpenAI), rendered through the chat template
+
+
 class BlockSource(enum.Enum):
     """Where the router learns which KV blocks a backend holds (Router.add_backend)."""
 
@@ -113,6 +122,7 @@ class Router:
         self.backends: dict[int, Backend] = {}
         self._subscribers: dict[int, KvEventSubscriber] = {}
         self._next_request = 0
+        self._merge_inline_system: bool | None = None  # Messages' inline-system merge, probed at first use
 
     # ---- backends -------------------------------------------------------------------------------
     def add_backend(self, url: str, kv_endpoint: str | None = None, replay_endpoint: str | None = None, *,
@@ -278,13 +288,27 @@ class Router:
         return {m for b in self.backends.values() for m in b.models} | {self.model}
 
     # ---- the request path -------------------------------------------------------------------------
-    def prepare(self, endpoint: str, body: dict[str, Any]) -> PreparedRequest:
-        """Tokens and block keys of an OpenAI request body (raises tokens.PromptError on a bad prompt)."""
+    def prepare(self, endpoint: Endpoint | str, body: dict[str, Any]) -> PreparedRequest:
+        """Tokens and block keys of a request body to one of the prefix-routed endpoints (Endpoint), rendered as
+        vLLM renders it (raises tokens.PromptError on a bad prompt). A Responses request that continues a stored
+        one (previous_response_id) has a history only its backend knows: its tokens are the new input alone (a
+        lower bound, for load) and it has no block keys, so nothing is matched or predicted for it."""
         assert self.tokenizer is not None, "a router without a tokenizer routes token ids (prepare_tokens)"
-        if endpoint == "chat":
-            tokens = self.tokenizer.chat_tokens(body)
-        else:
+        keyed = True
+        if endpoint == Endpoint.COMPLETIONS:
             tokens = self.tokenizer.completion_tokens(body)
+        else:
+            # Imported here: chat_convert needs tokens.py (transformers), which the simulator never loads.
+            from preble_router.chat_convert import messages_to_chat, responses_to_chat
+
+            if endpoint == Endpoint.MESSAGES:
+                body = messages_to_chat(body, merge_inline_system=self._merges_inline_system())
+            elif endpoint == Endpoint.RESPONSES:
+                keyed = body.get("previous_response_id") is None
+                body = responses_to_chat(body)
+            elif endpoint != Endpoint.CHAT:
+                raise ValueError(f"no prefix-routed endpoint {endpoint!r}")
+            tokens = self.tokenizer.chat_tokens(body)
         requested = body.get("model")
         # A model name listed as a LoRA adapter selects it in vLLM: its blocks are its own.
         lora = requested if any(requested in b.lora_models for b in self.backends.values()) else None
@@ -292,13 +316,25 @@ class Router:
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
         # The router numbers requests itself: a client's request_id may repeat, and policies key state by id.
         return self.prepare_tokens(tokens, lora=lora, cache_salt=salt,
-                                   max_tokens=max_tokens if isinstance(max_tokens, int) else None)
+                                   max_tokens=max_tokens if isinstance(max_tokens, int) else None, keyed=keyed)
+
+    def _merges_inline_system(self) -> bool:
+        """Whether vLLM merges a Messages request's inline system messages for this model (probed once)."""
+        if self._merge_inline_system is None:
+            from preble_router.chat_convert import requires_system_first
+
+            assert self.tokenizer is not None
+            self._merge_inline_system = requires_system_first(self.tokenizer.tokenizer)
+        return self._merge_inline_system
 
     def prepare_tokens(self, tokens: Sequence[int], *, lora: str | None = None, cache_salt: str | None = None,
-                       max_tokens: int | None = None, request_id: str | None = None) -> PreparedRequest:
-        """Block keys of a tokenized prompt, for each block size among the backends."""
+                       max_tokens: int | None = None, request_id: str | None = None,
+                       keyed: bool = True) -> PreparedRequest:
+        """Block keys of a tokenized prompt, for each block size among the backends (keyed=False: none)."""
         self._next_request += 1
         prepared = PreparedRequest(request_id or str(self._next_request), tokens, lora, cache_salt, max_tokens)
+        if not keyed:
+            return prepared
         root = chain_root(self.model, lora, cache_salt)
         for block_size in {b.block_size for b in self.backends.values() if b.block_size}:
             prepared.keys_by_block_size[block_size] = self._block_keys.keys(tokens, block_size, root)
