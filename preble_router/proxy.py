@@ -581,7 +581,7 @@ class Proxy:
         if pinned is not None:
             return error_response(502 if pinned.backend_id in tried else 503, f"the backend that stored the previous "
                                   f"response ({pinned.url}) cannot take the request: {last_error}",
-                                  "previous_response_backend_unavailable", "previous_response_id")
+                                  "response_backend_unavailable", "previous_response_id")
         if not tried:
             return error_response(503, "no healthy backend", "no_healthy_backend")
         return error_response(502, f"all backends failed; last error: {last_error}", "backend_failure")
