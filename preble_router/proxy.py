@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hmac
 import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -608,13 +608,14 @@ class Proxy:
             status = 504
             mark_failure(backend, str(exc))
             self.metrics.errors.labels(backend.url, "stream_stalled").inc()
-            yield sse_error_event(504, f"backend {backend.url} stalled mid-stream: {exc}", "backend_timeout")
+            yield sse_error_event(504, f"backend {backend.url} stalled mid-stream: {exc}", "backend_timeout",
+                                  api=endpoint)
         except _TRANSPORT_ERRORS as exc:
             status = 502
             mark_failure(backend, str(exc) or type(exc).__name__)
             self.metrics.errors.labels(backend.url, "mid_stream").inc()
             yield sse_error_event(502, f"backend {backend.url} failed mid-stream: {type(exc).__name__}",
-                                  "backend_failure")
+                                  "backend_failure", api=endpoint)
         finally:
             if status == 200:
                 resp.release()
@@ -707,7 +708,7 @@ class Proxy:
                 ok = True
             except _TRANSPORT_ERRORS as exc:
                 yield sse_error_event(502, f"backend {holder.url} failed mid-stream: {type(exc).__name__}",
-                                      "backend_failure")
+                                      "backend_failure", api=Endpoint.RESPONSES)
             finally:
                 if ok:
                     resp.release()
@@ -866,9 +867,9 @@ class _AuthMiddleware:
 
 
 class _HotRoutes:
-    """POST /v1/completions, /v1/chat/completions, /v1/messages and /v1/responses go straight to their handlers: Starlette's middleware and
-    routing layers are a visible share of the router's CPU per request under load. Everything else (other paths and
-    methods, lifespan) goes through the Starlette app."""
+    """POST /v1/completions, /v1/chat/completions, /v1/messages and /v1/responses go straight to their handlers:
+    Starlette's middleware and routing layers are a visible share of the router's CPU per request under load.
+    Everything else (other paths and methods, lifespan) goes through the Starlette app."""
 
     def __init__(self, app: ASGIApp, proxy: Proxy) -> None:
         self.app = app

@@ -11,7 +11,8 @@ the router overhead benchmark (``benchmarks/overhead.py``) to run without starti
   ``response.completed``, cached tokens 0). Responses are stored (unless ``"store": false``), as vLLM with
   ``VLLM_ENABLE_RESPONSES_API_STORE=1``: ``previous_response_id``, ``GET /v1/responses/{id}`` and
   ``POST /v1/responses/{id}/cancel`` (400: a finished response) answer from this fake's store, and an id it does
-  not hold gets vLLM's 404 body.
+  not hold gets vLLM's 404 body. Their streams honour ``fail_mode`` ``"500"``, ``"hang"`` and
+  ``"die_mid_stream"`` (the first events, then the drop).
 - ``GET /v1/models``, ``GET /health``, ``GET /version``, ``GET /load``, ``POST /tokenize``.
 - ``GET /metrics``: Prometheus text in vLLM 0.32's names and labels (``vllm:num_requests_running``,
   ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``, ``vllm:cache_config_info{...} 1.0``,
@@ -375,8 +376,9 @@ def _response_body(gen: _Generation, body: dict[str, Any], status: str) -> dict[
                       "output_tokens_details": {"reasoning_tokens": 0}} if done else None}
 
 
-async def _api_events(st: FakeState, gen: _Generation, body: dict[str, Any], responses: bool):
-    """A fake Messages or Responses stream (vLLM's event names); ends the generation in st however it stops."""
+async def _api_events(st: FakeState, gen: _Generation, body: dict[str, Any], responses: bool, mode: str | None):
+    """A fake Messages or Responses stream (vLLM's event names); ends the generation in st however it stops.
+    mode "die_mid_stream": the first events, then the connection drops."""
     ok = False
     try:
         if st.delay_s > 0:
@@ -387,6 +389,8 @@ async def _api_events(st: FakeState, gen: _Generation, body: dict[str, Any], res
                                             "response": _response_body(gen, body, "in_progress")})
             for t in range(gen.n_out):
                 seq += 1
+                if mode == "die_mid_stream" and t == 1:
+                    raise FakeBackendAbort("fake backend: fail_mode=die_mid_stream")
                 yield _sse("response.output_text.delta", {"type": "response.output_text.delta", "delta": f" t{t}",
                                                           "output_index": 0, "content_index": 0,
                                                           "sequence_number": seq})
@@ -403,6 +407,8 @@ async def _api_events(st: FakeState, gen: _Generation, body: dict[str, Any], res
             yield _sse("content_block_start", {"type": "content_block_start", "index": 0,
                                                "content_block": {"type": "text", "text": ""}})
             for t in range(gen.n_out):
+                if mode == "die_mid_stream" and t == 1:
+                    raise FakeBackendAbort("fake backend: fail_mode=die_mid_stream")
                 yield _sse("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                    "delta": {"type": "text_delta", "text": f" t{t}"}})
             yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
@@ -616,7 +622,7 @@ class _FakeBackend:
         gen = _Generation(st, request, {**body, "max_tokens": limit}, [prompt], chat=True)
         st.begin(gen)
         if gen.stream:
-            return StreamingResponse(_api_events(st, gen, body, responses),
+            return StreamingResponse(_api_events(st, gen, body, responses, st.fail_mode),
                                      media_type="text/event-stream; charset=utf-8", headers=self.headers(request))
         try:
             await _sleep_like_generation(st, gen)

@@ -217,3 +217,24 @@ def test_debug_route_takes_the_endpoint(router):
     assert messages["prompt_tokens"] > chat["prompt_tokens"] + 300  # Messages' system prompt is rendered too
     bad = httpx.post(url + "/debug/route?endpoint=nope", json=body, timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_endpoint"
+
+
+@pytest.mark.parametrize(("path", "make", "expected"), [
+    ("/v1/messages", message_body, {"type": "error", "error": {"type": "api_error"}}),
+    ("/v1/responses", response_body, {"type": "error", "code": "backend_failure"}),
+])
+def test_a_stream_cut_mid_way_ends_with_its_protocols_error_event(tiny_model, path, make, expected):
+    url_fake, stop = run_fake_backend_in_thread(model="tiny", fail_mode="die_mid_stream")
+    try:
+        with serve_router(["--backends", url_fake, "--model", str(tiny_model), "--served-model-name", "tiny",
+                           "--health-interval", "0.5"]) as (url, _):
+            with httpx.stream("POST", url + path, json=make("hi", stream=True), timeout=20) as r:
+                assert r.status_code == 200
+                events = sse_events(r)
+    finally:
+        stop()
+    name, data = events[-1]
+    assert name == "error" and len(events) >= 2, events
+    assert {k: (v if not isinstance(v, dict) else {"type": v["type"]}) for k, v in data.items()
+            if k in expected} == expected
+    assert "failed mid-stream" in (data.get("error") or data)["message"]
