@@ -37,6 +37,9 @@ METHODS = ["POST"] * 8 + ["GET", "GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HE
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "stream", "stream_options",
           "cache_salt", "add_special_tokens", "chat_template_kwargs", "tools", "add_generation_prompt",
           "continue_final_message", "n", "temperature", "echo", "logprobs"]
+# Anthropic Messages and OpenAI Responses (#17): their bodies' own fields, and the stored-response paths.
+PATHS += ["/v1/messages", "/v1/responses", "/v1/responses/resp_fuzz", "/v1/responses/resp_fuzz/cancel"]
+FIELDS += ["system", "input", "instructions", "previous_response_id", "max_output_tokens", "store"]
 # Headers the client library frames itself (a made-up Content-Length would leave the server waiting for bytes).
 _FRAMING = {"content-length", "transfer-encoding", "host", "connection", "upgrade", "te", "trailer", "expect"}
 
@@ -67,8 +70,9 @@ _routable_body = st.one_of(
     st.fixed_dictionaries({"model": st.just(MODEL), "prompt": st.one_of(_any_text, st.lists(st.integers(0, 999),
                                                                                           max_size=80))}),
     st.fixed_dictionaries({"model": st.just(MODEL), "messages": st.lists(_good_message, min_size=1, max_size=3)}),
+    st.fixed_dictionaries({"model": st.just(MODEL), "input": _any_text}),  # a Responses prompt
 ).flatmap(lambda d: st.fixed_dictionaries({}, optional={name: _field_value.get(name, _json) for name in FIELDS
-                                                        if name not in ("model", "prompt", "messages")})
+                                                        if name not in ("model", "prompt", "messages", "input")})
           .map(lambda extra: {**extra, **d}))
 
 

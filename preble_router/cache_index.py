@@ -131,6 +131,13 @@ class CacheIndex:
         while len(self._holders) <= backend_id >> 6:
             self._holders.append(U64Map())
 
+    def set_model(self, backend_id: int, model: str) -> None:
+        """The model backend_id serves (its probes say): the root its KV events' keys chain from. Blocks stored
+        before keep their keys; a backend changes model only by restarting, with an empty cache."""
+        entry = self._backends.get(backend_id)
+        if entry is not None:
+            entry.model = model
+
     def set_capacity(self, backend_id: int, capacity_blocks: int | None) -> None:
         entry = self._backends[backend_id]
         entry.capacity_blocks = capacity_blocks

@@ -31,6 +31,14 @@ def _split_list(values: Sequence[str]) -> list[str]:
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
 
+def parse_model_dir(spec: str) -> tuple[str, str]:
+    """`SERVED_NAME=TOKENIZER_DIR` -> (name, dir)."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected SERVED_NAME=DIRECTORY, got {spec!r}")
+    return name, path
+
+
 def parse_kv_source(spec: str) -> tuple[str, str, str | None]:
     """`BACKEND_URL=ENDPOINT` or `BACKEND_URL=ENDPOINT|REPLAY_ENDPOINT` -> (url, endpoint, replay)."""
     url, sep, endpoints = spec.rpartition("=")
@@ -54,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="Tokenizer directory or name, if not the model's.")
     p.add_argument("--served-model-name", default=None,
                    help="The model name clients send (default: what the backends' /v1/models reports first).")
+    p.add_argument("--model-dir", action="append", default=[], type=parse_model_dir, metavar="NAME=DIR",
+                   help="Another model some backends serve (repeatable): requests naming NAME go only to backends "
+                        "whose /v1/models lists it, tokenized with the tokenizer in DIR (loaded on first use).")
     p.add_argument("--policy", default="preble", choices=sorted(POLICIES), help="Routing policy.")
     p.add_argument("--kv-events", nargs="+", default=["auto"], metavar="auto|off|URL=ENDPOINT[|REPLAY]",
                    help="Where each backend's vLLM KV events come from. 'auto': subscribe to what each engine "
@@ -110,7 +121,8 @@ def build_proxy(args: argparse.Namespace) -> Proxy:
         raise SystemExit("--kv-events: 'auto' and 'off' exclude each other")
     router = Router(model=args.served_model_name or args.model, tokenizer=tokenizer,
                     policy=build_policy(args), predicted_ttl=args.predicted_ttl, kv_events_auto="auto" in modes,
-                    events_silence=args.kv_events_silence, load_poll_interval=args.load_poll_interval)
+                    events_silence=args.kv_events_silence, load_poll_interval=args.load_poll_interval,
+                    models=dict(args.model_dir))
     kv = {url: (endpoint, replay)
           for url, endpoint, replay in map(parse_kv_source, [m for m in args.kv_events if m not in modes])}
     backends = _split_list(args.backends)

@@ -20,6 +20,14 @@ def error_response(status: int, message: str, code: str | None = None, param: st
     return JSONResponse(error_body(status, message, code, param), status_code=status)
 
 
-def sse_error_event(status: int, message: str, code: str | None = None) -> bytes:
-    """The SSE event that ends a stream whose backend failed after bytes were already sent."""
+def sse_error_event(status: int, message: str, code: str | None = None, api: str = "openai") -> bytes:
+    """The SSE event that ends a stream whose backend failed after bytes were already sent, in the stream's own
+    protocol: api "messages" (Anthropic: an `error` event), "responses" (OpenAI Responses: an `error` event), else
+    OpenAI's chat and completions (an error object, then [DONE])."""
+    if api == "messages":
+        event = {"type": "error", "error": {"type": _TYPES.get(status, "api_error"), "message": message}}
+        return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+    if api == "responses":
+        event = {"type": "error", "code": code or str(status), "message": message, "param": None}
+        return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
     return b"data: " + json.dumps(error_body(status, message, code)).encode() + b"\n\ndata: [DONE]\n\n"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import hmac
 import inspect
 import logging
@@ -16,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -33,8 +36,9 @@ from preble_router.errors import error_body, error_response, sse_error_event
 from preble_router.kv_events import KvEventSubscriber
 from preble_router.load import InFlight
 from preble_router.metrics import RouterMetrics
-from preble_router.policies import Decision
-from preble_router.router import PreparedRequest, Router
+from preble_router.policies import Decision, Reason
+from preble_router.response_store import DEFAULT_CAPACITY, ResponseStore
+from preble_router.router import Endpoint, PreparedRequest, Router
 from preble_router.settings import setting
 from preble_router.tokens import PromptError
 from preble_router.upstream import StreamStalled, UpstreamError, UpstreamPool, UpstreamResponse
@@ -92,11 +96,18 @@ class ProxyConfig:
                              flag="--max-queue")
     startup_wait: float = setting(10.0, "Seconds to wait at startup for every backend to pass a first health "
                                   "probe.", flag="--startup-wait")
+    response_store_size: int = setting(
+        DEFAULT_CAPACITY, "Stored Responses whose backend the router remembers (LRU): a follow-up with "
+        "previous_response_id, GET /v1/responses/ID and its cancel go to the backend that stored it. An id it "
+        "forgot (or never saw: another router's) is looked up by asking the healthy backends.",
+        flag="--response-store-size")
     connect_timeout: float = setting(5.0, "Seconds to connect to a backend; also the limit of the short requests the "
                                      "router makes itself (/v1/models, /reset_prefix_cache).")
 
 
 _decode_json = msgspec.json.Decoder().decode
+# How much of a Responses stream is scanned for its response.created event (vLLM sends it first).
+_STREAM_ID_SCAN_BYTES = 65536
 # Arrays and objects a request body may nest. Real bodies nest a few levels (tool schemas a dozen or so); past
 # this the body is refused before anything walks it (templates, the backend's own parser).
 MAX_JSON_DEPTH = 64
@@ -184,6 +195,7 @@ class Proxy:
         self.client: httpx.AsyncClient | None = None
         self.probes: httpx.AsyncClient | None = None  # health probes, with their own short timeout
         self._health_task: asyncio.Task | None = None
+        self.responses = ResponseStore(self.config.response_store_size)  # response id -> its backend's URL
         self._slots = asyncio.Semaphore(self.config.max_concurrency) if self.config.max_concurrency > 0 else None
         self._queued = 0
 
@@ -266,6 +278,10 @@ class Proxy:
             routes=[
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                Route("/v1/messages", self.messages, methods=["POST"]),
+                Route("/v1/responses", self.responses_create, methods=["POST"]),
+                Route("/v1/responses/{response_id}", self.response_retrieve, methods=["GET"]),
+                Route("/v1/responses/{response_id}/cancel", self.response_cancel, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
                 Route("/metrics", self.metrics_endpoint, methods=["GET"]),
@@ -278,10 +294,22 @@ class Proxy:
         return _HotRoutes(app, self)
 
     async def completions(self, request: Request) -> Response | _WholeResponse:
-        return await self._handle(request, "completions", "/v1/completions")
+        return await self._handle(request, Endpoint.COMPLETIONS, "/v1/completions")
 
     async def chat_completions(self, request: Request) -> Response | _WholeResponse:
-        return await self._handle(request, "chat", "/v1/chat/completions")
+        return await self._handle(request, Endpoint.CHAT, "/v1/chat/completions")
+
+    async def messages(self, request: Request) -> Response | _WholeResponse:
+        return await self._handle(request, Endpoint.MESSAGES, "/v1/messages")
+
+    async def responses_create(self, request: Request) -> Response | _WholeResponse:
+        return await self._handle(request, Endpoint.RESPONSES, "/v1/responses")
+
+    async def response_retrieve(self, request: Request) -> Response | _WholeResponse:
+        return await self._to_response_holder(request, "GET", "")
+
+    async def response_cancel(self, request: Request) -> Response | _WholeResponse:
+        return await self._to_response_holder(request, "POST", "/cancel")
 
     async def models(self, request: Request) -> Response:
         seen: dict[str, dict] = {}
@@ -365,7 +393,10 @@ class Proxy:
         parsed, _ = parsed
         if (invalid := _invalid_fields(parsed)) is not None:
             return invalid
-        endpoint = "chat" if "messages" in parsed else "completions"
+        endpoint = request.query_params.get("endpoint") or ("chat" if "messages" in parsed else "completions")
+        if endpoint not in Endpoint.__members__.values():
+            return error_response(400, f"?endpoint= takes one of {', '.join(Endpoint)}", "invalid_endpoint",
+                                  "endpoint")
         try:
             prepared = self.router.prepare(endpoint, parsed)
         except PromptError as exc:
@@ -406,7 +437,7 @@ class Proxy:
             return error_response(400, f"JSON body nested deeper than {MAX_JSON_DEPTH} levels", "invalid_json")
         return body, raw
 
-    async def _handle(self, request: Request, endpoint: str, path: str) -> Response | _WholeResponse:
+    async def _handle(self, request: Request, endpoint: Endpoint, path: str) -> Response | _WholeResponse:
         received = time.perf_counter()
         parsed = await self._parse(request)
         if isinstance(parsed, Response):
@@ -423,9 +454,18 @@ class Proxy:
             prepared = self.router.prepare(endpoint, body)
         except PromptError as exc:
             return error_response(400, str(exc), "invalid_prompt")
+        pinned: Backend | None = None
+        learn_id = endpoint == Endpoint.RESPONSES and body.get("store") is not False
+        if endpoint == Endpoint.RESPONSES and (previous := body.get("previous_response_id")) is not None:
+            holder = await self._response_holder(previous)
+            if isinstance(holder, Response):
+                return holder
+            pinned = holder
         stream = bool(body.get("stream"))
+        forward = functools.partial(self._forward, request, raw, endpoint, path, prepared, stream, received,
+                                    pinned=pinned, learn_id=learn_id)
         if self._slots is None:
-            return await self._forward(request, raw, endpoint, path, prepared, stream, received)
+            return await forward()
         if self._slots.locked() and self._queued >= self.config.max_queue:
             self.metrics.rejected.inc()
             return error_response(429, "the router's queue is full; retry later", "queue_full")
@@ -435,7 +475,7 @@ class Proxy:
         finally:
             self._queued -= 1
         try:
-            response = await self._forward(request, raw, endpoint, path, prepared, stream, received)
+            response = await forward()
         except BaseException:
             self._slots.release()
             raise
@@ -446,18 +486,25 @@ class Proxy:
         return response
 
     async def _forward(self, request: Request, raw: bytes, endpoint: str, path: str, prepared: PreparedRequest,
-                       stream: bool, received: float) -> Response | _WholeResponse:
+                       stream: bool, received: float, *, pinned: Backend | None = None,
+                       learn_id: bool = False) -> Response | _WholeResponse:
+        """Decide, send, relay; retried on another backend when one fails before the first byte. pinned: the only
+        backend that can serve it (the holder of its previous response), never retried elsewhere. learn_id: the
+        reply's Responses id is remembered with its backend."""
         assert self.upstream is not None
         headers = _forwarded_headers(request.scope["headers"], self.config.backend_api_key)
         # Progress limits for streams only: a whole reply's first byte comes after its whole generation.
         first_byte_timeout = (self.config.first_byte_timeout or None) if stream else None
         idle_timeout = (self.config.stream_idle_timeout or None) if stream else None
-        tried: set[int] = set()
-        last_error = "no healthy backend"
+        # A pinned request's policy sees its holder alone (the others count as tried).
+        tried: set[int] = set() if pinned is None else set(self.router.backends) - {pinned.backend_id}
+        last_error = "no healthy backend" if pinned is None else f"it is down: {pinned.last_error}"
         for attempt in range(self.config.max_attempts):
             decision = self.router.decide(prepared, tried)
             if decision is None:
                 break
+            if pinned is not None:
+                decision = dataclasses.replace(decision, reason=Reason.PREVIOUS_RESPONSE)
             tried.add(decision.backend_id)
             backend = self.router.backends[decision.backend_id]
             inflight = self.router.dispatch(prepared, decision)
@@ -506,7 +553,8 @@ class Proxy:
             self.metrics.child(self.metrics.ttft, backend.url).observe(time.perf_counter() - sent)
             decision_headers = self._decision_headers(backend, decision, attempt)
             if relayed:
-                relay = _RelayResponse(self._relay(resp, first, prepared, inflight, backend, decision, endpoint),
+                relay = _RelayResponse(self._relay(resp, first, prepared, inflight, backend, decision, endpoint,
+                                                   learn_id),
                                        resp.status, _relayed_headers(resp.headers, decision_headers))
 
                 async def abandon(resp: UpstreamResponse = resp, inflight: InFlight = inflight,
@@ -520,26 +568,39 @@ class Proxy:
             content, output_tokens, usage = first, None, None  # the whole reply
             if resp.status == 200:
                 with contextlib.suppress(ValueError, AttributeError, RecursionError):  # whatever the backend sent
-                    usage = _decode_json(content).get("usage")
+                    reply = _decode_json(content)
+                    usage = reply.get("usage")
                     self._observe_usage(usage, decision, backend)
-                    output_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+                    output_tokens = _output_tokens_from_usage(usage)
+                    if learn_id and isinstance(reply.get("id"), str):
+                        self.responses.learn(reply["id"], backend.url)
             self._end(prepared, inflight, backend, endpoint, resp.status, ok=resp.status < 400,
                       output_tokens=output_tokens, cached_tokens=_cached_tokens_from_usage(usage))
             return _WholeResponse(resp.status, _relayed_headers(resp.headers, decision_headers, len(content)),
                                   content)
+        if pinned is not None:
+            return error_response(502 if pinned.backend_id in tried else 503, f"the backend that stored the previous "
+                                  f"response ({pinned.url}) cannot take the request: {last_error}",
+                                  "response_backend_unavailable", "previous_response_id")
         if not tried:
             return error_response(503, "no healthy backend", "no_healthy_backend")
         return error_response(502, f"all backends failed; last error: {last_error}", "backend_failure")
 
-    async def _relay(self, resp: UpstreamResponse, first: bytes, prepared: PreparedRequest,
-                     inflight: InFlight, backend: Backend, decision: Decision, endpoint: str) -> AsyncIterator[bytes]:
+    async def _relay(self, resp: UpstreamResponse, first: bytes, prepared: PreparedRequest, inflight: InFlight,
+                     backend: Backend, decision: Decision, endpoint: str, learn_id: bool = False
+                     ) -> AsyncIterator[bytes]:
         status, output_tokens = 499, None  # 499 (client closed) unless the loop ends otherwise
         tail = b""
+        head = b"" if learn_id else None  # the stream's start, until its response.created event gives the id
         try:
             yield first
             tail = first[-4096:]
+            if head is not None:
+                head = self._learn_streamed_id(first, backend)
             while chunk := await resp.read_any():
                 yield chunk
+                if head is not None:
+                    head = self._learn_streamed_id(head + chunk, backend)
                 # Keep the tail only: the usage chunk (when asked for) comes last, right before [DONE].
                 tail = (tail + chunk)[-8192:]
             status = resp.status
@@ -547,13 +608,14 @@ class Proxy:
             status = 504
             mark_failure(backend, str(exc))
             self.metrics.errors.labels(backend.url, "stream_stalled").inc()
-            yield sse_error_event(504, f"backend {backend.url} stalled mid-stream: {exc}", "backend_timeout")
+            yield sse_error_event(504, f"backend {backend.url} stalled mid-stream: {exc}", "backend_timeout",
+                                  api=endpoint)
         except _TRANSPORT_ERRORS as exc:
             status = 502
             mark_failure(backend, str(exc) or type(exc).__name__)
             self.metrics.errors.labels(backend.url, "mid_stream").inc()
             yield sse_error_event(502, f"backend {backend.url} failed mid-stream: {type(exc).__name__}",
-                                  "backend_failure")
+                                  "backend_failure", api=endpoint)
         finally:
             if status == 200:
                 resp.release()
@@ -562,9 +624,109 @@ class Proxy:
             usage = _usage_from_sse_tail(tail) if status == 200 else None
             if usage is not None:
                 self._observe_usage(usage, decision, backend)
-                output_tokens = usage.get("completion_tokens")
+                output_tokens = _output_tokens_from_usage(usage)
             self._end(prepared, inflight, backend, endpoint, status, ok=status == 200, output_tokens=output_tokens,
                       cached_tokens=_cached_tokens_from_usage(usage))
+
+    # ---- stored responses (OpenAI Responses API) --------------------------------------------------------
+    async def _response_holder(self, response_id: Any) -> Backend | Response:
+        """The backend that stored response_id, or the error to answer: a 404 as vLLM's when no backend has it, a
+        503 when the one that has it is down or gone (never another backend: it would not have the response)."""
+        if not isinstance(response_id, str):
+            return error_response(400, "'previous_response_id' must be a string", "invalid_type",
+                                  "previous_response_id")
+        url = self.responses.holder(response_id)
+        if url is None:  # forgotten, or another router's: ask the backends
+            backend = await self._find_response(response_id)
+            if backend is None:
+                return _response_not_found(response_id)
+            self.responses.learn(response_id, backend.url)
+            return backend
+        backend = next((b for b in self.router.backends.values() if b.url == url), None)
+        if backend is None or not backend.healthy:
+            state = "no longer a backend" if backend is None else f"down: {backend.last_error}"
+            return error_response(503, f"the backend that stored response '{response_id}' ({url}) is {state}",
+                                  "response_backend_unavailable", "response_id")
+        return backend
+
+    async def _find_response(self, response_id: str) -> Backend | None:
+        """The healthy backend whose GET /v1/responses/ID answers 200 (all asked at once), if any."""
+        assert self.client is not None
+        client = self.client
+        path = "/v1/responses/" + quote(response_id, safe="")
+        headers = {"authorization": f"Bearer {self.config.backend_api_key}"} if self.config.backend_api_key else {}
+
+        async def holds(backend: Backend) -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                r = await client.get(backend.url + path, headers=headers, timeout=self.config.connect_timeout)
+                return r.status_code == 200
+            return False
+
+        backends = self.router.healthy()
+        found = await asyncio.gather(*(holds(b) for b in backends))
+        return next((b for b, ok in zip(backends, found) if ok), None)
+
+    async def _to_response_holder(self, request: Request, method: str, suffix: str) -> Response | _WholeResponse:
+        """GET /v1/responses/ID (a stream with ?stream=true) and POST .../cancel, relayed from the backend that
+        stored the response."""
+        assert self.upstream is not None
+        raw = b""
+        if method == "POST":
+            try:
+                raw = await _read_body(request, self.config.max_body_bytes)
+            except _TooLarge:
+                return error_response(413, f"request body exceeds {self.config.max_body_bytes} bytes",
+                                      "payload_too_large")
+            except ClientDisconnect:
+                return Response(status_code=499)
+        response_id = request.path_params["response_id"]
+        holder = await self._response_holder(response_id)
+        if isinstance(holder, Response):
+            return holder
+        path = "/v1/responses/" + quote(response_id, safe="") + suffix
+        if query := request.scope.get("query_string"):
+            path += "?" + query.decode("latin-1")
+        headers = _forwarded_headers(request.scope["headers"], self.config.backend_api_key)
+        try:
+            resp = await self.upstream.request(method, holder.url, path, headers, raw)
+            streamed = any(name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+                           for name, value in resp.headers)
+            first = await (resp.read_any() if streamed else resp.read())
+        except _TRANSPORT_ERRORS as exc:
+            mark_failure(holder, str(exc) or type(exc).__name__)
+            return error_response(502, f"backend {holder.url} failed: {type(exc).__name__}", "backend_failure")
+        extra = {"x-preble-backend": holder.url}
+        if not streamed:
+            return _WholeResponse(resp.status, _relayed_headers(resp.headers, extra, len(first)), first)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            ok = False
+            try:
+                yield first
+                while chunk := await resp.read_any():
+                    yield chunk
+                ok = True
+            except _TRANSPORT_ERRORS as exc:
+                yield sse_error_event(502, f"backend {holder.url} failed mid-stream: {type(exc).__name__}",
+                                      "backend_failure", api=Endpoint.RESPONSES)
+            finally:
+                if ok:
+                    resp.release()
+                else:
+                    resp.close()
+
+        relay = _RelayResponse(chunks(), resp.status, _relayed_headers(resp.headers, extra))
+        relay.on_close.append(resp.close)  # the client left before the stream began (a no-op after release)
+        return relay
+
+    def _learn_streamed_id(self, head: bytes, backend: Backend) -> bytes | None:
+        """Remember a Responses stream's id once `head` (the stream so far) holds it; what to scan again with the
+        next chunk, or None: learned, or not there."""
+        found = _streamed_response_id(head)
+        if isinstance(found, str):
+            self.responses.learn(found, backend.url)
+            return None
+        return found
 
     # ---- bookkeeping ----------------------------------------------------------------------------------
     def _transport_failure(self, prepared: PreparedRequest, inflight: InFlight, backend: Backend,
@@ -589,7 +751,8 @@ class Proxy:
 
     def _observe_usage(self, usage: Any, decision: Decision, backend: Backend) -> None:
         observed = _cached_tokens_from_usage(usage)
-        if observed is not None:
+        # A previous response's history is the backend's: the router predicts nothing for it.
+        if observed is not None and decision.reason is not Reason.PREVIOUS_RESPONSE:
             self.metrics.child(self.metrics.cached_tokens, backend.url, "observed").inc(observed)
             self.metrics.child(self.metrics.cached_tokens, backend.url, "predicted").inc(decision.matched_tokens)
 
@@ -704,14 +867,15 @@ class _AuthMiddleware:
 
 
 class _HotRoutes:
-    """POST /v1/completions and /v1/chat/completions go straight to their handlers: Starlette's middleware and
-    routing layers are a visible share of the router's CPU per request under load. Everything else (other paths and
-    methods, lifespan) goes through the Starlette app."""
+    """POST /v1/completions, /v1/chat/completions, /v1/messages and /v1/responses go straight to their handlers:
+    Starlette's middleware and routing layers are a visible share of the router's CPU per request under load.
+    Everything else (other paths and methods, lifespan) goes through the Starlette app."""
 
     def __init__(self, app: ASGIApp, proxy: Proxy) -> None:
         self.app = app
         self.proxy = proxy
-        self.handlers = {"/v1/completions": proxy.completions, "/v1/chat/completions": proxy.chat_completions}
+        self.handlers = {"/v1/completions": proxy.completions, "/v1/chat/completions": proxy.chat_completions,
+                         "/v1/messages": proxy.messages, "/v1/responses": proxy.responses_create}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = self.handlers.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -726,6 +890,28 @@ class _HotRoutes:
                 log.exception("request failed")
                 response = error_response(500, "internal router error", "internal_error")
         await response(scope, receive, send)
+
+
+def _streamed_response_id(head: bytes) -> str | bytes | None:
+    """The response id in the response.created event (vLLM's first) of a Responses stream that begins with
+    `head`; `head` itself while that event is still incomplete; None if it is not there (or not readable)."""
+    at = head.find(b"response.created")
+    end = head.find(b"\n\n", at) if at >= 0 else -1
+    if end < 0:
+        return head if len(head) < _STREAM_ID_SCAN_BYTES else None
+    line = head.rfind(b"data:", 0, end)
+    with contextlib.suppress(ValueError, AttributeError, RecursionError):  # whatever the backend sent
+        response_id = _decode_json(head[line + 5:end]).get("response", {}).get("id") if line >= 0 else None
+        if isinstance(response_id, str):
+            return response_id
+    return None
+
+
+def _response_not_found(response_id: str) -> Response:
+    """vLLM's own answer for a response id it does not hold (its code an int, unlike the router's errors)."""
+    return JSONResponse({"error": {"message": f"Response with id '{response_id}' not found.",
+                                   "type": "invalid_request_error", "param": "response_id", "code": 404}},
+                        status_code=404)
 
 
 def _printable_path(scope: Scope) -> str:

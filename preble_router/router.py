@@ -11,7 +11,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from preble_router.cache_index import CacheIndex
 from preble_router.kv_events import KvEventSubscriber, advertised_feed
 from preble_router.load import InFlight, LoadTracker
 from preble_router.policies import BackendState, ClusterSnapshot, Decision, Policy, RouteRequest
+from preble_router.served_models import ServedModels
 
 if TYPE_CHECKING:  # transformers is heavy; the simulator routes token ids and never loads it
     from preble_router.tokens import PromptTokenizer
@@ -53,9 +54,19 @@ class PreparedRequest:
     cache_salt: str | None
     max_tokens: int | None
     keys_by_block_size: dict[int, list[int]] = field(default_factory=dict)
+    model: str | None = None  # as the client named it: only backends listing it are eligible (served_models)
     snapshot: ClusterSnapshot | None = None  # what the latest decision saw
     matched_blocks: dict[int, int] = field(default_factory=dict)  # per backend, leading blocks the index holds
     route: RouteRequest | None = None  # the policy's view, built once (keys do not change after prepare)
+
+
+class Endpoint(enum.StrEnum):
+    """The prefix-routed endpoints: Router.prepare renders each as vLLM does (equal to their metric label)."""
+
+    COMPLETIONS = "completions"  # POST /v1/completions
+    CHAT = "chat"  # POST /v1/chat/completions
+    MESSAGES = "messages"  # POST /v1/messages (Anthropic), rendered through the chat template
+    RESPONSES = "responses"  # POST /v1/responses (OpenAI), rendered through the chat template
 
 
 class BlockSource(enum.Enum):
@@ -89,6 +100,7 @@ class Router:
         kv_events_auto: bool = False,
         events_silence: float = EVENTS_SILENCE_S,
         load_poll_interval: float = 0.0,
+        models: Mapping[str, str] | None = None,
     ) -> None:
         """predicted_ttl: seconds a request's predicted blocks outlive the request (events still in flight).
         kv_events_auto: backends given no event endpoint subscribe to what the engine advertises.
@@ -96,8 +108,11 @@ class Router:
         and it is routed on the estimate.
         load_poll_interval: seconds between polls of each healthy backend's own load report (its load feed,
         merged with this router's counts: load.py); 0: off (no polling, and none here by default: the CLI turns
-        it on; the simulator feeds reports itself through load.apply_report)."""
+        it on; the simulator feeds reports itself through load.apply_report).
+        models: other served models, name -> tokenizer directory (served_models.py): backends may serve
+        different models, and a request goes only to those serving its own."""
         self.model = model
+        self.served = ServedModels(model, tokenizer, models)
         self.kv_events_auto = kv_events_auto
         self.events_silence = events_silence
         self.tokenizer = tokenizer
@@ -113,6 +128,7 @@ class Router:
         self.backends: dict[int, Backend] = {}
         self._subscribers: dict[int, KvEventSubscriber] = {}
         self._next_request = 0
+        self._merge_inline_system: dict[str, bool] = {}  # per model, Messages' inline-system merge (probed once)
 
     # ---- backends -------------------------------------------------------------------------------
     def add_backend(self, url: str, kv_endpoint: str | None = None, replay_endpoint: str | None = None, *,
@@ -267,6 +283,7 @@ class Router:
         for b in self.backends.values():
             if b.capacity_blocks is not None:
                 self.index.set_capacity(b.backend_id, b.capacity_blocks)
+            self.index.set_model(b.backend_id, self.served.model_of(b))  # its events' keys chain from it
         pending = [b for b in self.backends.values() if b.kv_auto and b.healthy]
         if pending:
             await asyncio.gather(*(self.discover_kv_events(client, b) for b in pending))
@@ -275,38 +292,70 @@ class Router:
         return [b for b in self.backends.values() if b.healthy]
 
     def known_models(self) -> set[str]:
-        return {m for b in self.backends.values() for m in b.models} | {self.model}
+        return {m for b in self.backends.values() for m in b.models} | self.served.names
 
     # ---- the request path -------------------------------------------------------------------------
-    def prepare(self, endpoint: str, body: dict[str, Any]) -> PreparedRequest:
-        """Tokens and block keys of an OpenAI request body (raises tokens.PromptError on a bad prompt)."""
-        assert self.tokenizer is not None, "a router without a tokenizer routes token ids (prepare_tokens)"
-        if endpoint == "chat":
-            tokens = self.tokenizer.chat_tokens(body)
-        else:
-            tokens = self.tokenizer.completion_tokens(body)
+    def prepare(self, endpoint: Endpoint | str, body: dict[str, Any]) -> PreparedRequest:
+        """Tokens and block keys of a request body to one of the prefix-routed endpoints (Endpoint), rendered as
+        vLLM renders it (raises tokens.PromptError on a bad prompt). A Responses request that continues a stored
+        one (previous_response_id) has a history only its backend knows: its tokens are the new input alone (a
+        lower bound, for load) and it has no block keys, so nothing is matched or predicted for it."""
         requested = body.get("model")
+        base = self.served.base_of(requested, self.backends.values())
+        tokenizer = self.served.tokenizer(base)
+        assert tokenizer is not None, "a router without a tokenizer routes token ids (prepare_tokens)"
+        keyed = True
+        if endpoint == Endpoint.COMPLETIONS:
+            tokens = tokenizer.completion_tokens(body)
+        else:
+            # Imported here: chat_convert needs tokens.py (transformers), which the simulator never loads.
+            from preble_router.chat_convert import messages_to_chat, responses_to_chat
+
+            if endpoint == Endpoint.MESSAGES:
+                body = messages_to_chat(body, merge_inline_system=self._merges_inline_system(base, tokenizer))
+            elif endpoint == Endpoint.RESPONSES:
+                keyed = body.get("previous_response_id") is None
+                body = responses_to_chat(body)
+            elif endpoint != Endpoint.CHAT:
+                raise ValueError(f"no prefix-routed endpoint {endpoint!r}")
+            tokens = tokenizer.chat_tokens(body)
         # A model name listed as a LoRA adapter selects it in vLLM: its blocks are its own.
         lora = requested if any(requested in b.lora_models for b in self.backends.values()) else None
         salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
         # The router numbers requests itself: a client's request_id may repeat, and policies key state by id.
         return self.prepare_tokens(tokens, lora=lora, cache_salt=salt,
-                                   max_tokens=max_tokens if isinstance(max_tokens, int) else None)
+                                   max_tokens=max_tokens if isinstance(max_tokens, int) else None, keyed=keyed,
+                                   model=requested if isinstance(requested, str) else None)
+
+    def _merges_inline_system(self, model: str, tokenizer: PromptTokenizer) -> bool:
+        """Whether vLLM merges a Messages request's inline system messages for this model (probed once)."""
+        merges = self._merge_inline_system.get(model)
+        if merges is None:
+            from preble_router.chat_convert import requires_system_first
+
+            merges = self._merge_inline_system[model] = requires_system_first(tokenizer.tokenizer)
+        return merges
 
     def prepare_tokens(self, tokens: Sequence[int], *, lora: str | None = None, cache_salt: str | None = None,
-                       max_tokens: int | None = None, request_id: str | None = None) -> PreparedRequest:
-        """Block keys of a tokenized prompt, for each block size among the backends."""
+                       max_tokens: int | None = None, request_id: str | None = None,
+                       keyed: bool = True, model: str | None = None) -> PreparedRequest:
+        """Block keys of a tokenized prompt, for each block size among the backends (keyed=False: none). model:
+        as the client named it (None: the default model)."""
         self._next_request += 1
-        prepared = PreparedRequest(request_id or str(self._next_request), tokens, lora, cache_salt, max_tokens)
-        root = chain_root(self.model, lora, cache_salt)
+        prepared = PreparedRequest(request_id or str(self._next_request), tokens, lora, cache_salt, max_tokens,
+                                   model=model)
+        if not keyed:
+            return prepared
+        root = chain_root(self.served.base_of(model, self.backends.values()), lora, cache_salt)
         for block_size in {b.block_size for b in self.backends.values() if b.block_size}:
             prepared.keys_by_block_size[block_size] = self._block_keys.keys(tokens, block_size, root)
         return prepared
 
     def snapshot(self, prepared: PreparedRequest, exclude: set[int] = frozenset()) -> ClusterSnapshot:
         now = self.clock()
-        eligible = [b for b in self.backends.values() if b.healthy and b.backend_id not in exclude]
+        serving = ServedModels.eligible(prepared.model or self.model, list(self.backends.values()))
+        eligible = [b for b in serving if b.healthy and b.backend_id not in exclude]
         states = []
         matches: dict[int, int] = {}
         for block_size, keys in prepared.keys_by_block_size.items():

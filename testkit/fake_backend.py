@@ -6,6 +6,13 @@ the router overhead benchmark (``benchmarks/overhead.py``) to run without starti
 - ``POST /v1/completions`` and ``POST /v1/chat/completions``: OpenAI-shaped JSON, or with
   ``"stream": true`` SSE chunks (``data: {...}\\n\\n`` ... ``data: [DONE]\\n\\n``). ``usage`` carries
   ``prompt_tokens_details.cached_tokens: 0``; ``prompt_tokens`` is a rough whitespace word count.
+- FAKE ``POST /v1/messages`` (Anthropic) and ``POST /v1/responses`` (OpenAI Responses), whole or streamed as
+  vLLM 0.32 streams them (``event: NAME`` + ``data:`` lines; Messages' usage in ``message_delta``, Responses' in
+  ``response.completed``, cached tokens 0). Responses are stored (unless ``"store": false``), as vLLM with
+  ``VLLM_ENABLE_RESPONSES_API_STORE=1``: ``previous_response_id``, ``GET /v1/responses/{id}`` and
+  ``POST /v1/responses/{id}/cancel`` (400: a finished response) answer from this fake's store, and an id it does
+  not hold gets vLLM's 404 body. Their streams honour ``fail_mode`` ``"500"``, ``"hang"`` and
+  ``"die_mid_stream"`` (the first events, then the drop).
 - ``GET /v1/models``, ``GET /health``, ``GET /version``, ``GET /load``, ``POST /tokenize``.
 - ``GET /metrics``: Prometheus text in vLLM 0.32's names and labels (``vllm:num_requests_running``,
   ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``, ``vllm:cache_config_info{...} 1.0``,
@@ -186,6 +193,7 @@ class FakeState:
         self.extra_waiting = 0  # requests "another router" sent: reported, never served
         self.extra_pending_prefill_tokens = 0
         self.preble_load = False  # serve GET /preble/load (the Preble plugin's report)
+        self.responses: dict[str, dict[str, Any]] = {}  # the fake Responses store: id -> the response object
 
     def backend_name(self, request: Request) -> str:
         if self.name is None:
@@ -230,6 +238,7 @@ class _Generation:
         so = body.get("stream_options") or {}
         self.include_usage = bool(so.get("include_usage")) if isinstance(so, dict) else False
         self.req_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.response_id = "resp_" + self.req_id[-32:]
         self.created = int(time.time())
         self.fp = "fake-backend:" + st.backend_name(request)
         self.blocks = sum(math.ceil(c / st.block_size) for c in prompt_counts) if st.block_size > 0 else 0
@@ -339,6 +348,99 @@ def _prompts(body: dict[str, Any], chat: bool) -> list[Any] | str:
     if "prompt" not in body:
         return "'prompt' is required"
     return _prompt_list(body.get("prompt"))
+
+
+# -------------------------------------------------------------------- fake Messages and Responses
+
+
+def _sse(event: str, obj: dict[str, Any]) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + _dumps(obj) + b"\n\n"
+
+
+def _messages_body(gen: _Generation) -> dict[str, Any]:
+    return {"id": "msg_" + gen.req_id[-24:], "type": "message", "role": "assistant", "model": gen.model,
+            "content": [{"type": "text", "text": "".join(f" t{i}" for i in range(gen.n_out))}],
+            "stop_reason": "max_tokens" if gen.finish == "length" else "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": gen.prompt_tokens, "output_tokens": gen.n_out, "cache_read_input_tokens": 0}}
+
+
+def _response_body(gen: _Generation, body: dict[str, Any], status: str) -> dict[str, Any]:
+    done = status == "completed"
+    text = "".join(f" t{i}" for i in range(gen.n_out)) if done else ""
+    return {"id": gen.response_id, "object": "response", "created_at": gen.created, "model": gen.model,
+            "status": status, "previous_response_id": body.get("previous_response_id"),
+            "output": [{"type": "message", "id": "msg_" + gen.req_id[-24:], "role": "assistant", "status": status,
+                        "content": [{"type": "output_text", "text": text, "annotations": []}]}] if done else [],
+            "usage": {"input_tokens": gen.prompt_tokens, "output_tokens": gen.n_out,
+                      "total_tokens": gen.prompt_tokens + gen.n_out, "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens_details": {"reasoning_tokens": 0}} if done else None}
+
+
+async def _api_events(st: FakeState, gen: _Generation, body: dict[str, Any], responses: bool, mode: str | None):
+    """A fake Messages or Responses stream (vLLM's event names); ends the generation in st however it stops.
+    mode "die_mid_stream": the first events, then the connection drops."""
+    ok = False
+    try:
+        if st.delay_s > 0:
+            await asyncio.sleep(st.delay_s)
+        if responses:
+            seq = 0
+            yield _sse("response.created", {"type": "response.created", "sequence_number": seq,
+                                            "response": _response_body(gen, body, "in_progress")})
+            for t in range(gen.n_out):
+                seq += 1
+                if mode == "die_mid_stream" and t == 1:
+                    raise FakeBackendAbort("fake backend: fail_mode=die_mid_stream")
+                yield _sse("response.output_text.delta", {"type": "response.output_text.delta", "delta": f" t{t}",
+                                                          "output_index": 0, "content_index": 0,
+                                                          "sequence_number": seq})
+            final = _response_body(gen, body, "completed")
+            if body.get("store") is not False:
+                st.responses[gen.response_id] = final
+            yield _sse("response.completed", {"type": "response.completed", "sequence_number": seq + 1,
+                                              "response": final})
+        else:
+            whole = _messages_body(gen)
+            yield _sse("message_start", {"type": "message_start", "message": {
+                **whole, "content": [], "stop_reason": None,
+                "usage": {"input_tokens": gen.prompt_tokens, "output_tokens": 0}}})
+            yield _sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                               "content_block": {"type": "text", "text": ""}})
+            for t in range(gen.n_out):
+                if mode == "die_mid_stream" and t == 1:
+                    raise FakeBackendAbort("fake backend: fail_mode=die_mid_stream")
+                yield _sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                   "delta": {"type": "text_delta", "text": f" t{t}"}})
+            yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+            yield _sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": whole["stop_reason"],
+                                                                            "stop_sequence": None},
+                                         "usage": whole["usage"]})
+            yield _sse("message_stop", {"type": "message_stop"})
+        ok = True
+    finally:
+        st.end(gen, ok)
+
+
+def _response_not_found(response_id: str) -> dict[str, Any]:
+    """vLLM 0.32's body for an id it does not hold."""
+    return {"error": {"message": f"Response with id '{response_id}' not found.", "type": "invalid_request_error",
+                      "param": "response_id", "code": 404}}
+
+
+def _api_prompt(body: dict[str, Any], responses: bool) -> str:
+    """The fake's idea of a Messages or Responses prompt (its words are counted, as for chat), or raises."""
+    if responses:
+        items = body.get("input")
+        if isinstance(items, str):
+            return " ".join(filter(None, [body.get("instructions") or "", items]))
+        if not isinstance(items, list):
+            raise ValueError("'input' must be a string or a list")
+        return " ".join(filter(None, [body.get("instructions") or "", _chat_text(items)]))
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise ValueError("'messages' must be a list")
+    system = body.get("system")
+    return " ".join(filter(None, [system if isinstance(system, str) else "", _chat_text(messages)]))
 
 
 # -------------------------------------------------------------------- the other endpoints' bodies
@@ -486,6 +588,70 @@ class _FakeBackend:
         st.end(gen, True)
         return Response(payload, media_type="application/json", headers=self.headers(request))
 
+    # ---- fake Messages and Responses
+
+    async def messages(self, request: Request) -> Response:
+        return await self.api_generate(request, responses=False)
+
+    async def responses_create(self, request: Request) -> Response:
+        return await self.api_generate(request, responses=True)
+
+    async def api_generate(self, request: Request, responses: bool) -> Response:
+        st = self.st
+        st.requests_total += 1
+        key = "responses" if responses else "messages"
+        st.by_endpoint[key] = st.by_endpoint.get(key, 0) + 1
+        try:
+            body = _loads(await request.body())
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            prompt = _api_prompt(body, responses)
+        except Exception as e:  # noqa: BLE001
+            st.failed_total += 1
+            return self.error(request, 400, f"invalid request: {e}")
+        if st.fail_mode == "500":
+            st.failed_total += 1
+            return self.error(request, 500, "fake backend: fail_mode=500", "InternalServerError")
+        if st.fail_mode == "hang":
+            return await self.hang(request)
+        previous = body.get("previous_response_id") if responses else None
+        if previous is not None and previous not in st.responses:
+            st.failed_total += 1
+            return self.json_response(request, _response_not_found(str(previous)), 404)
+        limit = body.get("max_output_tokens") if responses else body.get("max_tokens")
+        gen = _Generation(st, request, {**body, "max_tokens": limit}, [prompt], chat=True)
+        st.begin(gen)
+        if gen.stream:
+            return StreamingResponse(_api_events(st, gen, body, responses, st.fail_mode),
+                                     media_type="text/event-stream; charset=utf-8", headers=self.headers(request))
+        try:
+            await _sleep_like_generation(st, gen)
+        except BaseException:
+            st.end(gen, False)
+            raise
+        st.end(gen, True)
+        if not responses:
+            return self.json_response(request, _messages_body(gen))
+        whole = _response_body(gen, body, "completed")
+        if body.get("store") is not False:
+            st.responses[gen.response_id] = whole
+        return self.json_response(request, whole)
+
+    async def response_retrieve(self, request: Request) -> Response:
+        response_id = request.path_params["response_id"]
+        stored = self.st.responses.get(response_id)
+        if stored is None:
+            return self.json_response(request, _response_not_found(response_id), 404)
+        return self.json_response(request, stored)
+
+    async def response_cancel(self, request: Request) -> Response:
+        response_id = request.path_params["response_id"]
+        if response_id not in self.st.responses:
+            return self.json_response(request, _response_not_found(response_id), 404)
+        return self.json_response(request, {"error": {"message": "Cannot cancel a synchronous response.",
+                                                      "type": "invalid_request_error", "param": "response_id",
+                                                      "code": 400}}, 400)
+
     # ---- info endpoints
 
     async def health(self, request: Request) -> Response:
@@ -563,6 +729,10 @@ class _FakeBackend:
         return [
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/messages", self.messages, methods=["POST"]),
+            Route("/v1/responses", self.responses_create, methods=["POST"]),
+            Route("/v1/responses/{response_id}", self.response_retrieve, methods=["GET"]),
+            Route("/v1/responses/{response_id}/cancel", self.response_cancel, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/ping", self.health, methods=["GET", "POST"]),

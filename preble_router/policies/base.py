@@ -63,6 +63,8 @@ class Reason(StrEnum):
     PD_BALANCE = "pd_balance"  # preble: prefill-heavy work to a decode-heavy backend
     REBALANCE = "rebalance"  # preble: the prefix group was moved off a heavy backend
     REPLICA = "replica"  # preble: the hot prefix group's least loaded replica
+    # Not a policy's: a Responses follow-up (previous_response_id) goes to the backend that stored the response.
+    PREVIOUS_RESPONSE = "previous_response"
 
 
 @dataclass(frozen=True, slots=True)

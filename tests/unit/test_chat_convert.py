@@ -68,3 +68,24 @@ def test_bad_messages_bodies(body):
 def test_bad_responses_bodies(body):
     with pytest.raises(PromptError):
         responses_to_chat(body)
+
+
+def test_router_prepares_messages_and_responses_as_rendered(tok):
+    from preble_router.policies import LeastLoadPolicy
+    from preble_router.router import Endpoint, Router
+
+    router = Router(model="tiny", tokenizer=tok, policy=LeastLoadPolicy())
+    router.add_backend("http://b", block_size=32, healthy=True)
+    messages = {"model": "tiny", "max_tokens": 4, "system": SYSTEM, "messages": [{"role": "user", "content": "hi"}]}
+    prepared = router.prepare(Endpoint.MESSAGES, messages)
+    assert list(prepared.tokens) == list(tok.chat_tokens(messages_to_chat(messages, merge_inline_system=True)))
+    assert prepared.max_tokens == 4 and len(prepared.keys_by_block_size[32]) == len(prepared.tokens) // 32
+    responses = {"model": "tiny", "max_output_tokens": 3, "instructions": SYSTEM, "input": "hi"}
+    prepared = router.prepare(Endpoint.RESPONSES, responses)
+    assert list(prepared.tokens) == list(tok.chat_tokens(responses_to_chat(responses)))
+    assert prepared.max_tokens == 3 and prepared.keys_by_block_size[32]
+    # A follow-up's history is the backend's: its new input counts for load, and nothing is keyed.
+    follow = router.prepare(Endpoint.RESPONSES, {**responses, "previous_response_id": "resp_1"})
+    assert len(follow.tokens) == len(prepared.tokens) and follow.keys_by_block_size == {}
+    with pytest.raises(ValueError):
+        router.prepare("embeddings", messages)
