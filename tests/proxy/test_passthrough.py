@@ -220,3 +220,27 @@ def test_lora_behind_the_api_key(fakes, tiny_model):
         r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "ad1", "lora_path": "/x"}, timeout=10,
                        headers={"authorization": "Bearer k"})
         assert r.status_code == 200
+
+
+def test_client_leaving_mid_upload_ends_the_request(router):
+    import socket
+    from urllib.parse import urlsplit
+
+    url, proxy = router
+    parts = urlsplit(url)
+    body, ctype = _multipart(50_000)
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.sendall(f"POST /v1/audio/transcriptions HTTP/1.1\r\nhost: x\r\ncontent-type: {ctype}\r\n"
+                     f"content-length: {len(body)}\r\n\r\n".encode() + body[:20_000])
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(
+                proxy.router.load.get(b).in_flight for b in proxy.router.backends):
+            time.sleep(0.01)
+        assert any(proxy.router.load.get(b).in_flight for b in proxy.router.backends)  # counted while uploading
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(proxy.router.load.get(b).in_flight for b in proxy.router.backends):
+        time.sleep(0.01)
+    assert not any(proxy.router.load.get(b).in_flight for b in proxy.router.backends)
+    ok, _ = _multipart(1000)
+    assert httpx.post(url + "/v1/audio/transcriptions", content=ok, headers={"content-type": ctype},
+                      timeout=10).status_code == 200
