@@ -264,6 +264,8 @@ class Proxy:
 
     # ---- endpoints ------------------------------------------------------------------------------
     def app(self) -> ASGIApp:
+        from preble_router.passthrough import Passthrough  # (it imports this module's helpers)
+
         @contextlib.asynccontextmanager
         async def lifespan(_: Starlette) -> AsyncIterator[None]:
             await self.startup()
@@ -288,6 +290,7 @@ class Proxy:
                 Route("/debug/route", self.debug_route, methods=["POST"]),
                 Route("/debug/backends", self.debug_backends, methods=["GET"]),
                 Route("/reset_prefix_cache", self.reset_prefix_cache, methods=["POST"]),
+                *Passthrough(self).routes(),  # the rest of vLLM's API: balanced, or fanned out (passthrough.py)
             ],
             lifespan=lifespan,
         )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -79,6 +79,7 @@ class _Connection(asyncio.Protocol):
         self._watch: asyncio.TimerHandle | None = None  # the progress limits (first byte, idle), when set
         self.closed = False
         self.idle_since = 0.0
+        self._write_paused = False  # the transport's buffer is full (asyncio's write flow control)
         self._reset()
 
     def _reset(self) -> None:
@@ -95,6 +96,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self.got_body = False
+        self.reusable = True  # False once a streamed request body was cut short: the backend may still read it
         self._last_body = 0.0
         self._first_byte_timeout: float | None = None
         self._idle_timeout: float | None = None
@@ -112,6 +114,35 @@ class _Connection(asyncio.Protocol):
         if first_byte_timeout is not None:
             self._watch = self.pool.loop.call_later(first_byte_timeout, self._check_progress)
         self.transport.writelines((head, body))
+
+    async def send_body(self, chunks: AsyncIterable[bytes], chunked: bool) -> None:
+        """Write a streamed request body after send()'s head, chunk by chunk as the source yields them, waiting
+        while the transport's buffer is full. Stops early (the connection is then not reused) if the reply's head
+        comes first: the backend answered without the rest of the body."""
+        assert self.transport is not None
+        async for chunk in chunks:
+            if self.error is not None:
+                raise self.error
+            if self.head_done:
+                self.reusable = False
+                return
+            if not chunk:
+                continue
+            if chunked:
+                self.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            else:
+                self.transport.write(chunk)
+            while self._write_paused and self.error is None and not self.closed:
+                await self._wait()
+        if chunked and not self.closed:
+            self.transport.write(b"0\r\n\r\n")
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake()
 
     async def wait_head(self) -> None:
         while not self.head_done:
@@ -312,7 +343,7 @@ class UpstreamResponse:
         if conn is None:
             return
         conn.active = False
-        if conn.complete and conn.keep_alive and conn.error is None and not conn.closed:
+        if conn.complete and conn.keep_alive and conn.reusable and conn.error is None and not conn.closed:
             conn.pool.put_idle(conn)
         else:
             conn.abort()
@@ -349,14 +380,31 @@ class UpstreamPool:
                                   idle_timeout=idle_timeout)
 
     async def request(self, method: str, base_url: str, path: str, headers: Sequence[tuple[bytes, bytes]],
-                      body: bytes, *, first_byte_timeout: float | None = None,
-                      idle_timeout: float | None = None) -> UpstreamResponse:
-        """post() with another method (GET /v1/responses/ID, GET /version); `path` may carry a query string."""
+                      body: bytes | AsyncIterable[bytes], *, body_length: int | None = None,
+                      first_byte_timeout: float | None = None, idle_timeout: float | None = None) -> UpstreamResponse:
+        """post() with another method (GET /v1/responses/ID, GET /version); `path` may carry a query string.
+
+        `body` may be an async iterable of chunks (an upload relayed as it arrives, never held whole): sent with
+        Content-Length `body_length` when given (the source must yield exactly that many bytes), else chunked;
+        always on a new connection, and never retried (the source is consumed as it is sent)."""
         target = self._targets.get((base_url, method, path)) or self._target(base_url, method, path)
         parts = [target.head]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
-        parts.append(b"content-length: %d\r\n\r\n" % len(body))
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            parts.append(b"content-length: %d\r\n\r\n" % len(body))
+        else:
+            parts.append(b"transfer-encoding: chunked\r\n\r\n" if body_length is None
+                         else b"content-length: %d\r\n\r\n" % body_length)
+            conn = await self._connect(target)
+            conn.send(b"".join(parts), b"", self.request_timeout, first_byte_timeout, idle_timeout)
+            try:
+                await conn.send_body(body, chunked=body_length is None)
+                await conn.wait_head()
+            except BaseException:
+                conn.abort()
+                raise
+            return UpstreamResponse(conn)
         head = b"".join(parts)
         for retry in (False, True):
             conn = self._reuse(target.key)

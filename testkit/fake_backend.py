@@ -14,6 +14,10 @@ the router overhead benchmark (``benchmarks/overhead.py``) to run without starti
   not hold gets vLLM's 404 body. Their streams honour ``fail_mode`` ``"500"``, ``"hang"`` and
   ``"die_mid_stream"`` (the first events, then the drop).
 - ``GET /v1/models``, ``GET /health``, ``GET /version``, ``GET /load``, ``POST /tokenize``.
+- Echoes (no model): ``POST /v1/embeddings``, ``/pooling``, ``/classify``, ``/score``, ``/rerank`` (and their
+  ``/v1``, ``/v2`` forms), ``/detokenize`` answer what they received; ``/v1/audio/transcriptions`` and
+  ``/translations`` the upload's size and sha256; ``/v1/load_lora_adapter`` / ``unload_lora_adapter`` add or
+  remove an adapter listed in ``/v1/models`` with ``parent`` set, as vLLM does. Counted in ``by_endpoint``.
 - ``GET /metrics``: Prometheus text in vLLM 0.32's names and labels (``vllm:num_requests_running``,
   ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``, ``vllm:cache_config_info{...} 1.0``,
   prefix-cache and token counters).
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -90,6 +95,9 @@ FAIL_MODES = (None, "500", "die_mid_stream", "hang", "stall_mid_stream")
 VOCAB = 32000
 MAX_MODEL_LEN = 8192
 FAKE_VERSION = "0.32.0+fake"
+# Pooling-model endpoints, answered by an echo of the request (no model behind them).
+ECHO_PATHS = ("/v1/embeddings", "/pooling", "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank",
+              "/v2/rerank", "/detokenize")
 ENV_CONFIG = "FAKE_BACKEND_CONFIG"  # JSON kwargs for the multi-worker factory
 
 
@@ -194,6 +202,7 @@ class FakeState:
         self.extra_pending_prefill_tokens = 0
         self.preble_load = False  # serve GET /preble/load (the Preble plugin's report)
         self.responses: dict[str, dict[str, Any]] = {}  # the fake Responses store: id -> the response object
+        self.loras: dict[str, str] = {}  # LoRA adapters loaded at run time: name -> path
 
     def backend_name(self, request: Request) -> str:
         if self.name is None:
@@ -676,7 +685,61 @@ class _FakeBackend:
         st = self.st
         return self.json_response(request, {"object": "list", "data": [{
             "id": st.model, "object": "model", "created": int(st.started), "owned_by": "vllm",
-            "root": st.model, "parent": None, "max_model_len": MAX_MODEL_LEN, "permission": []}]})
+            "root": st.model, "parent": None, "max_model_len": MAX_MODEL_LEN, "permission": []}] + [{
+            "id": name, "object": "model", "created": int(st.started), "owned_by": "vllm", "root": path,
+            "parent": st.model, "max_model_len": MAX_MODEL_LEN, "permission": []} for name, path in st.loras.items()]})
+
+    def count(self, key: str) -> None:
+        self.st.by_endpoint[key] = self.st.by_endpoint.get(key, 0) + 1
+
+    async def echo(self, request: Request) -> Response:
+        """Embeddings, pooling, score, rerank...: what came in, and from whom (no real output). Honours
+        fail_mode "500"; ``fake_sleep_s`` in the body holds the reply that long."""
+        self.count(request.url.path)
+        raw = await request.body()
+        if self.st.fail_mode == "500":
+            return self.error(request, 500, "fake backend: fail_mode=500", "InternalServerError")
+        try:
+            body = _loads(raw)
+        except Exception as e:  # noqa: BLE001
+            return self.error(request, 400, f"invalid JSON body: {e}")
+        if isinstance(body, dict) and body.get("fake_sleep_s"):
+            await asyncio.sleep(float(body["fake_sleep_s"]))
+        return self.json_response(request, {"object": "fake.echo", "path": request.url.path,
+                                            "backend": self.st.backend_name(request), "body": body})
+
+    async def upload(self, request: Request) -> Response:
+        """Audio: the upload's size and sha256 as received, and whether it came chunked."""
+        self.count(request.url.path)
+        digest, size = hashlib.sha256(), 0
+        async for chunk in request.stream():
+            digest.update(chunk)
+            size += len(chunk)
+        return self.json_response(request, {"text": "fake transcript", "bytes": size, "sha256": digest.hexdigest(),
+                                            "content_type": request.headers.get("content-type", ""),
+                                            "chunked": "chunked" in request.headers.get("transfer-encoding", "")})
+
+    async def lora(self, request: Request) -> Response:
+        """/v1/load_lora_adapter and /v1/unload_lora_adapter as vLLM answers them (text on success, 400 on a
+        repeat or an unknown name); fail_mode "500" fails them."""
+        self.count(request.url.path)
+        if self.st.fail_mode == "500":
+            return self.error(request, 500, "fake backend: fail_mode=500", "InternalServerError")
+        try:
+            body = _loads(await request.body())
+            name = body["lora_name"]
+        except Exception as e:  # noqa: BLE001
+            return self.error(request, 400, f"invalid body: {e}")
+        loading = request.url.path.endswith("/load_lora_adapter")
+        if loading == (name in self.st.loras):
+            return self.error(request, 400, f"The lora adapter '{name}' has {'already been' if loading else 'not been'}"
+                              " loaded.", "InvalidUserInput")
+        if loading:
+            self.st.loras[name] = str(body.get("lora_path", ""))
+        else:
+            del self.st.loras[name]
+        return Response(f"Success: LoRA adapter '{name}' {'added' if loading else 'removed'} successfully.",
+                        media_type="text/plain", headers=self.headers(request))
 
     async def tokenize(self, request: Request) -> Response:
         try:
@@ -741,6 +804,11 @@ class _FakeBackend:
             Route("/metrics", self.metrics, methods=["GET"]),
             Route("/preble/load", self.preble_load, methods=["GET"]),
             Route("/tokenize", self.tokenize, methods=["POST"]),
+            *(Route(p, self.echo, methods=["POST"]) for p in ECHO_PATHS),
+            Route("/v1/audio/transcriptions", self.upload, methods=["POST"]),
+            Route("/v1/audio/translations", self.upload, methods=["POST"]),
+            Route("/v1/load_lora_adapter", self.lora, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", self.lora, methods=["POST"]),
             Route("/_fake/stats", self.fake_stats, methods=["GET"]),
             Route("/_fake/config", self.fake_config, methods=["POST"]),
         ]

@@ -114,7 +114,9 @@ def test_hostile_bodies_get_400_not_500(router, path, content, code):
                          [("GET", "/v1/completions", 405, "method_not_allowed"),
                           ("PUT", "/v1/chat/completions", 405, "method_not_allowed"),
                           ("POST", "/v1/models", 405, "method_not_allowed"),
-                          ("GET", "/nope", 404, "not_found"), ("POST", "/v1/embeddings", 404, "not_found"),
+                          ("GET", "/nope", 404, "not_found"), ("POST", "/v1/files", 404, "not_found"),
+                          ("GET", "/v1/embeddings", 405, "method_not_allowed"),
+                          ("POST", "/v1/embeddings", 400, "invalid_json"),  # served now (passthrough.py)
                           ("GET", "/v1/%ff%fe", 404, "not_found")])
 def test_unknown_paths_and_methods_get_json_errors(router, method, path, status, code):
     r = httpx.request(method, router + path, timeout=10)

@@ -309,3 +309,60 @@ async def test_https_backends_are_verified(tmp_path: Path) -> None:
         with pytest.raises(ConnectError):
             await default.post(https, "/x", HEADERS, b"{}")
         await default.close()
+
+
+async def _pieces(*chunks: bytes, pause: asyncio.Event | None = None):
+    for i, chunk in enumerate(chunks):
+        if pause is not None and i == 1:
+            await pause.wait()
+        yield chunk
+
+
+async def test_a_streamed_body_is_sent_with_its_length_or_chunked() -> None:
+    got: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"transfer-encoding: chunked" in head:
+            body = b""
+            while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+                body += (await reader.readexactly(size + 2))[:-2]
+            await reader.readexactly(2)
+        else:
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            body = await reader.readexactly(length)
+        got.append(head + body)
+        writer.write(reply(b"ok"))
+        await writer.drain()
+
+    async with FakeServer(handler) as server:
+        pool = UpstreamPool()
+        resp = await pool.request("POST", server.url, "/up", HEADERS, _pieces(b"abc", b"", b"defg"), body_length=7)
+        assert resp.status == 200 and await resp.read() == b"ok"
+        resp = await pool.request("POST", server.url, "/up", HEADERS, _pieces(b"abc", b"defg"))
+        assert resp.status == 200 and await resp.read() == b"ok"
+        await pool.close()
+    assert got[0].endswith(b"content-length: 7\r\n\r\nabcdefg")
+    assert b"transfer-encoding: chunked\r\n\r\n" in got[1] and got[1].endswith(b"abcdefg")
+    assert server.connections == 2  # a streamed body always goes on a new connection
+
+
+async def test_a_reply_before_the_whole_streamed_body_stops_the_upload() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(reply(b"too big"))  # answered without reading the body
+        await writer.drain()
+        await reader.read()
+
+    pause = asyncio.Event()
+    async with FakeServer(handler) as server:
+        pool = UpstreamPool()
+        task = asyncio.ensure_future(pool.request("POST", server.url, "/up", HEADERS, _pieces(b"a", b"b", pause=pause),
+                                                             body_length=2))
+        await asyncio.sleep(0.2)  # the reply's head has come meanwhile
+        pause.set()
+        resp = await asyncio.wait_for(task, 5)
+        assert resp.status == 200 and await resp.read() == b"too big"
+        assert not pool._idle.get(next(iter(pool._targets.values())).key)  # the connection is not reused
+        await pool.close()
