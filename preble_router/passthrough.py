@@ -128,7 +128,7 @@ class Passthrough:
             if (invalid := _invalid_fields(fields)) is not None:
                 return invalid
             model = fields.get("model")
-            if model is not None and model not in proxy.router.known_models():
+            if model is not None and not proxy.router.knows_model(model):
                 return error_response(404, f"The model `{model}` does not exist.", "model_not_found", "model")
         elif endpoint.body == MULTIPART:
             declared = request.headers.get("content-length")

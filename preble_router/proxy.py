@@ -449,7 +449,7 @@ class Proxy:
         if (invalid := _invalid_fields(body)) is not None:
             return invalid
         model = body.get("model")
-        if model is not None and model not in self.router.known_models():
+        if model is not None and not self.router.knows_model(model):
             return error_response(404, f"The model `{model}` does not exist.", "model_not_found", "model")
         try:
             # In the event loop: shared prefixes tokenize from cached chunks in well under a millisecond, and a

@@ -294,6 +294,10 @@ class Router:
     def known_models(self) -> set[str]:
         return {m for b in self.backends.values() for m in b.models} | self.served.names
 
+    def knows_model(self, name: str) -> bool:
+        """name in known_models(), without building the set (it is asked on every request)."""
+        return self.served.configured(name) or any(name in b.models for b in self.backends.values())
+
     # ---- the request path -------------------------------------------------------------------------
     def prepare(self, endpoint: Endpoint | str, body: dict[str, Any]) -> PreparedRequest:
         """Tokens and block keys of a request body to one of the prefix-routed endpoints (Endpoint), rendered as

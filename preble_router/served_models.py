@@ -49,6 +49,10 @@ class ServedModels:
     def names(self) -> set[str]:
         return {self.default, *self._paths}
 
+    def configured(self, name: str) -> bool:
+        """name in names, without building the set."""
+        return name == self.default or name in self._paths
+
     def base_of(self, requested: str | None, backends: Iterable[Backend]) -> str:
         """The configured model a request for `requested` runs on: itself if configured, a LoRA adapter's base
         (what its backend serves), else the default."""
