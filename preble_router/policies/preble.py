@@ -38,6 +38,7 @@ from typing import NamedTuple
 from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, Reason, RouteRequest
 from preble_router.policies.prefix_tree import Node, PrefixTree
 from preble_router.policies.time_model import TimeModel
+from preble_router.policies.windowed import WindowedSums
 from preble_router.settings import setting
 
 
@@ -130,14 +131,6 @@ class PrebleConfig:
 
 
 @dataclass(slots=True)
-class _LoadEntry:
-    """One request's compute in its backend's load window (L over H); the cost is corrected when it ends."""
-
-    time: float
-    cost_ms: float
-
-
-@dataclass(slots=True)
 class _GroupLoad:
     """A prefix group's share of one backend's load, fading with time constant H/2."""
 
@@ -172,7 +165,7 @@ class _Flight:
     prompt: int
     idle: bool  # the backend had nothing in flight: its TTFT measures the prefill alone
     group: Node | None
-    entry: _LoadEntry  # its entry in the backend's load window
+    load_slot: list[float]  # the slot of its backend's load window it was counted in (corrected when it ends)
     est_output: int
     prefill_ms: float = 0.0  # estimated at dispatch
     first_token: float | None = None
@@ -201,12 +194,6 @@ class _EvictionCurve:
         return self.complete or (bool(self.cum_blocks) and self.cum_blocks[-1] >= blocks)
 
 
-class _HitEntry(NamedTuple):
-    time: float
-    cached: int  # prompt tokens found cached
-    prompt: int  # prompt tokens
-
-
 class _DecodeEnd(NamedTuple):
     """A heap entry: ordered by expected end, then by arrival (seq), never by the flight."""
 
@@ -215,34 +202,20 @@ class _DecodeEnd(NamedTuple):
     flight: _Flight
 
 
-class _Ttft(NamedTuple):
-    time: float  # when the first token came
-    seconds: float  # its time to first token
-
-
 class _HitWindow:
-    """Cached and prompt tokens sent to one backend within a window of seconds, as running sums."""
+    """Cached and prompt tokens sent to one backend within a window of seconds (windowed sums)."""
 
-    __slots__ = ("window", "entries", "cached", "prompt")
+    __slots__ = ("sums",)
 
     def __init__(self, window: float) -> None:
-        self.window = window
-        self.entries: deque[_HitEntry] = deque()
-        self.cached = 0
-        self.prompt = 0
+        self.sums = WindowedSums(window, fields=2)  # cached, prompt
 
     def add(self, now: float, cached: int, prompt: int) -> None:
-        self.entries.append(_HitEntry(now, cached, prompt))
-        self.cached += cached
-        self.prompt += prompt
+        self.sums.add(now, cached, prompt)
 
     def ratio(self, now: float) -> float:
-        entries, horizon = self.entries, now - self.window
-        while entries and entries[0].time < horizon:
-            gone = entries.popleft()
-            self.cached -= gone.cached
-            self.prompt -= gone.prompt
-        return self.cached / self.prompt if self.prompt else 0.0
+        prompt = self.sums.total(now, 1)
+        return self.sums.totals[0] / prompt if prompt > 0 else 0.0
 
 
 class _PrefillQueue:
@@ -318,7 +291,7 @@ class _DecodeSet:
 
 @dataclass
 class _GroupState:
-    ttft: deque[_Ttft] = field(default_factory=deque)
+    ttft: WindowedSums | None = None  # count, seconds of its TTFTs within H (made at the first)
     outputs: deque[int] = field(default_factory=lambda: deque(maxlen=32))
 
 
@@ -330,8 +303,7 @@ class PreblePolicy:
         self.time = time_model or TimeModel()
         self.tree = PrefixTree(self.config.window)
         self.tree.on_node_deleted = self._forget_group
-        self._load: dict[int, deque[_LoadEntry]] = {}  # backend -> its requests' compute within H
-        self._load_sum: dict[int, float] = {}
+        self._load: dict[int, WindowedSums] = {}  # backend -> its requests' compute within H
         self._group_load: dict[int, dict[int, _GroupLoad]] = {}  # backend -> id(group) -> its load there
         self._hits: dict[int, _HitWindow] = {}  # backend -> cached / prompt tokens within pd_window
         self._flights: dict[str, _Flight] = {}
@@ -469,13 +441,8 @@ class PreblePolicy:
 
     def load_ms(self, backend_id: int, now: float) -> float:
         """L: compute time of the requests sent to backend_id within the window."""
-        q = self._load.get(backend_id)
-        if not q:
-            return 0.0
-        horizon = now - self.config.window
-        while q and q[0].time < horizon:
-            self._load_sum[backend_id] -= q.popleft().cost_ms
-        return max(self._load_sum[backend_id], 0.0)
+        window = self._load.get(backend_id)
+        return max(window.total(now), 0.0) if window is not None else 0.0
 
     def _prefill(self, request: RouteRequest, b: BackendState) -> float:
         """P: this request's prefill time on b."""
@@ -536,14 +503,14 @@ class PreblePolicy:
 
     def _build_curve(self, backend_id: int, depth: int, block_size: int, now: float) -> _EvictionCurve:
         curve = _EvictionCurve(now)
-        horizon, total, value = now - self.config.window, 0, 0.0
+        total, value = 0, 0.0
         curve.complete = True
         for node in self.tree.lru_oldest_first(backend_id):
             if total >= depth:
                 curve.complete = False
                 break
             held = node.held_keys(backend_id)
-            hits = node.hits(backend_id, horizon)
+            hits = node.hits(backend_id, now)
             end = node.start_blocks + held
             total += held
             value += self._node_value(held, end, hits, block_size)
@@ -573,9 +540,10 @@ class PreblePolicy:
                                             else self.config.default_output_tokens)
         prefill_ms = self.time.prefill_ms(missed, request.prompt_tokens)
         cost = prefill_ms + est_output * self.time.decode_ms_per_token(b)
-        entry = _LoadEntry(now, cost)
-        self._load.setdefault(b, deque()).append(entry)
-        self._load_sum[b] = self._load_sum.get(b, 0.0) + cost
+        window = self._load.get(b)
+        if window is None:
+            window = self._load[b] = WindowedSums(self.config.window)
+        load_slot = window.add(now, cost)
         if group is not None:
             slot = self._group_load.setdefault(b, {}).get(id(group))
             if slot is None:
@@ -591,7 +559,7 @@ class PreblePolicy:
             hits = self._hits[b] = _HitWindow(self.config.pd_window)
         hits.add(now, decision.matched_tokens, request.prompt_tokens)
         missed_blocks = math.ceil(missed / request.block_size) if request.block_size else 0
-        flight = _Flight(b, now, missed, missed_blocks, request.prompt_tokens, state.in_flight == 0, group, entry,
+        flight = _Flight(b, now, missed, missed_blocks, request.prompt_tokens, state.in_flight == 0, group, load_slot,
                          est_output, prefill_ms)
         self._flights[request.request_id] = flight
         self._prefilling.setdefault(b, _PrefillQueue()).add(request.request_id, flight)
@@ -616,7 +584,10 @@ class PreblePolicy:
         if flight.idle and flight.missed > 0:
             self.time.observe_prefill(flight.missed, flight.prompt, ttft * 1000.0)
         if flight.group is not None:
-            _group_state(flight.group).ttft.append(_Ttft(now, ttft))
+            gstate = _group_state(flight.group)
+            if gstate.ttft is None:
+                gstate.ttft = WindowedSums(self.config.window, fields=2)
+            gstate.ttft.add(now, 1.0, ttft)
 
     def on_finished(self, request: RouteRequest, backend_id: int, now: float,
                     output_tokens: int | None = None, ok: bool = True) -> None:
@@ -633,9 +604,9 @@ class PreblePolicy:
         if flight.first_token is not None and output_tokens > 1:
             self.time.observe_decode(backend_id, (now - flight.first_token) * 1000.0 / (output_tokens - 1))
         delta = (output_tokens - flight.est_output) * self.time.decode_ms_per_token(backend_id)
-        if self._load.get(backend_id) and flight.entry.time >= now - self.config.window:
-            flight.entry.cost_ms += delta
-            self._load_sum[backend_id] += delta
+        window = self._load.get(backend_id)
+        if window is not None:
+            window.correct(flight.load_slot, 0, delta, now)
         if flight.group is not None:
             _group_state(flight.group).outputs.append(output_tokens)
 
@@ -646,7 +617,7 @@ class PreblePolicy:
 
     def on_backend_removed(self, backend_id: int) -> None:
         self.tree.forget_backend(backend_id)
-        for table in (self._load, self._load_sum, self._group_load, self._hits, self._prefilling, self._decoding,
+        for table in (self._load, self._group_load, self._hits, self._prefilling, self._decoding,
                       self._curves):
             table.pop(backend_id, None)
 
@@ -704,16 +675,15 @@ class PreblePolicy:
 
     def _hot(self, node: Node, now: float) -> bool:
         state = node.stats
-        if state is None:
+        if state is None or state.ttft is None:
             return False
-        half = self.config.window / 2
-        while state.ttft and state.ttft[0].time < now - self.config.window:
-            state.ttft.popleft()
-        older = [t.seconds for t in state.ttft if t.time < now - half]
-        newer = [t.seconds for t in state.ttft if t.time >= now - half]
-        if len(older) < 3 or len(newer) < 3:
+        ttft, since = state.ttft, now - self.config.window / 2
+        count, seconds = ttft.total(now, 0), ttft.totals[1]
+        newer_count, newer_seconds = ttft.since(now, since, 0), ttft.since(now, since, 1)
+        older_count, older_seconds = count - newer_count, seconds - newer_seconds
+        if older_count < 3 or newer_count < 3:
             return False
-        return statistics.fmean(newer) >= self.config.replicate_ttft_ratio * statistics.fmean(older)
+        return newer_seconds / newer_count >= self.config.replicate_ttft_ratio * (older_seconds / older_count)
 
     def _review_replicas(self, loads: dict[int, float], now: float) -> None:
         """Stop using extra holders once the group no longer dominates any of them or is no longer hot."""

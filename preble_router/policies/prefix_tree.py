@@ -1,7 +1,8 @@
 """Preble's global prefix tree, over block keys: which prefixes were used where, and how often lately.
 
 Nodes are runs of block keys (a radix tree: a node splits where two prompts diverge). Per backend a node
-records its last use and its uses within the window H; per backend an LRU list of nodes approximates what
+records its last use and its uses within the window H (counted per time slot, windowed.py: bounded however
+hot the prefix); per backend an LRU list of nodes approximates what
 the engine would evict first. Presence itself comes from the cache index (engine events): this tree only
 supplies the usage history the cost model needs. Nodes unused for H are pruned, so memory follows the
 window, not the traffic's history.
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
 
+from preble_router.policies.windowed import WindowedSums
+
 
 @dataclass(eq=False, slots=True)
 class Node:
@@ -28,7 +31,7 @@ class Node:
     start_blocks: int  # blocks before this node on its path
     children: dict[int, Node] = field(default_factory=dict)
     last_use: dict[int, float] = field(default_factory=dict)  # backend -> time
-    uses: dict[int, deque[float]] = field(default_factory=dict)  # backend -> use times within the window
+    uses: dict[int, WindowedSums] = field(default_factory=dict)  # backend -> its uses within the window
     stats: Any = None  # the policy's per-group state; lives and dies with the node
     held: dict[int, int] = field(default_factory=dict)  # backend -> leading keys still held there, when not all
 
@@ -40,13 +43,10 @@ class Node:
     def end_blocks(self) -> int:
         return self.start_blocks + len(self.keys)
 
-    def hits(self, backend_id: int, since: float) -> int:
-        q = self.uses.get(backend_id)
-        if not q:
-            return 0
-        while q and q[0] < since:
-            q.popleft()
-        return len(q)
+    def hits(self, backend_id: int, now: float) -> int:
+        """Uses on backend_id within the window before now."""
+        uses = self.uses.get(backend_id)
+        return round(uses.total(now)) if uses is not None else 0
 
 
 # Runs of one key _evicted_offsets measures before it groups the rest of a batch by node instead.
@@ -111,7 +111,10 @@ class PrefixTree:
         for n in reversed(path):  # leaf first, so the root ends most recent and leaves are evicted first
             n.held.pop(backend_id, None)  # routed there again: the engine recomputes what it had evicted
             n.last_use[backend_id] = now
-            n.uses.setdefault(backend_id, deque()).append(now)
+            uses = n.uses.get(backend_id)
+            if uses is None:
+                uses = n.uses[backend_id] = WindowedSums(self.window)
+            uses.add(now, 1.0)
             lru[id(n)] = n
             lru.move_to_end(id(n))
         return path
@@ -254,7 +257,7 @@ class PrefixTree:
         node.parent = upper
         upper.children[node.keys[0]] = node
         upper.last_use = dict(node.last_use)
-        upper.uses = {b: deque(q) for b, q in node.uses.items()}
+        upper.uses = {b: uses.copy() for b, uses in node.uses.items()}
         self._by_key.update(dict.fromkeys(upper.keys, upper))
         for b, held in list(node.held.items()):  # a cut inside the upper run: the lower part is gone there
             if held < at:
