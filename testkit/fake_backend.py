@@ -556,11 +556,11 @@ class _FakeBackend:
     async def chat_completions(self, request: Request) -> Response:
         return await self.generate(request, chat=True)
 
-    async def generate(self, request: Request, chat: bool) -> Response:
+    async def counted_body(self, request: Request, endpoint: str) -> dict | Response:
+        """A generation request counted under `endpoint`, its JSON object body or a 400 (counted failed)."""
         st = self.st
         st.requests_total += 1
-        key = "chat" if chat else "completions"
-        st.by_endpoint[key] = st.by_endpoint.get(key, 0) + 1
+        st.by_endpoint[endpoint] = st.by_endpoint.get(endpoint, 0) + 1
         try:
             body = _loads(await request.body())
             if not isinstance(body, dict):
@@ -568,6 +568,13 @@ class _FakeBackend:
         except Exception as e:  # noqa: BLE001
             st.failed_total += 1
             return self.error(request, 400, f"invalid JSON body: {e}")
+        return body
+
+    async def generate(self, request: Request, chat: bool) -> Response:
+        st = self.st
+        body = await self.counted_body(request, "chat" if chat else "completions")
+        if isinstance(body, Response):
+            return body
 
         mode = st.fail_mode
         if mode == "500":
@@ -607,13 +614,10 @@ class _FakeBackend:
 
     async def api_generate(self, request: Request, responses: bool) -> Response:
         st = self.st
-        st.requests_total += 1
-        key = "responses" if responses else "messages"
-        st.by_endpoint[key] = st.by_endpoint.get(key, 0) + 1
+        body = await self.counted_body(request, "responses" if responses else "messages")
+        if isinstance(body, Response):
+            return body
         try:
-            body = _loads(await request.body())
-            if not isinstance(body, dict):
-                raise ValueError("body must be a JSON object")
             prompt = _api_prompt(body, responses)
         except Exception as e:  # noqa: BLE001
             st.failed_total += 1
