@@ -58,7 +58,7 @@ class ChunkedEncoder:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, *, chunk_chars: int = 2048, part_chars: int = 256,
-                 piece_chars: int = 64, cache_chunks: int = 4096, cache_parts: int = 16384, cache_pieces: int = 65536,
+                 piece_chars: int = 32, cache_chunks: int = 4096, cache_parts: int = 16384, cache_pieces: int = 65536,
                  check_first: int = 32, check_every: int = 1024) -> None:
         self.backend = tokenizer.backend_tokenizer
         # encode_batch_fast leaves out the character offsets (about a third of encode()'s time); same ids.
