@@ -372,6 +372,15 @@ class CacheIndex:
                 self._match_group(holders, g << 6, group_alive, keys, now, result)
         return result
 
+    def foreign_prefill_at(self, backend_id: int, key: int, now: float) -> bool:
+        """Whether another router's request is storing blocks on backend_id right now and its latest run ended at
+        `key`: its prefill is still going, along a prompt that shares everything up to key. O(1)."""
+        own = self._own.get(backend_id)
+        if own is None:
+            return False
+        stored = own.foreign_tails.get(key)
+        return stored is not None and now - stored <= _FOREIGN_TAIL_TTL
+
     def record_routed(self, backend_id: int, keys: Sequence[int], now: float, held: int = 0) -> RoutedBlocks | None:
         """A request with these prompt keys was sent to backend_id. `held`: how many leading keys match() just
         found there (an estimated backend then only touches their spans; an events backend predicts the rest).

@@ -377,7 +377,14 @@ class Router:
         view = self.load.view
         for b in eligible:
             load = view(b.backend_id, now)  # the merged view (load.py)
-            matched = cacheable_tokens(matches.get(b.backend_id, 0), b.block_size or 1, len(prepared.tokens))
+            held = matches.get(b.backend_id, 0)
+            keys = prepared.keys_by_block_size.get(b.block_size or 0)
+            if held and keys and held < len(keys) and self.index.foreign_prefill_at(b.backend_id, keys[held - 1], now):
+                # Another router's request is prefilling this prompt's prefix there right now and has stored up to
+                # where the match ends: the rest of the shared prefix is on its way, as our own prediction would
+                # say for a request of ours (behind one router this never happens).
+                held = len(keys)
+            matched = cacheable_tokens(held, b.block_size or 1, len(prepared.tokens))
             states.append(BackendState(
                 backend_id=b.backend_id,
                 url=b.url,

@@ -167,3 +167,21 @@ def test_another_routers_requests_seen_only_in_kv_events_steer_as_its_own_would(
     d_own, d_fed = own.decide(p_own), fed.decide(p_fed)
     assert [b.in_flight for b in p_own.snapshot.backends] == [b.in_flight for b in p_fed.snapshot.backends] == [6, 0]
     assert d_own.backend_id == d_fed.backend_id == 1
+
+
+def test_another_routers_prefill_in_progress_counts_as_matched():
+    """Another router's request is prefilling a prefix on gpu0 (its first chunk stored, more to come): a request
+    of this router sharing that prefix sees it as held there, as it would its own request's prediction."""
+    clock = Clock()
+    r = router(clock)
+    video = list(range(3000, 3000 + 64))  # 16 blocks
+    store(r, 0, video + [1, 2, 3, 4], 0, 4)  # the other router's first chunk: 4 blocks of the shared prefix
+    mine = r.prepare_tokens(video + [5, 6, 7, 8, 9])
+    r.decide(mine)
+    held = {b.backend_id: b.matched_tokens for b in mine.snapshot.backends}
+    assert held == {0: 17 * BS, 1: 0}  # the whole prompt's full blocks, as our own prediction would be
+    assert mine.matched_blocks[0] == 4  # what the index holds (and what this router's own prediction starts from)
+    clock.now = 1.0  # its prefill went quiet long ago: only what was stored counts
+    late = r.prepare_tokens(video + [5, 6, 7, 8, 9])
+    r.decide(late)
+    assert {b.backend_id: b.matched_tokens for b in late.snapshot.backends} == {0: 4 * BS, 1: 0}
