@@ -20,6 +20,11 @@ After each assignment: rebalancing (move the cheapest prefix groups off a backen
 the lightest one's) and hot-prefix replication (add a second holder to a group that dominates a heavy backend
 and whose time to first token doubled across the window), undone when the group cools down.
 
+Behind several routers (the snapshot shows other routers' requests: ClusterSnapshot.shared), near ties go to the
+rendezvous choice of the prompt's first uncached block, so routers that cannot see each other's latest dispatches
+agree on where a new prefix goes, and rebalancing/replication pause (each router's window loads see only its
+share of the traffic). A lone router's snapshots never say shared.
+
 Pure: no I/O, no clock (time comes in the snapshot and the callbacks).
 """
 
