@@ -185,3 +185,26 @@ def test_another_routers_prefill_in_progress_counts_as_matched():
     late = r.prepare_tokens(video + [5, 6, 7, 8, 9])
     r.decide(late)
     assert {b.backend_id: b.matched_tokens for b in late.snapshot.backends} == {0: 4 * BS, 1: 0}
+
+
+def test_replayed_batches_never_count_as_other_routers_requests():
+    """The subscriber marks the sink while it applies a replayed batch (the engine's past); live ones count."""
+    import msgspec
+
+    from preble_router.kv_events import KvEventSubscriber
+
+    clock = Clock()
+    r = router(clock)
+    sub = KvEventSubscriber(0, "tcp://127.0.0.1:1", r.index)
+    tokens = list(range(9000, 9000 + 4 * BS))
+
+    def payload(first_hash: int) -> bytes:
+        event = {"type": "BlockStored", "block_hashes": [first_hash + i for i in range(4)],
+                 "parent_block_hash": None, "token_ids": tokens, "block_size": BS, "lora_name": None}
+        return msgspec.msgpack.encode([1.0, [event], 0])
+
+    sub._apply_batch(0, payload(100), replayed=True)
+    assert r.index.blocks_held(0) == 4 and unseen(r, 0) == 0 and not r.index.replaying
+    tokens = list(range(9100, 9100 + 4 * BS))
+    sub._apply_batch(1, payload(200), replayed=False)
+    assert unseen(r, 0) == 1
