@@ -35,8 +35,9 @@ A lone router never sees another's request, so its view is exactly the rule abov
 policies then know that their own history (window loads, per-router rebalancing) sees only part of the fleet.
 
 Without an engine report (feed off, failed, or its report older than ``stale_after``) the merged view is the
-local count (plus unseen), exactly as without a feed. A feed that fails or goes stale logs a WARNING once (per transition),
-and one that recovers logs INFO; ``feed_state`` / ``debug`` expose it for /debug/backends and /metrics.
+local count (plus unseen), exactly as without a feed. A feed that fails or goes stale logs a WARNING once (per
+transition), and one that recovers logs INFO; ``feed_state`` / ``debug`` expose it for /debug/backends and
+/metrics.
 """
 
 from __future__ import annotations
