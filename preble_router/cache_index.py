@@ -9,6 +9,12 @@ Three sources write it, each for the backends it owns:
   BlockStored confirms them, or until the request ended plus a short grace (`predicted_ttl`) for events still in
   flight: a request waiting in a long engine queue keeps its prediction however long it waits.
 
+Other routers' requests (several routers in front of one fleet) show up here first: a BlockStored run that no
+request of this router explains (``_OwnRuns``) was computed for a request another router sent. The index tells
+``on_foreign_stored`` once per such request (its later chunks continue the same run), so the load view counts
+it before the engine's next load report does (load.py). A lone router explains every run it sees: nothing is
+told.
+
 A backend is in one of two modes, switched at run time (`set_estimated`): events (confirmed + predicted blocks)
 or estimated. The router moves a backend to the estimate when its event stream goes silent, and back when events
 flow again (kv_events.KvEventSubscriber owns that decision; docs/design.md, "Event health").
@@ -37,6 +43,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, filterfalse, repeat, takewhile
 
+import math
+import time
+
 import numpy as np
 
 from preble_router.block_hash import chain_root, hash_blocks
@@ -51,6 +60,47 @@ _SPAN_BLOCKS = 16  # an estimated backend's LRU keeps prompt blocks in spans of 
 # number. Pins are far in the future of any clock, so match() needs one comparison for both, and exact integers
 # in a float (below 2**53), so a request's release can tell its own pins from a later request's.
 _PIN_BASE = float(1 << 52)
+
+
+# A foreign run's tail is remembered this long (s): the next chunk of a chunked prefill continues it within a few
+# engine steps; a later run from the same tail (a multi-turn follow-up) is another request.
+_FOREIGN_TAIL_TTL = 0.5
+_FOREIGN_TAILS_MAX = 1024  # per backend: bounded however many requests other routers send
+
+
+class _OwnRuns:
+    """Which stored blocks one backend computes for this router's own requests, to tell other routers' apart.
+
+    Invariants:
+    - ``keys`` maps every prompt key of a request this router sent there (cached or not at dispatch: a block
+      evicted meanwhile is recomputed and stored again) to the request's pin; a later request of the same key
+      overwrites it with its own;
+    - ``tails`` maps the last key of each such request, or of the latest run of blocks stored after it (its
+      decode), to its pin: a run whose parent is there continues that request;
+    - ``ended[pin]`` is inf while the request is in flight, its end time after; a pin whose end is more than the
+      grace ago is dead, and its keys count as nobody's; ``purge`` drops dead pins and their keys (periodic,
+      O(state) per grace period), so both maps stay within the requests in flight plus two grace periods;
+    - ``foreign_tails`` (last key of another router's run -> when it was stored) has at most _FOREIGN_TAILS_MAX
+      entries, oldest first."""
+
+    __slots__ = ("keys", "tails", "ended", "foreign_tails")
+
+    def __init__(self) -> None:
+        self.keys: dict[int, float] = {}
+        self.tails: dict[int, float] = {}
+        self.ended: dict[float, float] = {}
+        self.foreign_tails: OrderedDict[int, float] = OrderedDict()
+
+    def purge(self, now: float, grace: float) -> None:
+        dead = {pin for pin, end in self.ended.items() if now - end > grace}
+        if dead:
+            for pin in dead:
+                del self.ended[pin]
+            self.keys = {k: pin for k, pin in self.keys.items() if pin not in dead}
+            self.tails = {k: pin for k, pin in self.tails.items() if pin not in dead}
+        tails = self.foreign_tails
+        while tails and now - next(iter(tails.values())) > _FOREIGN_TAIL_TTL:
+            tails.popitem(last=False)
 
 
 @dataclass(slots=True)
@@ -106,8 +156,9 @@ class CacheIndex:
     - _extra_copies has (b, k) only while b holds k.
     """
 
-    def __init__(self, *, predicted_ttl: float = 3.0) -> None:
+    def __init__(self, *, predicted_ttl: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.predicted_ttl = predicted_ttl  # the grace after a request ended, for its events still in flight
+        self.clock = clock  # the router's: when a KV event is applied (events carry no time of ours)
         self._pins = 0
         self._backends: dict[int, _BackendEntry] = {}
         self._holders: list[U64Map] = []  # [g]: own key -> mask of backends 64g..64g+63 holding it
@@ -121,6 +172,13 @@ class CacheIndex:
         # AllBlocksCleared (and gaps/removal, which clear), estimated-LRU evictions. The router forwards it to
         # its policy (Policy.on_blocks_evicted), so the policy's usage history forgets what the engine dropped.
         self.on_evicted: Callable[[int, list[int]], None] | None = None
+        # Called with (backend, tokens stored) once per request another router sent there, when its first blocks
+        # are stored (module docstring). Set it before routing: runs are told apart from this router's own only
+        # for requests recorded (record_routed) while it is set. None: not tracked at all (no cost).
+        self.on_foreign_stored: Callable[[int, int], None] | None = None
+        # True while a subscriber applies replayed batches: the engine's past, not requests being sent now.
+        self.replaying = False
+        self._own: dict[int, _OwnRuns] = {}  # backend -> its runs of our requests (only with on_foreign_stored)
 
     # ---- backends -------------------------------------------------------------------------------
     def add_backend(self, backend_id: int, *, model: str, estimated: bool, capacity_blocks: int | None) -> None:
@@ -175,6 +233,7 @@ class CacheIndex:
     def remove_backend(self, backend_id: int) -> None:
         self.apply_cleared(backend_id)
         self._backends.pop(backend_id, None)
+        self._own.pop(backend_id, None)
 
     def blocks_held(self, backend_id: int) -> int:
         entry = self._backends.get(backend_id)
@@ -229,6 +288,34 @@ class CacheIndex:
         if predicted:  # confirmed: the prediction has done its job
             for key in own_keys:
                 predicted.pop(key, None)
+        if self.on_foreign_stored is not None and own_keys and not self.replaying:
+            self._classify_run(backend_id, own_keys, parent if parent_block_hash is not None else None, block_size)
+
+    def _classify_run(self, backend_id: int, keys: Sequence[int], parent: int | None, block_size: int) -> None:
+        """A run of stored blocks: one of our requests' (nothing to do), the next chunk of another router's
+        request already told, or another router's new request (told to on_foreign_stored). O(1) per run."""
+        now = self.clock()
+        own = self._own.get(backend_id)
+        if own is None:
+            own = self._own[backend_id] = _OwnRuns()
+        pin = own.keys.get(keys[0])
+        if pin is not None and now - own.ended.get(pin, -math.inf) <= self.predicted_ttl:
+            return  # our request's prompt (its prefill, or a block it recomputes after an eviction)
+        tails = own.foreign_tails
+        if parent is not None:
+            pin = own.tails.pop(parent, None)
+            if pin is not None and own.ended.get(pin) == math.inf:
+                own.tails[keys[-1]] = pin  # blocks after one of our in-flight requests' (its decode): ours
+                return
+            stored = tails.pop(parent, None)
+            if stored is not None and now - stored <= _FOREIGN_TAIL_TTL:  # the next chunk of a request told
+                tails[keys[-1]] = now
+                return
+        tails[keys[-1]] = now
+        if len(tails) > _FOREIGN_TAILS_MAX:
+            tails.popitem(last=False)
+        assert self.on_foreign_stored is not None
+        self.on_foreign_stored(backend_id, len(keys) * block_size)
 
     def apply_removed(self, backend_id: int, block_hashes: list[int | bytes]) -> None:
         entry = self._backends.get(backend_id)
@@ -265,6 +352,9 @@ class CacheIndex:
         entry.blocks = 0
         entry.orphan_blocks = 0
         self._predicted.pop(backend_id, None)
+        own = self._own.get(backend_id)
+        if own is not None:
+            own.foreign_tails.clear()  # our requests' keys stay ours (they may still store blocks there)
         if dropped and self.on_evicted is not None:
             self.on_evicted(backend_id, dropped)
 
@@ -282,6 +372,15 @@ class CacheIndex:
                 self._match_group(holders, g << 6, group_alive, keys, now, result)
         return result
 
+    def foreign_prefill_at(self, backend_id: int, key: int, now: float) -> bool:
+        """Whether another router's request is storing blocks on backend_id right now and its latest run ended at
+        `key`: its prefill is still going, along a prompt that shares everything up to key. O(1)."""
+        own = self._own.get(backend_id)
+        if own is None:
+            return False
+        stored = own.foreign_tails.get(key)
+        return stored is not None and now - stored <= _FOREIGN_TAIL_TTL
+
     def record_routed(self, backend_id: int, keys: Sequence[int], now: float, held: int = 0) -> RoutedBlocks | None:
         """A request with these prompt keys was sent to backend_id. `held`: how many leading keys match() just
         found there (an estimated backend then only touches their spans; an events backend predicts the rest).
@@ -294,16 +393,28 @@ class CacheIndex:
             self._record_estimated(backend_id, entry, keys, held)
             return None
         new = keys[held:] if held else keys
-        if not new:
+        tracked = self.on_foreign_stored is not None
+        if not new and not tracked:
             return None
         self._pins += 1
         pin = _PIN_BASE + self._pins
-        self._predicted.setdefault(backend_id, {}).update(zip(new, repeat(pin)))
+        if new:
+            self._predicted.setdefault(backend_id, {}).update(zip(new, repeat(pin)))
+        if tracked:  # every prompt key: one C-level update, released in O(1)
+            own = self._own.get(backend_id)
+            if own is None:
+                own = self._own[backend_id] = _OwnRuns()
+            own.keys.update(zip(keys, repeat(pin)))
+            own.tails[keys[-1]] = pin
+            own.ended[pin] = math.inf
         return RoutedBlocks(backend_id, new, pin)
 
     def release_routed(self, routed: RoutedBlocks, now: float) -> None:
         """The request ended: its blocks not yet confirmed stay predicted for the grace period only. Keys pinned
         again by a later request keep that request's pin."""
+        own = self._own.get(routed.backend_id)
+        if own is not None and routed.pin in own.ended:
+            own.ended[routed.pin] = now
         predicted = self._predicted.get(routed.backend_id)
         if not predicted:
             return
@@ -496,6 +607,8 @@ class CacheIndex:
         if now < self._next_purge:
             return
         self._next_purge = now + self.predicted_ttl
+        for own in self._own.values():
+            own.purge(now, self.predicted_ttl)
         for backend_id, pred in list(self._predicted.items()):
             live = {key: expiry for key, expiry in pred.items() if expiry > now}
             if live:

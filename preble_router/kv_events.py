@@ -375,8 +375,17 @@ class KvEventSubscriber:
             self.stats.decode_errors += 1
             logger.debug("kv events backend %d: undecodable batch %d", self.backend_id, seq)
             return
-        for event in events:
-            self._apply_event(event)
+        # A replayed batch is the engine's past: its stored blocks are not requests being sent now, so the sink
+        # must not read them as other routers' (cache_index.CacheIndex.replaying).
+        marks = replayed and hasattr(self.sink, "replaying")
+        if marks:
+            self.sink.replaying = True  # type: ignore[attr-defined]
+        try:
+            for event in events:
+                self._apply_event(event)
+        finally:
+            if marks:
+                self.sink.replaying = False  # type: ignore[attr-defined]
         self.stats.batches += 1
         if replayed:
             self.stats.replayed_batches += 1

@@ -23,9 +23,21 @@ decoding requests)::
 - The floor: this process's own requests are all there even if the report has not caught up with them yet
   (still on the wire, or in a snapshot the plugin wrote a moment before).
 
+Other routers' requests sent since the report (``unseen``): the engine's KV events show each one as its first
+blocks are stored (cache_index.py tells ``foreign_started``), up to a poll interval before its report does.
+Each counts as one more request in flight (and its estimated prefill) until the next report, which includes it,
+or until this router's mean request latency has passed (it has likely ended; the bound without a feed)::
+
+    merged in flight = max(local_now, report + local_now - local_at_report) + unseen
+
+A lone router never sees another's request, so its view is exactly the rule above without the term.
+``foreign_recent`` says whether any backend showed another router's request within ``SHARED_WINDOW_S``:
+policies then know that their own history (window loads, per-router rebalancing) sees only part of the fleet.
+
 Without an engine report (feed off, failed, or its report older than ``stale_after``) the merged view is the
-local count, exactly as without a feed. A feed that fails or goes stale logs a WARNING once (per transition),
-and one that recovers logs INFO; ``feed_state`` / ``debug`` expose it for /debug/backends and /metrics.
+local count (plus unseen), exactly as without a feed. A feed that fails or goes stale logs a WARNING once (per
+transition), and one that recovers logs INFO; ``feed_state`` / ``debug`` expose it for /debug/backends and
+/metrics.
 """
 
 from __future__ import annotations
@@ -33,10 +45,15 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# Seconds after the last request of another router seen on any backend that the fleet still counts as shared by
+# several routers (LoadTracker.foreign_recent).
+SHARED_WINDOW_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +75,7 @@ class LoadView:
     in_flight: int
     pending_prefill_tokens: int
     running_decode: int
+    unseen_dispatches: int = 0  # other routers' requests among in_flight, seen only in KV events so far
 
 
 class LoadFeedState(enum.Enum):
@@ -83,6 +101,11 @@ class BackendLoad:
     feed: LoadFeedState = LoadFeedState.OFF
     feed_error: str | None = None
     name: str = ""
+    # Other routers' requests seen starting there since the last report: (when, estimated prefill tokens),
+    # oldest first, and the sum of their tokens. Cleared by each report (it includes them), aged out after the
+    # mean request latency; at most what other routers send in that long.
+    unseen: deque[tuple[float, int]] = field(default_factory=deque)
+    unseen_tokens: int = 0
 
     def local(self) -> tuple[int, int, int]:
         return self.in_flight, self.pending_prefill_tokens, self.running_decode
@@ -109,6 +132,8 @@ class LoadTracker:
         """stale_after: seconds an engine report is merged after it came (then local counts, and a WARNING)."""
         self._loads: dict[int, BackendLoad] = {}
         self.stale_after = stale_after
+        self.mean_latency = 1.0  # s, this router's requests (moving average): how long an unseen one is counted
+        self.foreign_seen_at = -math.inf  # when another router's request was last seen on any backend
 
     def add_backend(self, backend_id: int, name: str = "") -> None:
         self._loads[backend_id] = BackendLoad(name=name or str(backend_id))  # a reused id starts from zero
@@ -149,8 +174,31 @@ class LoadTracker:
             load.running_decode -= 1
         if ok:
             load.completed += 1
+            self.mean_latency += 0.05 * (now - req.started - self.mean_latency)
         else:
             load.failed += 1
+
+    # ---- other routers' requests (KV events) ------------------------------------------------------------
+    def foreign_started(self, backend_id: int, stored_tokens: int, now: float) -> None:
+        """Another router's request started on backend_id: its first `stored_tokens` are stored (the index
+        tells). Its prefill left is estimated as this router's mean uncached prompt there, less those."""
+        load = self._loads.get(backend_id)
+        if load is None:
+            return
+        mean = load.dispatched_uncached_tokens // load.dispatched if load.dispatched else stored_tokens
+        tokens = max(0, mean - stored_tokens)
+        load.unseen.append((now, tokens))
+        load.unseen_tokens += tokens
+        self.foreign_seen_at = now
+
+    def foreign_recent(self, now: float) -> bool:
+        """Whether other routers' requests were seen on the fleet within SHARED_WINDOW_S."""
+        return now - self.foreign_seen_at <= SHARED_WINDOW_S
+
+    def _age_unseen(self, load: BackendLoad, now: float) -> None:
+        unseen = load.unseen
+        while unseen and now - unseen[0][0] > self.mean_latency:
+            load.unseen_tokens -= unseen.popleft()[1]
 
     # ---- the engine's reports -----------------------------------------------------------------------
     def mark(self, backend_id: int) -> tuple[int, int, int]:
@@ -163,6 +211,8 @@ class LoadTracker:
         if load is None:  # it left while the poll was out
             return
         load.report, load.report_at, load.base = report, now, mark
+        load.unseen.clear()  # the report counts them now
+        load.unseen_tokens = 0
         self._set_feed(load, LoadFeedState.UP, None)
 
     def feed_failed(self, backend_id: int, error: str) -> None:
@@ -201,8 +251,12 @@ class LoadTracker:
         """The merge rule of the module docstring: what policies see."""
         load = self.get(backend_id)
         report = load.report
+        if load.unseen:
+            self._age_unseen(load, now)
+        unseen, unseen_tokens = len(load.unseen), load.unseen_tokens
         if report is None or now - load.report_at > self.stale_after:
-            return LoadView(load.in_flight, load.pending_prefill_tokens, load.running_decode)
+            return LoadView(load.in_flight + unseen, load.pending_prefill_tokens + unseen_tokens,
+                            load.running_decode, unseen)
         base_in_flight, base_prefill, base_decode = load.base
         pending = report.pending_prefill_tokens
         if pending is None:
@@ -210,9 +264,10 @@ class LoadTracker:
             pending = round(report.waiting * mean)
         decode = report.decode_batch if report.decode_batch is not None else report.running
         return LoadView(
-            max(load.in_flight, report.running + report.waiting + load.in_flight - base_in_flight),
-            max(load.pending_prefill_tokens, pending + load.pending_prefill_tokens - base_prefill),
+            max(load.in_flight, report.running + report.waiting + load.in_flight - base_in_flight) + unseen,
+            max(load.pending_prefill_tokens, pending + load.pending_prefill_tokens - base_prefill) + unseen_tokens,
             max(load.running_decode, decode + load.running_decode - base_decode),
+            unseen,
         )
 
     def debug(self, backend_id: int, now: float) -> dict[str, Any]:
@@ -229,5 +284,5 @@ class LoadTracker:
                 "kv_usage": report.kv_usage},
             "local": dict(zip(("in_flight", "pending_prefill_tokens", "running_decode"), load.local())),
             "merged": {"in_flight": merged.in_flight, "pending_prefill_tokens": merged.pending_prefill_tokens,
-                       "running_decode": merged.running_decode},
+                       "running_decode": merged.running_decode, "unseen_dispatches": merged.unseen_dispatches},
         }

@@ -118,10 +118,13 @@ class Router:
         self.tokenizer = tokenizer
         self.policy = policy
         self.clock = clock
-        self.index = CacheIndex(predicted_ttl=predicted_ttl)
+        self.index = CacheIndex(predicted_ttl=predicted_ttl, clock=clock)
         self.index.on_evicted = self._blocks_evicted
         self.load_poll_interval = load_poll_interval
         self.load = LoadTracker(stale_after=load_stale_after(load_poll_interval))
+        # Blocks stored for requests this router did not send are other routers' (several routers, one fleet):
+        # the load view counts them before the engine's next report does (load.py, "unseen").
+        self.index.on_foreign_stored = self._foreign_stored
         self._load_task: asyncio.Task | None = None
         self._load_client: httpx.AsyncClient | None = None
         self._block_keys = BlockKeyCache()  # shared prefixes are hashed once, not once a request
@@ -214,6 +217,10 @@ class Router:
                 self.load.remove_backend(backend_id)
                 self.policy.on_backend_removed(backend_id)
                 del self.backends[backend_id]
+
+    def _foreign_stored(self, backend_id: int, stored_tokens: int) -> None:
+        if backend_id in self.backends:
+            self.load.foreign_started(backend_id, stored_tokens, self.clock())
 
     def _blocks_evicted(self, backend_id: int, keys: list[int]) -> None:
         """The index dropped blocks of backend_id (events, clears, estimated LRU): tell the policy."""
@@ -370,7 +377,14 @@ class Router:
         view = self.load.view
         for b in eligible:
             load = view(b.backend_id, now)  # the merged view (load.py)
-            matched = cacheable_tokens(matches.get(b.backend_id, 0), b.block_size or 1, len(prepared.tokens))
+            held = matches.get(b.backend_id, 0)
+            keys = prepared.keys_by_block_size.get(b.block_size or 0)
+            if held and keys and held < len(keys) and self.index.foreign_prefill_at(b.backend_id, keys[held - 1], now):
+                # Another router's request is prefilling this prompt's prefix there right now and has stored up to
+                # where the match ends: the rest of the shared prefix is on its way, as our own prediction would
+                # say for a request of ours (behind one router this never happens).
+                held = len(keys)
+            matched = cacheable_tokens(held, b.block_size or 1, len(prepared.tokens))
             states.append(BackendState(
                 backend_id=b.backend_id,
                 url=b.url,
@@ -380,8 +394,9 @@ class Router:
                 running_decode=load.running_decode,
                 capacity_blocks=b.capacity_blocks,
                 cached_blocks=self.index.blocks_held(b.backend_id),
+                unseen_dispatches=load.unseen_dispatches,
             ))
-        return ClusterSnapshot(now=now, backends=tuple(states))
+        return ClusterSnapshot(now=now, backends=tuple(states), shared=self.load.foreign_recent(now))
 
     def route_request(self, prepared: PreparedRequest) -> RouteRequest:
         if prepared.route is None:

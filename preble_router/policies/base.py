@@ -34,12 +34,18 @@ class BackendState:
     running_decode: int  # in-flight requests past their first token
     capacity_blocks: int | None = None  # KV-cache size, when known
     cached_blocks: int | None = None  # blocks the index records there
+    # Other routers' requests among in_flight that only the engine's KV events show so far (load.py): > 0 only
+    # behind several routers, between two engine load reports.
+    unseen_dispatches: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class ClusterSnapshot:
     now: float  # seconds, from whoever drives the policy (wall clock live, simulated time in the simulator)
     backends: tuple[BackendState, ...]
+    # Other routers' requests were seen on the fleet lately (load.LoadTracker.foreign_recent): this router's
+    # history sees only its share of the traffic. Always False for a lone router.
+    shared: bool = False
 
     def by_id(self, backend_id: int) -> BackendState:
         for b in self.backends:

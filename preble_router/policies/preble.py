@@ -20,6 +20,11 @@ After each assignment: rebalancing (move the cheapest prefix groups off a backen
 the lightest one's) and hot-prefix replication (add a second holder to a group that dominates a heavy backend
 and whose time to first token doubled across the window), undone when the group cools down.
 
+Behind several routers (the snapshot shows other routers' requests: ClusterSnapshot.shared), near ties go to the
+rendezvous choice of the prompt's first uncached block, so routers that cannot see each other's latest dispatches
+agree on where a new prefix goes, and rebalancing/replication pause (each router's window loads see only its
+share of the traffic). A lone router's snapshots never say shared.
+
 Pure: no I/O, no clock (time comes in the snapshot and the callbacks).
 """
 
@@ -34,6 +39,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import count
 from typing import NamedTuple
+
+import xxhash
 
 from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, Reason, RouteRequest
 from preble_router.policies.prefix_tree import Node, PrefixTree
@@ -124,6 +131,19 @@ class PrebleConfig:
         "wins (a continuous-batching engine shares each step among its batch, so a request's time grows with the "
         "batch it joins; LMetric's product, with M).", flag="--preble-cost-model",
         choices=[m.value for m in CostModel])
+
+    herd_tolerance: float = setting(
+        0.25, "Behind several routers (the snapshot shows other routers' requests: ClusterSnapshot.shared), the "
+        "backends whose cost is within this share of the least all count as tied, and the tie goes to the "
+        "rendezvous choice of the prompt's first uncached block (the same on every router): routers that cannot "
+        "see each other's latest dispatches send a new prefix to the same backend, and different new prefixes "
+        "to different idle ones, instead of each picking its own least-loaded view. A lone router is unaffected; "
+        "negative: off.", flag="--preble-herd-tolerance")
+    shared_rebalance: int = setting(
+        0, "1: rebalance and replicate behind several routers too. 0 (default): not while the snapshot shows other "
+        "routers' requests: each router's window loads count only its own share of the traffic, so each finds "
+        "its own imbalances and moves groups the fleet as a whole does not need moved.",
+        flag="--preble-shared-rebalance", type=int, choices=[0, 1])
 
     def __post_init__(self) -> None:
         self.load_signal = LoadSignal(self.load_signal)  # from a flag or a caller's string
@@ -382,11 +402,32 @@ class PreblePolicy:
                  * (b.in_flight + 1) for b in snapshot.backends}
         chosen = min(snapshot.backends, key=lambda b: (costs[b.backend_id], -b.matched_tokens, b.in_flight,
                                                        b.backend_id))
+        if snapshot.shared and self.config.herd_tolerance >= 0:
+            chosen = self._rendezvous(request, snapshot, costs, costs[chosen.backend_id]) or chosen
         if not exploit:
             reason = Reason.EXPLORE
         else:
             reason = Reason.EXPLOIT if chosen.matched_tokens == cached else Reason.OVERFLOW
         return Decision(chosen.backend_id, reason, chosen.matched_tokens, costs)
+
+    def _rendezvous(self, request: RouteRequest, snapshot: ClusterSnapshot, costs: dict[int, float],
+                    least: float) -> BackendState | None:
+        """Behind several routers: among the backends within herd_tolerance of the least cost, the one ranked
+        first for the prompt's first uncached block (rendezvous hashing over backend URLs: every router ranks
+        alike for the same block, different blocks spread). None when the prompt has no uncached full block.
+        Another backend wins only by a margin its unseen load (already in its in_flight) did not erase."""
+        block_size = request.block_size
+        if not block_size or not request.block_hashes:
+            return None
+        first = max(b.matched_tokens for b in snapshot.backends) // block_size
+        if first >= len(request.block_hashes):
+            return None
+        anchor = request.block_hashes[first]
+        bound = least * (1.0 + self.config.herd_tolerance)
+        tied = [b for b in snapshot.backends if costs[b.backend_id] <= bound]
+        if len(tied) < 2:
+            return None
+        return max(tied, key=lambda b: _rank(anchor, b.url))
 
     def _overflow(self, request: RouteRequest, holder: BackendState, snapshot: ClusterSnapshot,
                   loads: dict[int, float]) -> Decision | None:
@@ -635,6 +676,8 @@ class PreblePolicy:
         light = min(ids, key=loads.__getitem__)
         self._expire_group_loads(now)
         self._review_replicas(loads, now)
+        if snapshot.shared and not cfg.shared_rebalance:
+            return  # other routers' traffic is not in these window loads (PrebleConfig.shared_rebalance)
         if loads[heavy] < cfg.bal_threshold * max(loads[light], 1e-9) or loads[heavy] <= 0:
             return
         groups = sorted(self._group_load.get(heavy, {}).values(), key=lambda g: g.ms)
@@ -723,6 +766,15 @@ class PreblePolicy:
         while node is not None and node.keys:
             yield node
             node = node.parent
+
+
+_M64 = (1 << 64) - 1
+
+
+def _rank(anchor: int, url: str) -> int:
+    """A backend's rendezvous rank for a block key: deterministic across processes (no Python hash()), so
+    every router ranks the backends alike for the same key."""
+    return xxhash.xxh3_64_intdigest(url.encode(), seed=anchor & _M64)
 
 
 def _group_state(node: Node) -> _GroupState:

@@ -37,7 +37,8 @@ def test_load_feed_is_polled_merged_and_shown(tiny_model):
             loads = wait_for(view)
             assert loads, httpx.get(url + "/debug/backends").text
             assert loads[plugin]["engine"]["source"] == "preble" and loads[plain]["engine"]["source"] == "metrics"
-            assert loads[plugin]["merged"] == {"in_flight": 3, "pending_prefill_tokens": 900, "running_decode": 0}
+            assert loads[plugin]["merged"] == {"in_flight": 3, "pending_prefill_tokens": 900, "running_decode": 0,
+                                              "unseen_dispatches": 0}
             assert loads[plain]["merged"]["in_flight"] == 2
             # Another router's queue on both: a new request goes to the shorter one.
             r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hello there", "max_tokens": 2})
