@@ -79,6 +79,26 @@ def warm_up(replicas, lengths: Sequence[int] = (256, 1024, 3072, 6144), vocab: i
     reset_caches(replicas)
 
 
+def text_workload(args: argparse.Namespace) -> tuple[Path, Path, int, list]:
+    """(out, model, max_model_len, requests) of the live workload, prompts as text that re-tokenizes to (about)
+    the same ids, so shared prefixes stay shared for routers that match text."""
+    out, model, max_len, requests = prepare_run(args.out, args.model_size, args.requests, args.rate, args.seed,
+                                                headroom=200)  # re-tokenized text may run a little longer
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    for r in requests:
+        r.text = tokenizer.decode(r.tokens[1:] if r.tokens and r.tokens[0] == tokenizer.bos_token_id else r.tokens)
+    return out, model, max_len, requests
+
+
+@contextlib.contextmanager
+def live_replicas(model: Path, max_len: int, out: Path, num_gpu_blocks: int):
+    """Two warmed-up vLLM CPU replicas with KV events over tcp and a capped KV cache."""
+    with start_replicas(model, 2, block_size=32, num_gpu_blocks=num_gpu_blocks, max_model_len=max_len,
+                        log_dir=out, kv_transport="tcp") as replicas:
+        warm_up(replicas)
+        yield replicas
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--routers", default="preble,cache_aware,smg,vllm-router")
@@ -94,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--router-log-level", default="info", help="our routers' log level (debug logs every decision)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "compare"))
     args = ap.parse_args(argv)
-    out, model, max_len, requests = prepare_run(args.out, args.model_size, args.requests, args.rate, args.seed,
-                                                headroom=200)  # re-tokenized text may run a little longer
-    tokenizer = AutoTokenizer.from_pretrained(str(model))
-    for r in requests:  # text that re-tokenizes to (about) the same ids: shared prefixes stay shared
-        r.text = tokenizer.decode(r.tokens[1:] if r.tokens and r.tokens[0] == tokenizer.bos_token_id else r.tokens)
+    out, model, max_len, requests = text_workload(args)
     routers = [name.strip() for name in args.routers.split(",") if name.strip()]
     (out / "params.json").write_text(json.dumps({  # what benchmarks.sim_vs_live needs to rebuild this run
         "requests": args.requests, "rate": args.rate, "seed": args.seed, "model_size": args.model_size,
@@ -106,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "time_profile": f"{args.model_size}-cpu", "routers": routers}, indent=2))
     rounds: list[dict[str, dict]] = []
     records_by: dict[str, list[dict]] = {}
-    with start_replicas(model, 2, block_size=32, num_gpu_blocks=args.num_gpu_blocks, max_model_len=max_len,
-                        log_dir=out, kv_transport="tcp") as replicas:
-        warm_up(replicas)
+    with live_replicas(model, max_len, out, args.num_gpu_blocks) as replicas:
         for k in range(args.rounds):
             tag = f"-r{k + 1}" if args.rounds > 1 else ""
             summaries = {}

@@ -139,11 +139,14 @@ async def send_one(client: httpx.AsyncClient, url: str, r: Request, model: str, 
     return rec
 
 
-async def run_load(requests: Sequence[Request], url: str, *, model: str | None = None, timeout: float = 600.0,
+async def run_load(requests: Sequence[Request], url: str | Sequence[str], *, model: str | None = None,
+                   timeout: float = 600.0,
                    progress: bool = True, prompt_format: str = "ids", extra_body: dict[str, Any] | None = None,
                    max_connections: int = 4096, client: httpx.AsyncClient | None = None) -> list[dict[str, Any]]:
-    """Replay `requests` (arrival times set) against url, open loop; one record per request, in input order."""
-    url = url.rstrip("/")
+    """Replay `requests` (arrival times set) against url, open loop; one record per request, in input order.
+    Several urls (routers side by side): the k-th request to arrive goes to urls[k % len(urls)]."""
+    urls = [url.rstrip("/")] if isinstance(url, str) else [u.rstrip("/") for u in url]
+    url = urls[0]
     own_client = client is None
     if client is None:
         client = httpx.AsyncClient(limits=httpx.Limits(max_connections=max_connections,
@@ -163,7 +166,7 @@ async def run_load(requests: Sequence[Request], url: str, *, model: str | None =
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
 
-        async def task(r: Request) -> None:
+        async def task(r: Request, url: str) -> None:
             try:
                 if r.depends_on is not None and r.depends_on in ids:
                     await finished[r.depends_on].wait()
@@ -179,11 +182,11 @@ async def run_load(requests: Sequence[Request], url: str, *, model: str | None =
                     bar.update(1)
 
         tasks = []
-        for r in sorted(requests, key=lambda q: q.arrival):
+        for k, r in enumerate(sorted(requests, key=lambda q: q.arrival)):
             delay = t0 + r.arrival - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(loop.create_task(task(r)))
+            tasks.append(loop.create_task(task(r, urls[k % len(urls)])))
         await asyncio.gather(*tasks)
     finally:
         if bar is not None:
@@ -193,7 +196,7 @@ async def run_load(requests: Sequence[Request], url: str, *, model: str | None =
     return [results[r.id] for r in requests]
 
 
-def run_load_sync(requests: Sequence[Request], url: str, **kw: Any) -> list[dict[str, Any]]:
+def run_load_sync(requests: Sequence[Request], url: str | Sequence[str], **kw: Any) -> list[dict[str, Any]]:
     return asyncio.run(run_load(requests, url, **kw))
 
 

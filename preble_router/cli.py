@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import inspect
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from preble_router.tokens import PromptTokenizer
 
 # --workers N: each worker process rebuilds the router from the same arguments, passed in the environment.
 ENV_ARGV = "PREBLE_ROUTER_ARGV"
+WORKER_HEALTHCHECK_TIMEOUT_S = 60  # seconds a --workers process may miss its supervisor's ping
 
 
 def _split_list(values: Sequence[str]) -> list[str]:
@@ -145,9 +147,15 @@ def _setup_logging(args: argparse.Namespace) -> None:
 def _uvicorn_kwargs(args: argparse.Namespace) -> dict:
     # No Server/Date headers of our own: relayed responses carry the backend's. No X-Forwarded-* rewriting of the
     # client address either: nothing here reads it, and the middleware runs on every request.
-    return {"host": args.host, "port": args.port, "log_level": args.log_level, "access_log": False,
-            "timeout_graceful_shutdown": args.drain_timeout, "server_header": False, "date_header": False,
-            "proxy_headers": False}
+    kwargs = {"host": args.host, "port": args.port, "log_level": args.log_level, "access_log": False,
+              "timeout_graceful_shutdown": args.drain_timeout, "server_header": False, "date_header": False,
+              "proxy_headers": False}
+    if args.workers > 1 and "timeout_worker_healthcheck" in inspect.signature(uvicorn.run).parameters:
+        # uvicorn's supervisor kills a worker that misses a 5 s ping. A worker starting on a busy machine (importing
+        # the tokenizer stack holds the interpreter for seconds) missed it and was killed, again and again: a
+        # restart loop that took the CPU the engines needed. A hung worker is still replaced, later.
+        kwargs["timeout_worker_healthcheck"] = WORKER_HEALTHCHECK_TIMEOUT_S
+    return kwargs
 
 
 def worker_app():  # noqa: ANN201 (an ASGI app)

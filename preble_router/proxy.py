@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import gc
 import hmac
 import inspect
 import logging
@@ -221,11 +220,6 @@ class Proxy:
                 break
             await asyncio.sleep(0.5)
         self._health_task = asyncio.create_task(self._health_loop())
-        # What startup made (modules, tokenizers, the app) lives as long as the process: frozen out of the cyclic
-        # collector's reach, a full collection under traffic scans only what traffic made, not ~400k startup
-        # objects (a pause of a fifth of a second each time on a small machine).
-        gc.collect()
-        gc.freeze()
 
     async def shutdown(self) -> None:
         if self._health_task:
