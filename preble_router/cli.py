@@ -139,7 +139,9 @@ def build_proxy(args: argparse.Namespace) -> Proxy:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = " [%(process)d]" if args.workers > 1 else ""  # --workers: whose line it is (each routes on its own)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s{worker} %(levelname)s %(name)s: %(message)s")
     # httpx logs every request at INFO: on a proxy that is one line per forwarded request and health probe.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
