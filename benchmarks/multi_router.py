@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 from pathlib import Path
 
 from benchmarks.compare_routers import _median_summaries, live_replicas, text_workload
@@ -29,7 +30,8 @@ CONFIGS = ("one", "workers2", "two_routers")
 def _run_config(name: str, replicas, model: Path, requests, args: argparse.Namespace, out: Path,
                 tag: str) -> list[dict]:
     reset_caches(replicas)
-    extra = ["--time-profile", f"{args.model_size}-cpu", "--log-level", args.router_log_level]
+    extra = ["--time-profile", f"{args.model_size}-cpu", "--log-level", args.router_log_level,
+             *shlex.split(args.router_args)]
     base = router_argv(replicas, model, policy="preble", extra=extra)
     with contextlib.ExitStack() as stack:
         if name == "one":
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--router-log-level", default="info", help="the routers' log level (debug logs every decision)")
+    ap.add_argument("--router-args", default="", help="more router flags for every configuration, one string")
     ap.add_argument("--out", default=str(ROOT / "runs" / "multi_router"))
     args = ap.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
