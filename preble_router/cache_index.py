@@ -37,14 +37,13 @@ that backend matches.
 
 from __future__ import annotations
 
+import math
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, filterfalse, repeat, takewhile
-
-import math
-import time
 
 import numpy as np
 
@@ -295,9 +294,7 @@ class CacheIndex:
         """A run of stored blocks: one of our requests' (nothing to do), the next chunk of another router's
         request already told, or another router's new request (told to on_foreign_stored). O(1) per run."""
         now = self.clock()
-        own = self._own.get(backend_id)
-        if own is None:
-            own = self._own[backend_id] = _OwnRuns()
+        own = self._own_runs(backend_id)
         pin = own.keys.get(keys[0])
         if pin is not None and now - own.ended.get(pin, -math.inf) <= self.predicted_ttl:
             return  # our request's prompt (its prefill, or a block it recomputes after an eviction)
@@ -372,6 +369,12 @@ class CacheIndex:
                 self._match_group(holders, g << 6, group_alive, keys, now, result)
         return result
 
+    def _own_runs(self, backend_id: int) -> _OwnRuns:
+        own = self._own.get(backend_id)
+        if own is None:
+            own = self._own[backend_id] = _OwnRuns()
+        return own
+
     def foreign_prefill_at(self, backend_id: int, key: int, now: float) -> bool:
         """Whether another router's request is storing blocks on backend_id right now and its latest run ended at
         `key`: its prefill is still going, along a prompt that shares everything up to key. O(1)."""
@@ -401,9 +404,7 @@ class CacheIndex:
         if new:
             self._predicted.setdefault(backend_id, {}).update(zip(new, repeat(pin)))
         if tracked:  # every prompt key: one C-level update, released in O(1)
-            own = self._own.get(backend_id)
-            if own is None:
-                own = self._own[backend_id] = _OwnRuns()
+            own = self._own_runs(backend_id)
             own.keys.update(zip(keys, repeat(pin)))
             own.tails[keys[-1]] = pin
             own.ended[pin] = math.inf
