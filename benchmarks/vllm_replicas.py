@@ -247,20 +247,19 @@ class Replica:
         with _live_lock:
             _live.discard(self)
 
-    def log_tail(self, n: int = 60) -> str:
+    def _log_lines(self) -> list[str] | None:
         try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
+            return self.log_path.read_text(errors="replace").splitlines()
         except OSError:
-            return "<no log>"
-        return "\n".join(lines[-n:])
+            return None
+
+    def log_tail(self, n: int = 60) -> str:
+        lines = self._log_lines()
+        return "<no log>" if lines is None else "\n".join(lines[-n:])
 
     def log_errors(self, n: int = 12) -> str:
         """The log's last lines that name an error (a child's root cause is often far above the tail)."""
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        hits = [ln for ln in lines if _ERROR_LINE.search(ln)][-n:]
+        hits = [ln for ln in self._log_lines() or () if _ERROR_LINE.search(ln)][-n:]
         return "error lines:\n" + "\n".join(hits) + "\n--- tail:\n" if hits else ""
 
     def rss_bytes(self) -> int:
@@ -279,7 +278,7 @@ class Replica:
 class ReplicaDied(RuntimeError):
     """A replica exited before it was ready; `.replica` says which."""
 
-    def __init__(self, rep: "Replica") -> None:
+    def __init__(self, rep: Replica) -> None:
         code = None if rep.process is None else rep.process.returncode
         super().__init__(
             f"vLLM replica {rep.index} ({rep.url}) exited with code {code} during startup; "
