@@ -1,5 +1,6 @@
 """Several routers, one fleet (issue #16), live: the default router as one process, as `--workers 2`, and as two
-router processes that each take every other request, on the same real vLLM CPU replicas and requests.
+router processes that each take every other request (alone, or told of each other with --peer-bind/--peers), on
+the same real vLLM CPU replicas and requests.
 
     python -m benchmarks.multi_router [--requests 200] [--rate 1.5] [--rounds 2]
 
@@ -22,9 +23,12 @@ from benchmarks.compare_routers import _median_summaries, live_replicas, text_wo
 from benchmarks.demo import ROOT, reset_caches
 from benchmarks.loadgen import live_summary, run_load_sync
 from benchmarks.report import print_table
+from testkit.ports import free_ports
 from testkit.router_process import router_argv, start_router
 
-CONFIGS = ("one", "workers2", "two_routers")
+# workers2: --workers 2 (peer sync between the workers, the default); workers2_nosync: the same with --peer-sync off;
+# two_routers: two processes that know nothing of each other; two_peered: the same with --peer-bind/--peers.
+CONFIGS = ("one", "workers2", "two_routers", "two_peered", "workers2_nosync")
 
 
 def _run_config(name: str, replicas, model: Path, requests, args: argparse.Namespace, out: Path,
@@ -36,9 +40,16 @@ def _run_config(name: str, replicas, model: Path, requests, args: argparse.Names
     with contextlib.ExitStack() as stack:
         if name == "one":
             urls = [stack.enter_context(start_router(base, log_path=out / f"router-{name}{tag}.log"))]
-        elif name == "workers2":
-            urls = [stack.enter_context(start_router([*base, "--workers", "2"], ready_timeout=120.0,
+        elif name in ("workers2", "workers2_nosync"):
+            sync = ["--peer-sync", "off"] if name == "workers2_nosync" else []
+            urls = [stack.enter_context(start_router([*base, "--workers", "2", *sync], ready_timeout=120.0,
                                                      log_path=out / f"router-{name}{tag}.log"))]
+        elif name == "two_peered":
+            ports = free_ports(2)
+            peers = [f"tcp://127.0.0.1:{p}" for p in ports]
+            urls = [stack.enter_context(start_router([*base, "--peer-bind", peers[i], "--peers", peers[1 - i]],
+                                                     log_path=out / f"router-{name}{i}{tag}.log"))
+                    for i in range(2)]
         else:
             urls = [stack.enter_context(start_router(base, log_path=out / f"router-{name}{i}{tag}.log"))
                     for i in range(2)]
@@ -48,7 +59,8 @@ def _run_config(name: str, replicas, model: Path, requests, args: argparse.Names
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
+    ap.add_argument("--configs", default="one,workers2,two_routers,two_peered",
+                    help=f"comma list of {', '.join(CONFIGS)}")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--rate", type=float, default=1.5, help="requests per second (Poisson)")
     ap.add_argument("--num-gpu-blocks", type=int, default=384, help="KV-cache cap per replica, in 32-token blocks")

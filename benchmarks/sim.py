@@ -75,6 +75,7 @@ import numpy as np
 from benchmarks.report import summarize
 from benchmarks.workloads import Request
 from preble_router.load import EngineReport, InFlight
+from preble_router.peer_sync import PeerEvent, PeerEventKind
 from preble_router.policies import POLICIES, Policy, make_policy
 from preble_router.router import LOAD_POLL_INTERVAL_S, BlockSource, PreparedRequest, Router
 from preble_router.settings import setting
@@ -145,6 +146,15 @@ class SimConfig:
     predicted_ttl: float = setting(3.0, "Router's predicted-block TTL (s).", flag="--predicted-ttl")
     routers: int = setting(1, "Routers in front of the fleet (requests spread round robin over them), each with its "
                            "own policy and load view, all following the engines' KV events.", flag="--routers")
+    peer_sync: bool = setting(False, "Several routers tell each other what they dispatch (preble-router's "
+                              "--peer-sync, automatic between --workers), each event reaching the others "
+                              "peer_delay later.", flag="--peer-sync")
+    # 0: at once. A router publishes a dispatch before it writes the request to the engine, and an engine's first
+    # KV event for it comes after a step (milliseconds), so live its peers know of it first; the simulated engine
+    # may start a request at the very instant it is dispatched (profile overhead 0), so any delay here would let
+    # its KV events overtake the peer event, which does not happen live.
+    peer_delay: float = setting(0.0, "Seconds a router's event takes to reach its peers (--peer-sync).",
+                                flag="--peer-delay")
     load_poll_interval: float = setting(
         LOAD_POLL_INTERVAL_S, "Seconds between the engines' load reports to every router (as preble-router's "
         "--load-poll-interval: the Preble plugin's figures with --local-scheduler preble, else vLLM's gauges), "
@@ -633,6 +643,25 @@ class SimEngine:
         self.sim.complete(s, now)
 
 
+class _SimPeerBus:
+    """The simulator's peer sync (preble_router/peer_sync.py without the sockets): a router's events reach every
+    other router config.peer_delay later, as events of the simulation."""
+
+    def __init__(self, sim: Simulator, router: Router, router_id: str) -> None:
+        self.sim, self.router, self.router_id = sim, router, router_id
+        self._seq = 0
+
+    def publish(self, kind: PeerEventKind, **fields: object) -> None:
+        self._seq += 1
+        sim = self.sim
+        event = PeerEvent(kind, self.router_id, self._seq, **fields)
+        if sim.config.peer_delay <= 0:
+            sim.deliver_peer_event(self.router, event)
+            return
+        sim._seq += 1
+        heapq.heappush(sim._events, (sim.now + sim.config.peer_delay, 4, sim._seq, (self.router, event)))
+
+
 class Simulator:
     """Runs one policy over one request list. Use `simulate()` unless you need the objects."""
 
@@ -659,6 +688,9 @@ class Simulator:
                         for _ in range(max(1, self.config.routers))]
         self.router = self.routers[0]
         self.policy = self.router.policy
+        if self.config.peer_sync and len(self.routers) > 1:
+            for i, r in enumerate(self.routers):
+                r.attach_peers(_SimPeerBus(self, r, f"sim-router-{i}"))
         self.engines: list[SimEngine] = []
         self.by_backend: dict[int, SimEngine] = {}
         for i in range(self.config.gpus):
@@ -708,6 +740,8 @@ class Simulator:
                 self._arrive(obj, t)
             elif kind == 3:
                 self._report_loads(t)
+            elif kind == 4:  # a router's peer event reaches the other routers
+                self.deliver_peer_event(*obj)
             else:  # kind 2: a dispatched request reaches its engine after the per-request overhead
                 eng = self.engines[obj.engine]
                 eng.enqueue(obj)
@@ -722,6 +756,11 @@ class Simulator:
         for s in stuck:  # cannot happen unless a dependency is missing from the set: never lose a request
             s.error = s.error or "never completed (dependency never finished)"
         return self._result(time.perf_counter() - wall)
+
+    def deliver_peer_event(self, sender: Router, event: PeerEvent) -> None:
+        for router in self.routers:
+            if router is not sender:
+                router.apply_peer(event)
 
     def _report_loads(self, now: float) -> None:
         """Every engine reports its load to every router (a poll answered at once), then the next poll is due."""

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 import uvicorn
 
 from preble_router.discovery import add_discovery_args, check_discovery_args, start_discovery
+from preble_router.peer_sync import ENV_PEER_DIR, PeerSync
 from preble_router.policies import POLICIES, Policy, PrebleConfig, PreblePolicy, TimeModel, make_policy
 from preble_router.policies.time_model import PROFILES
 from preble_router.proxy import Proxy, ProxyConfig
@@ -100,8 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="Router processes sharing the port (one Python process is bound to one core; BENCHMARKS.md "
                         "gives its throughput). Each keeps its own index and load view: with --kv-events all "
-                        "indexes follow the engines; without, each estimates from the requests it routed. "
-                        "Counters and histograms in /metrics add up across workers.")
+                        "indexes follow the engines; without, each estimates from the requests it routed. The "
+                        "workers tell each other what they dispatch (--peer-sync), so each routes on all of their "
+                        "traffic. Counters and histograms in /metrics add up across workers.")
+    peers = p.add_argument_group("several routers (README: several routers in front of one fleet)")
+    peers.add_argument("--peer-sync", default="on", choices=["on", "off"],
+                       help="Tell peer routers what this one dispatches, and count theirs as its own (predicted "
+                            "blocks, load, the policy's history): automatic between --workers, and with "
+                            "--peer-bind/--peers between router processes. off: each router sees other routers' "
+                            "requests only through the engines' KV events and load reports.")
+    peers.add_argument("--peer-bind", default=None, metavar="ZMQ_ADDR",
+                       help="Where this router publishes its dispatches for its peers, e.g. tcp://*:5600.")
+    peers.add_argument("--peers", nargs="*", default=[], metavar="ZMQ_ADDR",
+                       help="The peer routers' --peer-bind addresses (space- or comma-separated), e.g. "
+                            "tcp://router-0.router:5600; the same list on every router is fine (a router ignores "
+                            "its own events).")
     add_flags(p, ProxyConfig)
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="On SIGTERM, seconds to let in-flight requests (streams included) finish.")
@@ -134,8 +148,14 @@ def build_proxy(args: argparse.Namespace) -> Proxy:
     for url in backends:
         endpoint, replay = kv.get(url.rstrip("/"), (None, None))
         router.add_backend(url, endpoint, replay)
-    return Proxy(router, from_args(ProxyConfig, args),
-                 discovery=lambda r: start_discovery(args, r))
+    config = from_args(ProxyConfig, args)
+    if args.peer_sync == "on":
+        peer_dir = os.environ.get(ENV_PEER_DIR) if args.workers > 1 else None
+        sync = PeerSync(router, bind=args.peer_bind, peers=_split_list(args.peers), peer_dir=peer_dir)
+        if sync.enabled:
+            router.peer_flight_ttl = config.request_timeout
+            router.peer_sync = sync  # started and stopped with the router's event consumers
+    return Proxy(router, config, discovery=lambda r: start_discovery(args, r))
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -198,6 +218,17 @@ def _multiprocess_metrics_dir() -> Iterator[None]:
             del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
+@contextlib.contextmanager
+def _peer_dir() -> Iterator[None]:
+    """--workers: the directory the workers' peer-sync sockets go in (peer_sync.py); they read the variable."""
+    with tempfile.TemporaryDirectory(prefix="preble-router-peers-") as d:
+        os.environ[ENV_PEER_DIR] = d
+        try:
+            yield
+        finally:
+            del os.environ[ENV_PEER_DIR]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -212,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     build_proxy(args)  # fail here, once, on bad arguments (model, backends), before starting workers
     os.environ[ENV_ARGV] = json.dumps(list(sys.argv[1:] if argv is None else argv))
-    with _multiprocess_metrics_dir():
+    with _multiprocess_metrics_dir(), _peer_dir():
         uvicorn.run("preble_router.cli:worker_app", factory=True, workers=args.workers, **_uvicorn_kwargs(args))
 
 

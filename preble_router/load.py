@@ -125,6 +125,7 @@ class InFlight:
     backend: Any = None  # the Backend it was sent to, to tell a departed backend from a reused id
     predicted: Any = None  # its blocks predicted on that backend (cache_index.RoutedBlocks), released when it ends
     cacheable_tokens: int = 0  # > 0: it should store new blocks there (KV events due); the most vLLM reports cached
+    dispatch_no: int = 0  # > 0: this router's number for it in its peer events (peer_sync.py)
 
 
 class LoadTracker:

@@ -57,6 +57,12 @@ STATE_GAUGES: dict[str, tuple[str, tuple[str, ...], bool, str]] = {
                              ("backend", "state"), False, "livemax"),
     "preble_cache_index_estimated": ("1 if the backend is routed on the estimated index (no or silent KV events)",
                                      ("backend",), False, "livemax"),
+    "preble_peer_routers": ("Peer routers heard from within the silence limit (peer sync)", (), False, "livemax"),
+    "preble_peer_events": ("Peer routers' events applied (their dispatches, first tokens, ends, heartbeats)", (),
+                           True, "livesum"),
+    "preble_peer_events_lost": ("Peer routers' events missing from their numbering", (), True, "livesum"),
+    "preble_peer_requests_in_flight": ("Peer routers' requests in flight, counted in this router's load view", (),
+                                       False, "livemax"),
 }
 
 
@@ -66,11 +72,14 @@ def multiprocess_mode() -> bool:
 
 def state_values(router: Router) -> Iterator[tuple[str, tuple[str, ...], float]]:
     """(metric, label values, value) for each state gauge, read from the router now."""
+    peer_load = router.peer_load()
     for b in router.backends.values():
         load = router.load.get(b.backend_id)
+        # This router's own requests (summed over --workers): its peers' are in its load counts too.
+        peer_in_flight, peer_prefill = peer_load.get(b.backend_id, (0, 0))
         yield "preble_backend_healthy", (b.url,), 1.0 if b.healthy else 0.0
-        yield "preble_backend_in_flight", (b.url,), load.in_flight
-        yield "preble_backend_pending_prefill_tokens", (b.url,), load.pending_prefill_tokens
+        yield "preble_backend_in_flight", (b.url,), load.in_flight - peer_in_flight
+        yield "preble_backend_pending_prefill_tokens", (b.url,), load.pending_prefill_tokens - peer_prefill
         yield "preble_cache_index_blocks", (b.url,), router.index.blocks_held(b.backend_id)
         yield "preble_cache_index_orphan_blocks", (b.url,), router.index.orphan_blocks(b.backend_id)
         if b.engine_waiting is not None:
@@ -97,6 +106,12 @@ def state_values(router: Router) -> Iterator[tuple[str, tuple[str, ...], float]]
             yield "preble_kv_event_silences", (b.url,), sub.stats.silences
             for state in FeedState:
                 yield "preble_kv_event_feed", (b.url, state.value), 1.0 if sub.state is state else 0.0
+    if router.peers is not None:
+        peers = router.peer_states.values()
+        yield "preble_peer_routers", (), len(peers)
+        yield "preble_peer_events", (), sum(p.events for p in peers) + router.peer_events_forgotten
+        yield "preble_peer_events_lost", (), sum(p.lost for p in peers) + router.peer_lost_forgotten
+        yield "preble_peer_requests_in_flight", (), sum(len(p.flights) for p in peers)
 
 
 class RouterMetrics:
@@ -149,7 +164,8 @@ class RouterMetrics:
         """Multiprocess mode: write this worker's state gauges where the other workers' scrapes read them."""
         if self._shared is not None:
             for name, labels, value in state_values(self.router):
-                self._shared[name].labels(*labels).set(value)
+                gauge = self._shared[name]
+                (gauge.labels(*labels) if labels else gauge).set(value)
 
     def render(self) -> bytes:
         if self._shared is None:

@@ -366,7 +366,8 @@ class Proxy:
                 "load": self.router.load_debug(b.backend_id),  # load feed, engine report, local and merged views
                 "kv_events": self._feed_view(b, sub, now),
             })
-        return JSONResponse({"policy": self.router.policy.name, "backends": out})
+        peers = self.router.peers_debug() if self.router.peers is not None else None
+        return JSONResponse({"policy": self.router.policy.name, "backends": out, "peer_sync": peers})
 
     async def reset_prefix_cache(self, request: Request) -> Response:
         """Empty every backend's prefix cache (vLLM's dev-mode endpoint) and the index with it: the engine's

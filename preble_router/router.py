@@ -11,9 +11,10 @@ import contextlib
 import enum
 import logging
 import time
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from urllib.parse import urlsplit
 
@@ -24,7 +25,8 @@ from preble_router.block_hash import BlockKeyCache, chain_root
 from preble_router.cache_index import CacheIndex
 from preble_router.kv_events import KvEventSubscriber, advertised_feed
 from preble_router.load import InFlight, LoadTracker
-from preble_router.policies import BackendState, ClusterSnapshot, Decision, Policy, RouteRequest
+from preble_router.peer_sync import PEER_SILENCE_S, PeerEvent, PeerEventKind
+from preble_router.policies import BackendState, ClusterSnapshot, Decision, Policy, Reason, RouteRequest
 from preble_router.served_models import ServedModels
 
 if TYPE_CHECKING:  # transformers is heavy; the simulator routes token ids and never loads it
@@ -81,6 +83,26 @@ class BlockSource(enum.Enum):
     EXTERNAL = "external"
 
 
+class PeerPublisher(Protocol):
+    """Where a router sends its own requests' events for its peers (peer_sync.PeerSync, or the simulator's bus)."""
+
+    router_id: str
+
+    def publish(self, kind: PeerEventKind, **fields: object) -> None: ...
+
+
+@dataclass(slots=True)
+class PeerState:
+    """What this router knows of one peer router: its last event, its event numbering, its requests in flight."""
+
+    last_seen: float
+    last_seq: int
+    events: int = 0
+    lost: int = 0  # events missing from its numbering (dropped, or sent while this router was not listening)
+    skipped: int = 0  # dispatches to a backend this router does not route to (unknown or unhealthy here)
+    flights: dict[int, tuple[PreparedRequest, InFlight]] = field(default_factory=dict)  # dispatch no -> request
+
+
 def cacheable_tokens(matched_blocks: int, block_size: int, prompt_tokens: int) -> int:
     """Tokens vLLM will report as cached: it always recomputes the prompt's last token."""
     if prompt_tokens <= 0:
@@ -132,6 +154,16 @@ class Router:
         self._subscribers: dict[int, KvEventSubscriber] = {}
         self._next_request = 0
         self._merge_inline_system: dict[str, bool] = {}  # per model, Messages' inline-system merge (probed once)
+        # Peer routers of the same fleet (peer_sync.py): this router's events go to `peers`; theirs come to
+        # apply_peer and are replayed through the same bookkeeping as this router's own requests.
+        self.peers: PeerPublisher | None = None
+        self.peer_sync: Any = None  # its transport (peer_sync.PeerSync), if any: start() / async stop()
+        self.peer_states: dict[str, PeerState] = {}
+        self.peer_flight_ttl = 600.0  # s: a peer's request whose end never came is forgotten after this long
+        self._dispatches = 0
+        self._rebalancer = True  # the one router of its peers that rebalances: the least router id (_elect)
+        self.peer_events_forgotten = 0  # events and losses of peers forgotten (silent): the counters stay monotonic
+        self.peer_lost_forgotten = 0
 
     # ---- backends -------------------------------------------------------------------------------
     def add_backend(self, url: str, kv_endpoint: str | None = None, replay_endpoint: str | None = None, *,
@@ -229,15 +261,21 @@ class Router:
             callback(backend_id, keys)
 
     def start_event_consumers(self) -> None:
-        """Start the KV-event subscribers and, with load_poll_interval, the load feed (on the running loop)."""
+        """Start the KV-event subscribers, the peer sync and, with load_poll_interval, the load feed (on the running
+        loop)."""
         for sub in self._subscribers.values():
             sub.start()
+        if self.peer_sync is not None:
+            self.peer_sync.start()  # attaches itself (attach_peers)
         if self.load_poll_interval > 0 and self._load_task is None:
             self._load_task = asyncio.get_running_loop().create_task(self._load_feed_loop())
 
     async def stop(self) -> None:
         for sub in self._subscribers.values():
             await sub.stop()
+        if self.peer_sync is not None:
+            self.peers = None
+            await self.peer_sync.stop()
         if self._load_task is not None:
             self._load_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -396,7 +434,8 @@ class Router:
                 cached_blocks=self.index.blocks_held(b.backend_id),
                 unseen_dispatches=load.unseen_dispatches,
             ))
-        return ClusterSnapshot(now=now, backends=tuple(states), shared=self.load.foreign_recent(now))
+        return ClusterSnapshot(now=now, backends=tuple(states), shared=self.load.foreign_recent(now),
+                               rebalancer=self._rebalancer)
 
     def route_request(self, prepared: PreparedRequest) -> RouteRequest:
         if prepared.route is None:
@@ -419,7 +458,20 @@ class Router:
         return self.policy.choose(self.route_request(prepared), snapshot)
 
     def dispatch(self, prepared: PreparedRequest, decision: Decision) -> InFlight:
-        """Record that the request goes to decision.backend_id (predicted blocks + load)."""
+        """Record that the request goes to decision.backend_id (predicted blocks + load), and tell the peers."""
+        inflight = self._record_dispatch(prepared, decision)
+        if self.peers is not None:
+            self._dispatches += 1
+            inflight.dispatch_no = self._dispatches
+            backend = inflight.backend
+            keys = prepared.keys_by_block_size.get(backend.block_size or 0, ())
+            self.peers.publish(PeerEventKind.DISPATCHED, request=self._dispatches, backend=backend.url,
+                               keys=array("Q", keys).tobytes(), block_size=backend.block_size or 0,
+                               prompt_tokens=len(prepared.tokens), matched_tokens=decision.matched_tokens,
+                               reason=str(decision.reason), model=prepared.model, max_tokens=prepared.max_tokens)
+        return inflight
+
+    def _record_dispatch(self, prepared: PreparedRequest, decision: Decision) -> InFlight:
         now = self.clock()
         backend = self.backends[decision.backend_id]
         keys = prepared.keys_by_block_size.get(backend.block_size or 0, [])
@@ -445,14 +497,20 @@ class Router:
 
     def first_token(self, inflight: InFlight) -> None:
         now = self.clock()
-        if inflight.first_token_at is None and not inflight.done and self._still_there(inflight):
-            self.policy.on_first_token(inflight.route, inflight.backend_id, now)
+        if inflight.first_token_at is None and not inflight.done:
+            if self._still_there(inflight):
+                self.policy.on_first_token(inflight.route, inflight.backend_id, now)
+            if inflight.dispatch_no and self.peers is not None:
+                self.peers.publish(PeerEventKind.FIRST_TOKEN, request=inflight.dispatch_no)
         self.load.first_token(inflight, now)
 
     def finish(self, prepared: PreparedRequest, inflight: InFlight, *, ok: bool, output_tokens: int | None,
                cached_tokens: int | None = None) -> None:
         """The request ended. cached_tokens: what the engine reported as cached (usage), when it did."""
         now = self.clock()
+        if not inflight.done and inflight.dispatch_no and self.peers is not None:
+            self.peers.publish(PeerEventKind.FINISHED, request=inflight.dispatch_no, ok=ok,
+                               output_tokens=output_tokens)
         if not inflight.done and self._still_there(inflight):
             self.policy.on_finished(inflight.route, inflight.backend_id, now, output_tokens, ok)
             if inflight.predicted is not None:
@@ -464,3 +522,105 @@ class Router:
                 if sub is not None:
                     sub.note_routed(now, inflight.started)
         self.load.finish(inflight, now, ok=ok, output_tokens=output_tokens)
+
+    # ---- peer routers (peer_sync.py) ------------------------------------------------------------------
+    def attach_peers(self, peers: PeerPublisher) -> None:
+        self.peers = peers
+        self._elect()
+
+    def _elect(self) -> None:
+        """Of this router and the peers it hears, the least id moves and replicates prefix groups (policies read
+        ClusterSnapshot.rebalancer): a move is one router's own state, so several movers would undo each other."""
+        self._rebalancer = self.peers is None or all(self.peers.router_id < rid for rid in self.peer_states)
+
+    def apply_peer(self, event: PeerEvent) -> None:
+        """A peer router's event: its dispatches, first tokens and ends go through this router's own bookkeeping
+        (predicted blocks, load counts, the policy's history), so both route on the traffic of both."""
+        now = self.clock()
+        peer = self.peer_states.get(event.router)
+        if peer is None:
+            peer = self.peer_states[event.router] = PeerState(now, event.seq - 1)
+            log.info("peer router %s: first event; its requests now count here", event.router)
+            self._elect()
+        if event.seq > peer.last_seq + 1:
+            gap = event.seq - peer.last_seq - 1
+            peer.lost += gap
+            log.warning("peer router %s: %d events lost (its requests in flight may be miscounted until they "
+                        "end or time out)", event.router, gap)
+        peer.last_seq = max(peer.last_seq, event.seq)
+        peer.last_seen = now
+        peer.events += 1
+        kind = event.kind
+        if kind == PeerEventKind.DISPATCHED:
+            self._apply_peer_dispatch(peer, event)
+        elif kind == PeerEventKind.FIRST_TOKEN:
+            flight = peer.flights.get(event.request)
+            if flight is not None:
+                self.first_token(flight[1])
+        elif kind == PeerEventKind.FINISHED:
+            flight = peer.flights.pop(event.request, None)
+            if flight is not None:
+                self.finish(flight[0], flight[1], ok=event.ok, output_tokens=event.output_tokens)
+
+    def _apply_peer_dispatch(self, peer: PeerState, event: PeerEvent) -> None:
+        backend = next((b for b in self.backends.values() if b.url == event.backend), None)
+        if backend is None or not backend.healthy or (backend.block_size or 0) != event.block_size:
+            peer.skipped += 1
+            return
+        keys = memoryview(event.keys).cast("Q").tolist() if event.keys else []
+        # The peer's tokens are not sent: only their count is read (range stands in for them).
+        prepared = PreparedRequest(f"peer-{event.router}-{event.request}", range(event.prompt_tokens), None, None,
+                                   event.max_tokens, model=event.model)
+        if keys:
+            prepared.keys_by_block_size[event.block_size] = keys
+        prepared.snapshot = self.snapshot(prepared)  # this router's view of it (its policy's callback reads it)
+        if all(b.backend_id != backend.backend_id for b in prepared.snapshot.backends):
+            peer.skipped += 1  # not eligible here (another model)
+            return
+        try:
+            reason = Reason(event.reason)
+        except ValueError:
+            reason = Reason.EXPLORE
+        decision = Decision(backend.backend_id, reason, event.matched_tokens)
+        peer.flights[event.request] = (prepared, self._record_dispatch(prepared, decision))
+
+    def check_peers(self) -> None:
+        """Forget peers gone silent (their requests in flight with them) and peer requests past the TTL."""
+        now = self.clock()
+        for router_id, peer in list(self.peer_states.items()):
+            silent = now - peer.last_seen > PEER_SILENCE_S
+            stale = [no for no, (_, inflight) in peer.flights.items()
+                     if silent or now - inflight.started > self.peer_flight_ttl]
+            for no in stale:
+                prepared, inflight = peer.flights.pop(no)
+                self.finish(prepared, inflight, ok=False, output_tokens=None)
+            if silent:
+                log.warning("peer router %s: silent for %.1f s; forgot it and its %d requests in flight (the "
+                            "engines' reports cover them)", router_id, now - peer.last_seen, len(stale))
+                self.peer_events_forgotten += peer.events
+                self.peer_lost_forgotten += peer.lost
+                del self.peer_states[router_id]
+                self._elect()
+
+    def peer_load(self) -> dict[int, tuple[int, int]]:
+        """Per backend, the peers' requests in flight and their pending prefill tokens counted in this router's
+        load (for its metrics of its own requests). O(peer requests in flight): for scrapes, not routing."""
+        out: dict[int, tuple[int, int]] = {}
+        for peer in self.peer_states.values():
+            for _, inflight in peer.flights.values():
+                if not inflight.done and self._still_there(inflight):
+                    n, tokens = out.get(inflight.backend_id, (0, 0))
+                    prefill = inflight.uncached_tokens if inflight.first_token_at is None else 0
+                    out[inflight.backend_id] = (n + 1, tokens + prefill)
+        return out
+
+    def peers_debug(self) -> dict[str, Any]:
+        """For /debug/backends: this router's peers and what it knows of each."""
+        now = self.clock()
+        debug = getattr(self.peers, "debug", None)
+        return {
+            **(debug() if debug is not None else {}),
+            "peers": {rid: {"last_seen_s_ago": round(now - p.last_seen, 3), "events": p.events, "lost": p.lost,
+                            "skipped": p.skipped, "in_flight": len(p.flights)}
+                      for rid, p in self.peer_states.items()},
+        }

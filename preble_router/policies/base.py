@@ -46,6 +46,9 @@ class ClusterSnapshot:
     # Other routers' requests were seen on the fleet lately (load.LoadTracker.foreign_recent): this router's
     # history sees only its share of the traffic. Always False for a lone router.
     shared: bool = False
+    # This router is the one of its peer-synced routers (peer_sync.py) that moves and replicates prefix groups;
+    # the others see its dispatches and follow them. Always True for a lone router.
+    rebalancer: bool = True
 
     def by_id(self, backend_id: int) -> BackendState:
         for b in self.backends:

@@ -678,6 +678,8 @@ class PreblePolicy:
         self._review_replicas(loads, now)
         if snapshot.shared and not cfg.shared_rebalance:
             return  # other routers' traffic is not in these window loads (PrebleConfig.shared_rebalance)
+        if not snapshot.rebalancer:
+            return  # a peer router moves groups for the fleet (one mover: moves are each router's own state)
         if loads[heavy] < cfg.bal_threshold * max(loads[light], 1e-9) or loads[heavy] <= 0:
             return
         groups = sorted(self._group_load.get(heavy, {}).values(), key=lambda g: g.ms)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import time
+
 import httpx
 import pytest
 
@@ -221,3 +223,34 @@ def test_workers_share_the_port_and_their_counters(fakes, tiny_model):
             assert _metric_sum(text, "preble_routing_decisions_total") == n
             assert _metric_sum(text, "preble_backend_healthy") == 2  # each backend, max over the workers
             assert "preble_backend_in_flight" in text
+
+
+def test_workers_tell_each_other_what_they_dispatch(fakes, tiny_model):
+    """`--workers 2`: each worker replays the other's dispatches (peer sync over ipc sockets in a directory the
+    parent made), so /debug/backends of either shows one peer, and the peer events add up to every request's
+    dispatch and end; in-flight gauges count each request once."""
+    from testkit.router_process import start_router
+
+    argv = ["--backends", *fakes, "--model", str(tiny_model), "--served-model-name", "tiny", "--policy", "preble",
+            "--workers", "2", "--health-interval", "0.5", "--admin-open"]
+    with start_router(argv, ready_timeout=120) as url:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # both workers heard from each other (heartbeats every second)
+            views = [httpx.get(url + "/debug/backends", timeout=10).json()["peer_sync"] for _ in range(6)]
+            if all(v and len(v["peers"]) == 1 for v in views) and len({v["router_id"] for v in views}) == 2:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"the workers never saw each other: {views}")
+        n = 24
+        for i in range(n):  # a new connection each time, so the kernel spreads them over the workers
+            with httpx.Client(timeout=20) as client:
+                r = client.post(url + "/v1/completions", json={"model": "tiny", "prompt": f"{LONG} {i}"})
+                assert r.status_code == 200
+        time.sleep(1.0)
+        text = httpx.get(url + "/metrics", timeout=10).text
+        assert _metric_sum(text, "preble_requests_total") == n
+        assert _metric_sum(text, "preble_peer_routers") == 1
+        assert _metric_sum(text, "preble_peer_events_total") >= 2 * n  # dispatched + finished, each seen once
+        assert _metric_sum(text, "preble_peer_events_lost_total") == 0
+        assert _metric_sum(text, "preble_backend_in_flight") == 0
