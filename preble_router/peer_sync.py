@@ -68,6 +68,7 @@ class PeerEvent(msgspec.Struct, array_like=True, frozen=True):
     prompt_tokens: int = 0
     matched_tokens: int = 0
     reason: str = ""
+    group_blocks: int = 0  # Decision.group_blocks: a move or replica's prefix group, for peers to adopt
     model: str | None = None  # as the client named it
     max_tokens: int | None = None
     ok: bool = True

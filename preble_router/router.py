@@ -468,7 +468,8 @@ class Router:
             self.peers.publish(PeerEventKind.DISPATCHED, request=self._dispatches, backend=backend.url,
                                keys=array("Q", keys).tobytes(), block_size=backend.block_size or 0,
                                prompt_tokens=len(prepared.tokens), matched_tokens=decision.matched_tokens,
-                               reason=str(decision.reason), model=prepared.model, max_tokens=prepared.max_tokens)
+                               reason=str(decision.reason), group_blocks=decision.group_blocks,
+                               model=prepared.model, max_tokens=prepared.max_tokens)
         return inflight
 
     def _record_dispatch(self, prepared: PreparedRequest, decision: Decision) -> InFlight:
@@ -581,7 +582,7 @@ class Router:
             reason = Reason(event.reason)
         except ValueError:
             reason = Reason.EXPLORE
-        decision = Decision(backend.backend_id, reason, event.matched_tokens)
+        decision = Decision(backend.backend_id, reason, event.matched_tokens, group_blocks=event.group_blocks)
         peer.flights[event.request] = (prepared, self._record_dispatch(prepared, decision))
 
     def check_peers(self) -> None:

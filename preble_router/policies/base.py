@@ -82,6 +82,9 @@ class Decision:
     reason: Reason
     matched_tokens: int
     costs: dict[int, float] = field(default_factory=dict)  # per backend id, when the policy scores them
+    # REBALANCE / REPLICA: the prefix group the move or replica applies to, as its length in blocks along the
+    # request's keys; peer routers, replaying the dispatch, adopt the move (peer_sync.py). 0: none.
+    group_blocks: int = 0
 
 
 @runtime_checkable

@@ -360,11 +360,12 @@ class PreblePolicy:
                 if replica and len(holders := replica.holders & backends.keys()) > 1:
                     costs = {i: load(i) + self._prefill(request, backends[i]) for i in holders}
                     chosen = min(costs, key=costs.__getitem__)
-                    return Decision(chosen, Reason.REPLICA, backends[chosen].matched_tokens, costs)
+                    return Decision(chosen, Reason.REPLICA, backends[chosen].matched_tokens, costs,
+                                    group_blocks=node.end_blocks)
                 moved = self._moved.get(id(node))
                 if moved and moved.target in backends and moved.until > now:
                     return Decision(moved.target, Reason.REBALANCE, backends[moved.target].matched_tokens,
-                                    {moved.target: load(moved.target)})
+                                    {moved.target: load(moved.target)}, group_blocks=node.end_blocks)
 
         if self.config.cost_model == CostModel.SHARING:
             return self._shared_cost(request, snapshot, cached, exploit)
@@ -572,6 +573,8 @@ class PreblePolicy:
         now, b = snapshot.now, decision.backend_id
         state = snapshot.by_id(b)
         group = self.tree.deepest_shared(request.block_hashes) if request.block_hashes else None
+        if decision.group_blocks and group is not None:
+            self._adopt(group, decision, now)
         path = self.tree.insert(request.block_hashes, b, now) if request.block_hashes else []
         group = group or (path[0] if path else None)
         missed = request.prompt_tokens - decision.matched_tokens
@@ -729,6 +732,18 @@ class PreblePolicy:
         if older_count < 3 or newer_count < 3:
             return False
         return newer_seconds / newer_count >= self.config.replicate_ttft_ratio * (older_seconds / older_count)
+
+    def _adopt(self, group: Node, decision: Decision, now: float) -> None:
+        """A REBALANCE or REPLICA dispatch (a peer router's, replayed here, or this router's own: then a no-op):
+        its group's move or replica holds here too, so peer routers route a moved group alike."""
+        node = next((n for n in self._ancestors(group) if n.end_blocks == decision.group_blocks), None)
+        if node is None:
+            return
+        if decision.reason == Reason.REBALANCE:
+            if id(node) not in self._moved:
+                self._moved[id(node)] = _Move(node, decision.backend_id, now + self.config.window)
+        elif decision.reason == Reason.REPLICA:
+            self._replicas.setdefault(id(node), _Replica(node, set())).holders.add(decision.backend_id)
 
     def _review_replicas(self, loads: dict[int, float], now: float) -> None:
         """Stop using extra holders once the group no longer dominates any of them or is no longer hot."""

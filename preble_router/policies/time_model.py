@@ -67,6 +67,8 @@ class TimeModel:
 
     def observe_prefill(self, new_tokens: int, context_tokens: int, ms: float) -> None:
         """An idle backend's time to first token for n new tokens on c context: refit by least squares."""
+        if ms <= 0:
+            return  # no measurement (a clock that did not tick): a zero scale would make every prefill free
         if self._fit_samples < self.min_fit_samples:
             # Calibrate from the first sample on: a wrong profile (another model, another machine) is off by a
             # roughly constant factor, which one idle prefill already reveals.

@@ -170,6 +170,35 @@ def test_one_router_of_a_peered_fleet_moves_groups():
     assert b.snapshot(b.prepare_tokens(list(range(8)))).rebalancer
 
 
+def test_peers_adopt_the_movers_moves():
+    """The mover's REBALANCE dispatch names its group (Decision.group_blocks): a peer replaying it moves the group
+    too, so a request of that group goes to the move's target whichever router takes it."""
+    from preble_router.policies import Reason
+    from preble_router.policies.preble import _Move
+
+    clock = Clock()
+    a, b = make_router(clock), make_router(clock)
+    bus = FakeBus()
+    bus.join(a, "a")
+    bus.join(b, "b")
+    doc = list(range(1000, 1000 + 128))  # 32 blocks: a document both routers have seen go to one backend
+    for i, question in enumerate(([1, 2, 3, 4], [5, 6, 7, 8])):  # two questions: the tree splits at the doc
+        clock.now = float(i)
+        pa, first, fa = send(a, doc + question)
+        a.first_token(fa)
+        a.finish(pa, fa, ok=True, output_tokens=8)
+    other = 1 - first.backend_id
+    group = a.policy.tree.deepest_shared(a.prepare_tokens(doc + [13, 14, 15, 16]).keys_by_block_size[BS])
+    assert group is not None and group.end_blocks == 32
+    a.policy._moved[id(group)] = _Move(group, other, clock.now + 100)  # the mover's rebalancing moved it
+    clock.now = 2.0
+    _, moved, _ = send(a, doc + [13, 14, 15, 16])
+    assert moved.reason == Reason.REBALANCE and moved.backend_id == other and moved.group_blocks == group.end_blocks
+    clock.now = 3.0
+    _, follow, _ = send(b, doc + [9, 10, 11, 12])
+    assert (follow.reason, follow.backend_id) == (Reason.REBALANCE, other)
+
+
 def test_a_silent_peer_is_forgotten_with_its_requests(caplog):
     clock = Clock()
     a, b = make_router(clock), make_router(clock)

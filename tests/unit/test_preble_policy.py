@@ -206,6 +206,15 @@ def test_time_model_calibrates_from_the_first_idle_prefill():
     assert tm.prefill_ms(2000, 2000) == pytest.approx(200.0)
 
 
+def test_time_model_ignores_a_zero_time_to_first_token():
+    """A TTFT of 0 ms (a clock that did not tick between dispatch and first token) is no measurement: it once set
+    the calibration scale to 0 (every prefill free) and the next sample divided by it."""
+    tm = TimeModel(a=0.0, b=0.01, d=0.0, e=0.0)
+    tm.observe_prefill(1000, 1000, 0.0)
+    tm.observe_prefill(1000, 1000, 100.0)
+    assert tm.prefill_ms(2000, 2000) == pytest.approx(200.0)
+
+
 def test_a_long_running_prefill_counts_only_what_is_left():
     p = policy(load_signal="outstanding")
     big = request("big", range(1000, 1100))  # 1601 tokens: 161 ms of prefill at 0.1 ms/token
