@@ -73,6 +73,7 @@ class PeerEvent(msgspec.Struct, array_like=True, frozen=True):
     max_tokens: int | None = None
     ok: bool = True
     output_tokens: int | None = None
+    elapsed: float = 0.0  # FIRST_TOKEN, FINISHED: seconds since the sender dispatched the request
 
 
 _encode = msgspec.msgpack.Encoder().encode

@@ -496,22 +496,25 @@ class Router:
         """False once the request's backend left (its id may now name another backend)."""
         return self.backends.get(inflight.backend_id) is inflight.backend
 
-    def first_token(self, inflight: InFlight) -> None:
-        now = self.clock()
+    def first_token(self, inflight: InFlight, at: float | None = None) -> None:
+        """The request's first token came (at: when, if not now: a peer's request, timed by that peer)."""
+        now = self.clock() if at is None else at
         if inflight.first_token_at is None and not inflight.done:
             if self._still_there(inflight):
                 self.policy.on_first_token(inflight.route, inflight.backend_id, now)
             if inflight.dispatch_no and self.peers is not None:
-                self.peers.publish(PeerEventKind.FIRST_TOKEN, request=inflight.dispatch_no)
+                self.peers.publish(PeerEventKind.FIRST_TOKEN, request=inflight.dispatch_no,
+                                   elapsed=now - inflight.started)
         self.load.first_token(inflight, now)
 
     def finish(self, prepared: PreparedRequest, inflight: InFlight, *, ok: bool, output_tokens: int | None,
-               cached_tokens: int | None = None) -> None:
-        """The request ended. cached_tokens: what the engine reported as cached (usage), when it did."""
-        now = self.clock()
+               cached_tokens: int | None = None, at: float | None = None) -> None:
+        """The request ended. cached_tokens: what the engine reported as cached (usage), when it did. at: when,
+        if not now (a peer's request, timed by that peer)."""
+        now = self.clock() if at is None else at
         if not inflight.done and inflight.dispatch_no and self.peers is not None:
             self.peers.publish(PeerEventKind.FINISHED, request=inflight.dispatch_no, ok=ok,
-                               output_tokens=output_tokens)
+                               output_tokens=output_tokens, elapsed=now - inflight.started)
         if not inflight.done and self._still_there(inflight):
             self.policy.on_finished(inflight.route, inflight.backend_id, now, output_tokens, ok)
             if inflight.predicted is not None:
@@ -554,14 +557,18 @@ class Router:
         kind = event.kind
         if kind == PeerEventKind.DISPATCHED:
             self._apply_peer_dispatch(peer, event)
+        # Timed as the peer timed them (its elapsed time since its dispatch, counted from when the dispatch got
+        # here), not by when they got here: events that queued together behind a busy loop would otherwise show a
+        # prefill as instant to the policy's time model. (A time past now by at most the dispatch's delay.)
         elif kind == PeerEventKind.FIRST_TOKEN:
             flight = peer.flights.get(event.request)
             if flight is not None:
-                self.first_token(flight[1])
+                self.first_token(flight[1], at=flight[1].started + event.elapsed)
         elif kind == PeerEventKind.FINISHED:
             flight = peer.flights.pop(event.request, None)
             if flight is not None:
-                self.finish(flight[0], flight[1], ok=event.ok, output_tokens=event.output_tokens)
+                self.finish(flight[0], flight[1], ok=event.ok, output_tokens=event.output_tokens,
+                            at=flight[1].started + event.elapsed)
 
     def _apply_peer_dispatch(self, peer: PeerState, event: PeerEvent) -> None:
         backend = next((b for b in self.backends.values() if b.url == event.backend), None)

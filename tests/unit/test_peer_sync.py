@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import pytest
+
 from preble_router.load import EngineReport
 from preble_router.peer_sync import PEER_SILENCE_S, PeerEvent, PeerEventKind, PeerSync
 from preble_router.policies import make_policy
@@ -127,6 +129,24 @@ def test_peer_requests_merge_with_the_engines_report_like_own_ones():
     clock.now = 0.25
     b.load.apply_report(d.backend_id, EngineReport(running=1, waiting=0), b.load.mark(d.backend_id), 0.25)
     assert b.load.view(d.backend_id, 0.25).in_flight == 1
+
+
+def test_late_peer_events_are_timed_as_the_peer_timed_them():
+    """A dispatch and its first token that reach b together (its loop was busy) still show b the peer's own time
+    to first token: the policy's time model calibrates on it as a's does, instead of on an instant prefill."""
+    clock = Clock()
+    a, b = make_router(clock), make_router(clock)
+    bus = FakeBus()
+    bus.join(a, "a")
+    held: list[PeerEvent] = []
+    a.peers.publish = lambda kind, _p=a.peers.publish, **f: (held.append(PeerEvent(kind, "a", len(held) + 1, **f)))
+    pa, _, fa = send(a, list(range(64)))
+    clock.now = 0.5
+    a.first_token(fa)
+    clock.now = 0.6
+    for event in held:
+        b.apply_peer(event)
+    assert a.policy.time._scale != 1.0 and b.policy.time._scale == pytest.approx(a.policy.time._scale)
 
 
 def test_lost_events_are_counted_and_logged(caplog):
