@@ -13,16 +13,9 @@ from preble_router.load import EngineReport
 from preble_router.peer_sync import PEER_SILENCE_S, PeerEvent, PeerEventKind, PeerSync
 from preble_router.policies import make_policy
 from preble_router.router import BlockSource, Router
+from tests.unit.test_several_routers import Clock
 
 BS = 4
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeBus:
@@ -61,6 +54,15 @@ def make_router(clock: Clock, policy: str = "preble", backends: int = 2, estimat
         r.add_backend(f"http://gpu{i}", blocks=BlockSource.ESTIMATED if estimated else BlockSource.EXTERNAL,
                       block_size=BS, capacity_blocks=1000, healthy=True)
     return r
+
+
+def peered(clock: Clock, **kwargs: object) -> tuple[Router, Router, FakeBus]:
+    """Two routers a and b, joined by a FakeBus."""
+    a, b = make_router(clock, **kwargs), make_router(clock, **kwargs)
+    bus = FakeBus()
+    bus.join(a, "a")
+    bus.join(b, "b")
+    return a, b, bus
 
 
 def send(r: Router, tokens: list[int], max_tokens: int = 8):
@@ -121,10 +123,7 @@ def test_without_peers_the_second_router_cannot_see_the_first_ones_request():
 def test_peer_requests_merge_with_the_engines_report_like_own_ones():
     """The engine's report includes a peer's request once polled after it: counted once, not twice."""
     clock = Clock()
-    a, b = make_router(clock), make_router(clock)
-    bus = FakeBus()
-    bus.join(a, "a")
-    bus.join(b, "b")
+    a, b, bus = peered(clock)
     _, d, _ = send(a, list(range(64)))
     clock.now = 0.25
     b.load.apply_report(d.backend_id, EngineReport(running=1, waiting=0), b.load.mark(d.backend_id), 0.25)
@@ -151,10 +150,7 @@ def test_late_peer_events_are_timed_as_the_peer_timed_them():
 
 def test_lost_events_are_counted_and_logged(caplog):
     clock = Clock()
-    a, b = make_router(clock), make_router(clock)
-    bus = FakeBus()
-    bus.join(a, "a")
-    bus.join(b, "b")
+    a, b, bus = peered(clock)
     pa, _, fa = send(a, list(range(64)))
     bus.drop_next = 2  # its first token and its end are lost
     a.first_token(fa)
@@ -197,10 +193,7 @@ def test_peers_adopt_the_movers_moves():
     from preble_router.policies.preble import _Move
 
     clock = Clock()
-    a, b = make_router(clock), make_router(clock)
-    bus = FakeBus()
-    bus.join(a, "a")
-    bus.join(b, "b")
+    a, b, bus = peered(clock)
     doc = list(range(1000, 1000 + 128))  # 32 blocks: a document both routers have seen go to one backend
     for i, question in enumerate(([1, 2, 3, 4], [5, 6, 7, 8])):  # two questions: the tree splits at the doc
         clock.now = float(i)
@@ -221,10 +214,7 @@ def test_peers_adopt_the_movers_moves():
 
 def test_a_silent_peer_is_forgotten_with_its_requests(caplog):
     clock = Clock()
-    a, b = make_router(clock), make_router(clock)
-    bus = FakeBus()
-    bus.join(a, "a")
-    bus.join(b, "b")
+    a, b, bus = peered(clock)
     _, d, _ = send(a, list(range(64)))
     assert b.load.get(d.backend_id).in_flight == 1
     clock.now = PEER_SILENCE_S + 0.1
@@ -250,10 +240,7 @@ def test_a_dispatch_to_a_backend_unknown_here_is_skipped():
 def test_estimated_backends_learn_a_peers_blocks():
     """Without KV events the estimate is all a router knows: a peer's dispatch adds to it as its own would."""
     clock = Clock()
-    a, b = make_router(clock, estimated=True), make_router(clock, estimated=True)
-    bus = FakeBus()
-    bus.join(a, "a")
-    bus.join(b, "b")
+    a, b, bus = peered(clock, estimated=True)
     prompt = list(range(64))
     pa, d, _ = send(a, prompt)
     assert b.index.match(pa.keys_by_block_size[BS], [0, 1], 0.0)[d.backend_id] == 16
