@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--peers", nargs="*", default=[], metavar="ZMQ_ADDR",
                        help="The peer routers' --peer-bind addresses (space- or comma-separated), e.g. "
                             "tcp://router-0.router:5600; the same list on every router is fine (a router ignores "
-                            "its own events).")
+                            "its own events). dns:NAME:PORT: every address NAME resolves to, resolved again each "
+                            "second (a headless Service of the router pods: routers that come and go join and "
+                            "leave).")
     add_flags(p, ProxyConfig)
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="On SIGTERM, seconds to let in-flight requests (streams included) finish.")
@@ -151,7 +153,10 @@ def build_proxy(args: argparse.Namespace) -> Proxy:
     config = from_args(ProxyConfig, args)
     if args.peer_sync == "on":
         peer_dir = os.environ.get(ENV_PEER_DIR) if args.workers > 1 else None
-        sync = PeerSync(router, bind=args.peer_bind, peers=_split_list(args.peers), peer_dir=peer_dir)
+        try:
+            sync = PeerSync(router, bind=args.peer_bind, peers=_split_list(args.peers), peer_dir=peer_dir)
+        except ValueError as exc:
+            raise SystemExit(f"--peers: {exc}") from None
         if sync.enabled:
             router.peer_flight_ttl = config.request_timeout
             router.peer_sync = sync  # started and stopped with the router's event consumers

@@ -13,7 +13,9 @@ Who talks to whom:
 - ``--workers N``: automatic. The workers of one router share a directory (made by the parent); each binds an
   ipc socket there and subscribes to the others' (found by a scan each second: a restarted worker joins).
 - separate router processes (several pods behind one Service): ``--peer-bind tcp://*:PORT`` on each and
-  ``--peers tcp://a:PORT,tcp://b:PORT,...`` (the same list everywhere: a router ignores its own events).
+  ``--peers tcp://a:PORT,tcp://b:PORT,...`` (the same list everywhere: a router ignores its own events), or
+  ``--peers dns:NAME:PORT``: every address NAME resolves to (a headless Service of the router pods, as the Helm
+  chart makes), resolved again each second, so routers that scale up or down join and leave.
 
 Degrading loudly: each router numbers its events; a gap (PUB drops past its high-water mark, a restart) is a
 WARNING and counted. A peer silent for ``PEER_SILENCE_S`` (it sends a heartbeat every ``HEARTBEAT_S``) is a
@@ -26,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import ipaddress
 import logging
 import os
+import socket
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +84,11 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(PeerEvent).decode
 
 
+def zmq_tcp_address(ip: str, port: int) -> str:
+    """tcp://IP:PORT, with an IPv6 address in brackets."""
+    return f"tcp://[{ip}]:{port}" if ipaddress.ip_address(ip).version == 6 else f"tcp://{ip}:{port}"
+
+
 def new_router_id() -> str:
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -94,7 +103,17 @@ class PeerSync:
                  peer_dir: str | None = None) -> None:
         self.router = router
         self.router_id = new_router_id()
-        self.bind, self.peers, self.peer_dir = bind, list(peers), peer_dir
+        self.bind, self.peer_dir = bind, peer_dir
+        self.peers = [p for p in peers if not p.startswith("dns:")]
+        # dns:NAME:PORT -> the addresses it resolved to last, connected
+        self._dns: dict[tuple[str, int], set[str]] = {}
+        self._dns_failing: set[tuple[str, int]] = set()
+        for spec in peers:
+            if spec.startswith("dns:"):
+                host, _, port = spec[4:].rpartition(":")
+                if not host or not port.isdigit():
+                    raise ValueError(f"peer {spec!r}: expected dns:NAME:PORT")
+                self._dns[(host, int(port))] = set()
         self.dropped = 0  # events not sent: the PUB queue was full
         self._ctx: zmq.asyncio.Context | None = None
         self._pub_ctx: zmq.Context | None = None
@@ -107,7 +126,7 @@ class PeerSync:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.bind or self.peers or self.peer_dir)
+        return bool(self.bind or self.peers or self.peer_dir or self._dns)
 
     def start(self) -> None:
         """Bind, connect and start receiving (on the running loop)."""
@@ -118,6 +137,7 @@ class PeerSync:
         self._pub = self._pub_ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.SNDHWM, 100_000)
         self._pub.setsockopt(zmq.LINGER, 0)
+        self._pub.setsockopt(zmq.IPV6, 1)  # tcp://*:PORT then listens on IPv4 and IPv6
         if self.bind:
             self._pub.bind(self.bind)
         if self.peer_dir:
@@ -127,6 +147,7 @@ class PeerSync:
         self._sub.setsockopt(zmq.RCVHWM, 100_000)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.setsockopt(zmq.IPV6, 1)  # peers found by DNS may have IPv6 addresses
         for address in self.peers:
             self._connect(address)
         self._scan_dir()
@@ -192,14 +213,45 @@ class PeerSync:
         while True:
             self.publish(PeerEventKind.HEARTBEAT)
             self._scan_dir()
+            await self._resolve()
             self.router.check_peers()
             await asyncio.sleep(HEARTBEAT_S)
+
+    async def _resolve(self) -> None:
+        """dns:NAME:PORT peers: subscribe to every address the name resolves to now, drop those it no longer does."""
+        loop = asyncio.get_running_loop()
+        for (host, port), connected in self._dns.items():
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                if (host, port) not in self._dns_failing:
+                    self._dns_failing.add((host, port))
+                    log.warning("peer sync: cannot resolve %s (%s); its routers are not peers until it resolves",
+                                host, exc)
+                continue
+            if (host, port) in self._dns_failing:
+                self._dns_failing.discard((host, port))
+                log.info("peer sync: %s resolves again", host)
+            addresses = {zmq_tcp_address(info[4][0], port) for info in infos}
+            for address in addresses - connected:
+                log.info("peer sync: subscribing to %s (%s)", address, host)
+                self._connect(address)
+            for address in connected - addresses:
+                log.info("peer sync: %s no longer resolves to %s", host, address)
+                self._disconnect(address)
+            self._dns[(host, port)] = addresses
 
     def _connect(self, address: str) -> None:
         if address in self._connected or self._sub is None:
             return
         self._sub.connect(address)
         self._connected.add(address)
+
+    def _disconnect(self, address: str) -> None:
+        if address in self._connected and self._sub is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sub.disconnect(address)
+            self._connected.discard(address)
 
     def _scan_dir(self) -> None:
         """--workers: subscribe to every worker's socket in the shared directory but this one's."""

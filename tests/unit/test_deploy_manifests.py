@@ -168,6 +168,32 @@ def check_service(svc: dict, target: dict, others: list[dict]) -> None:
         assert port["targetPort"] in port_names(router)
 
 
+def client_and_peer_services(docs: list[dict]) -> tuple[dict, dict | None]:
+    """The router's Service for clients, and the headless one its pods find each other by (peer sync), if any."""
+    services = objects(docs, "Service")
+    headless = [s for s in services if s["spec"].get("clusterIP") == "None"]
+    (svc,) = [s for s in services if s not in headless]
+    assert len(headless) <= 1
+    return svc, headless[0] if headless else None
+
+
+def check_peer_sync(args: argparse.Namespace, router_d: dict, peers_svc: dict | None) -> None:
+    """More than one router replica: each binds the peer port and subscribes to every pod behind the headless
+    Service (all of them, Ready or not); one replica: no peer sync at all."""
+    replicas = router_d["spec"]["replicas"]
+    if replicas <= 1:
+        assert peers_svc is None and args.peer_bind is None and args.peers == []
+        return
+    assert peers_svc is not None and peers_svc["spec"]["publishNotReadyAddresses"] is True
+    check_service(peers_svc, router_d, [])
+    router = container(router_d, "router")
+    port = port_names(router)["peers"]
+    assert args.peer_bind == f"tcp://*:{port}"
+    name = peers_svc["metadata"]["name"]
+    assert args.peers == [f"dns:{name}.{NAMESPACE}.svc.cluster.local:{port}"]
+    assert [(p["port"], p["targetPort"]) for p in peers_svc["spec"]["ports"]] == [(port, "peers")]
+
+
 def check_vllm(vllm: dict, *, expect_kv: bool = True) -> None:
     args = vllm["args"]
     assert vllm["command"] == ["vllm", "serve"]
@@ -292,12 +318,20 @@ def check_network_policies(docs: list[dict], router_d: dict, vllm_d: dict | None
     policies = objects(docs, "NetworkPolicy")
     router = pod_ref(router_d, "router")
     router_http = router.ports["http"]
-    (svc,) = objects(docs, "Service")
+    svc, peers_svc = client_and_peer_services(docs)
     assert {router.ports.get(p["targetPort"], p["targetPort"]) for p in svc["spec"]["ports"]} == {router_http}
     router_pols = [p for p in policies if label_selector_matches(p["spec"]["podSelector"], router.labels)]
     assert len(router_pols) == 1
     assert ingress_allowed(policies, client, router, router_http)
     assert not ingress_allowed(policies, client, router, 9090)
+    if peers_svc is not None:  # peer sync: the router pods reach each other's peer port, and nobody else does
+        peer_port = router.ports["peers"]
+        assert ingress_allowed(policies, router, router, peer_port)
+        assert not ingress_allowed(policies, client, router, peer_port)
+        for other in (PodRef({"app": "client"}), PodRef(dict(router.labels), "other")):
+            assert not ingress_allowed(policies, other, router, peer_port)
+    else:
+        assert "peers" not in router.ports
     if vllm_d is None:
         assert len(policies) == 1
         return
@@ -346,7 +380,8 @@ def check_deployment_mode(docs: list[dict], *, kv: bool = True, replay: bool = T
     assert any("" in rule["apiGroups"] and "pods" in rule["resources"] and {"list", "watch"} <= set(rule["verbs"])
                for rule in role["rules"])
 
-    (svc,) = objects(docs, "Service")
+    svc, peers_svc = client_and_peer_services(docs)
+    check_peer_sync(args, router_d, peers_svc)
     if not network_policy:
         assert not objects(docs, "NetworkPolicy")
     if not vllm_deployed:

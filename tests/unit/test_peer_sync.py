@@ -282,3 +282,33 @@ def test_zmq_transport_between_two_routers():
             await sb.stop()
 
     asyncio.run(main())
+
+
+def test_peers_found_by_dns():
+    """--peers dns:NAME:PORT subscribes to every address the name resolves to (here localhost)."""
+    from testkit.ports import free_ports
+
+    async def main() -> None:
+        (port,) = free_ports(1)
+        a, b = make_router(Clock()), make_router(Clock())
+        sa = PeerSync(a, bind=f"tcp://127.0.0.1:{port}")
+        sb = PeerSync(b, peers=[f"dns:localhost:{port}"])
+        sa.start()
+        sb.start()
+        try:
+            for _ in range(100):
+                if sa.router_id in b.peer_states:
+                    break
+                await asyncio.sleep(0.05)
+            assert sa.router_id in b.peer_states
+            assert f"tcp://127.0.0.1:{port}" in b.peers_debug()["subscribed"]
+        finally:
+            await sa.stop()
+            await sb.stop()
+
+    asyncio.run(main())
+
+
+def test_a_malformed_dns_peer_is_refused():
+    with pytest.raises(ValueError, match="dns:NAME:PORT"):
+        PeerSync(make_router(Clock()), peers=["dns:nohost"])
