@@ -569,6 +569,15 @@ class CacheIndex:
         spans, estimate = entry.spans, entry.estimate
         assert spans is not None and estimate is not None
         n, size = len(keys), _SPAN_BLOCKS
+        if not held and estimate.isdisjoint(keys):
+            # A prompt none of whose blocks is there (a new prefix): every span is new, whole. (A span's keys are
+            # all in the estimate while it exists, so no span can be keyed by one of these keys.)
+            for start in range((n - 1) // size * size, -1, -size):
+                spans[keys[min(start + size, n) - 1]] = list(keys[start:start + size])
+            estimate.update(keys)
+            entry.blocks = len(estimate)
+            self._evict_to_capacity(backend_id, entry)
+            return
         for start in range((n - 1) // size * size, -1, -size):
             stop = min(start + size, n)
             span_key = keys[stop - 1]
