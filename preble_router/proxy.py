@@ -106,6 +106,17 @@ class ProxyConfig:
 
 
 _decode_json = msgspec.json.Decoder().decode
+
+
+class _ReplyFields(msgspec.Struct):
+    """The two fields of a whole reply the router reads: decoded into this, the rest (choices, their text) is
+    parsed past without building its objects."""
+
+    id: Any = None
+    usage: Any = None
+
+
+_decode_reply = msgspec.json.Decoder(_ReplyFields).decode
 # How much of a Responses stream is scanned for its response.created event (vLLM sends it first).
 _STREAM_ID_SCAN_BYTES = 65536
 # Arrays and objects a request body may nest. Real bodies nest a few levels (tool schemas a dozen or so); past
@@ -118,7 +129,9 @@ class _TooLarge(Exception):
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+    # The first Content-Length, as Starlette's request.headers would give it, read from the raw ASGI list without
+    # building that Headers object.
+    declared = next((value for name, value in request.scope["headers"] if name == b"content-length"), None)
     # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
     if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise _TooLarge
@@ -138,11 +151,26 @@ async def _read_body(request: Request, limit: int) -> bytes:
             return b"".join(chunks)
 
 
+def _brackets_over(raw: bytes, limit: int) -> bool:
+    """Whether raw holds more than `limit` opening brackets ([ and { together). Found one by one with bytes.find
+    (memchr), stopping past the limit: bytes.count walks the whole body a byte at a time, twice, which on a long
+    prompt cost more than everything else in parsing but the decode."""
+    seen = 0
+    for bracket in (b"[", b"{"):
+        at = raw.find(bracket)
+        while at >= 0:
+            seen += 1
+            if seen > limit:
+                return True
+            at = raw.find(bracket, at + 1)
+    return False
+
+
 def _nested_deeper(raw: bytes, body: Any, limit: int) -> bool:
     """Whether the decoded body nests arrays/objects more than `limit` levels. Walked with a stack, not by
     recursion, and only when the raw bytes hold more brackets than the limit (most bodies: one prompt string or
     one token list, so no walk at all)."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
+    if not _brackets_over(raw, limit):
         return False
     stack = [(body, 1)]
     while stack:
@@ -571,13 +599,14 @@ class Proxy:
                 return relay
             content, output_tokens, usage = first, None, None  # the whole reply
             if resp.status == 200:
+                # (A reply that is not a JSON object fails to decode into _ReplyFields: a ValueError.)
                 with contextlib.suppress(ValueError, AttributeError, RecursionError):  # whatever the backend sent
-                    reply = _decode_json(content)
-                    usage = reply.get("usage")
+                    reply = _decode_reply(content)
+                    usage = reply.usage
                     self._observe_usage(usage, decision, backend)
                     output_tokens = _output_tokens_from_usage(usage)
-                    if learn_id and isinstance(reply.get("id"), str):
-                        self.responses.learn(reply["id"], backend.url)
+                    if learn_id and isinstance(reply.id, str):
+                        self.responses.learn(reply.id, backend.url)
             self._end(prepared, inflight, backend, endpoint, resp.status, ok=resp.status < 400,
                       output_tokens=output_tokens, cached_tokens=_cached_tokens_from_usage(usage))
             return _WholeResponse(resp.status, _relayed_headers(resp.headers, decision_headers, len(content)),
@@ -761,15 +790,16 @@ class Proxy:
             self.metrics.child(self.metrics.cached_tokens, backend.url, "predicted").inc(decision.matched_tokens)
 
     @staticmethod
-    def _decision_headers(backend: Backend, decision: Decision, attempt: int) -> dict[str, str]:
-        headers = {
-            "x-preble-backend": backend.url,
-            "x-preble-matched-tokens": str(decision.matched_tokens),
-            "x-preble-decision": decision.reason,
-            "x-preble-attempts": str(attempt + 1),
-        }
+    def _decision_headers(backend: Backend, decision: Decision, attempt: int) -> list[tuple[bytes, bytes]]:
+        """The router's headers on a routed reply, as the bytes ASGI sends (built so, not as a dict of str)."""
+        headers = [
+            (b"x-preble-backend", backend.url.encode("latin-1")),
+            (b"x-preble-matched-tokens", str(decision.matched_tokens).encode()),
+            (b"x-preble-decision", decision.reason.encode("latin-1")),
+            (b"x-preble-attempts", b"%d" % (attempt + 1)),
+        ]
         if decision.costs:
-            headers["x-preble-cost"] = f"{decision.costs.get(decision.backend_id, 0.0):.4f}"
+            headers.append((b"x-preble-cost", b"%.4f" % decision.costs.get(decision.backend_id, 0.0)))
         return headers
 
 
@@ -794,12 +824,16 @@ def _forwarded_headers(client_headers: list[tuple[bytes, bytes]], backend_api_ke
     return headers
 
 
-def _relayed_headers(backend_headers: list[tuple[bytes, bytes]], extra: dict[str, str],
-                     length: int | None = None) -> list[tuple[bytes, bytes]]:
+def _relayed_headers(backend_headers: list[tuple[bytes, bytes]],
+                     extra: dict[str, str] | list[tuple[bytes, bytes]], length: int | None = None
+                     ) -> list[tuple[bytes, bytes]]:
     """A reply's headers as ASGI wants them, from the backend's raw ones (repeats such as Set-Cookie kept), plus
-    the router's; the length of a whole reply."""
+    the router's (str, or already bytes); the length of a whole reply."""
     headers = [(name, value) for name, value in backend_headers if name.lower() not in _HOP_HEADERS]
-    headers += [(name.encode(), value.encode("latin-1")) for name, value in extra.items()]
+    if isinstance(extra, dict):
+        headers += [(name.encode(), value.encode("latin-1")) for name, value in extra.items()]
+    else:
+        headers += extra
     if length is not None:
         headers.append((b"content-length", b"%d" % length))
     return headers

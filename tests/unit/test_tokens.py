@@ -68,6 +68,19 @@ def test_text_prompts_come_back_as_fresh_arrays(tok):
     assert list(tok.completion_tokens({"prompt": "hello world " * 300})) == original
 
 
+def test_cached_prompts_are_told_apart(tok):
+    """Whole prompts and chunks are cached under a digest of their text: texts that differ anywhere (one
+    character, the special-tokens flag) never share an entry, and repeats agree with a cold encoding."""
+    base = corpus()[:9000]
+    texts = [base, base[:-1] + "!", "!" + base[1:], base[:4000] + "é" + base[4001:], base[:4000] + "中" + base[4001:],
+             base + " ", base[:3000]]
+    for _ in range(2):  # the second round comes from the caches
+        for text in texts:
+            for special in (True, False):
+                expected = tok.tokenizer(text, add_special_tokens=special)["input_ids"]
+                assert list(tok._tokens(text, special)) == expected
+
+
 def test_router_numbers_requests_itself(tok):
     from preble_router.policies import LeastLoadPolicy
     from preble_router.router import Router
