@@ -209,29 +209,27 @@ def tune_gc() -> None:
 
 
 @contextlib.contextmanager
-def _multiprocess_metrics_dir() -> Iterator[None]:
+def _temp_dir_in_env(variable: str, prefix: str) -> Iterator[None]:
+    """A fresh temporary directory named in the environment variable while the workers run (they read it)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as d:
+        os.environ[variable] = d
+        try:
+            yield
+        finally:
+            del os.environ[variable]
+
+
+def _multiprocess_metrics_dir() -> contextlib.AbstractContextManager[None]:
     """prometheus_client's multiprocess mode (counters shared through files in this directory); the workers
-    read the variable when they import prometheus_client."""
+    read the variable when they import prometheus_client. A directory the user named is kept."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        yield
-        return
-    with tempfile.TemporaryDirectory(prefix="preble-router-metrics-") as d:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = d
-        try:
-            yield
-        finally:
-            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        return contextlib.nullcontext()
+    return _temp_dir_in_env("PROMETHEUS_MULTIPROC_DIR", "preble-router-metrics-")
 
 
-@contextlib.contextmanager
-def _peer_dir() -> Iterator[None]:
-    """--workers: the directory the workers' peer-sync sockets go in (peer_sync.py); they read the variable."""
-    with tempfile.TemporaryDirectory(prefix="preble-router-peers-") as d:
-        os.environ[ENV_PEER_DIR] = d
-        try:
-            yield
-        finally:
-            del os.environ[ENV_PEER_DIR]
+def _peer_dir() -> contextlib.AbstractContextManager[None]:
+    """--workers: the directory the workers' peer-sync sockets go in (peer_sync.py)."""
+    return _temp_dir_in_env(ENV_PEER_DIR, "preble-router-peers-")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -360,7 +360,7 @@ class KubernetesDiscovery(Discovery):
         for url, spec in desired.items():
             if url in self._managed:
                 continue
-            if any(b.url == url for b in self.router.backends.values()):
+            if self.router.backend_by_url(url) is not None:
                 if url not in self._conflicts:  # a static backend of the same URL: leave it alone
                     log.warning("pod %s is backend %s, already configured statically; not managing it",
                                 spec.pod, url)

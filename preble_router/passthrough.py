@@ -208,7 +208,8 @@ class Passthrough:
                     resp.close()
                 self._finish(inflight, backend, endpoint, status)
 
-        extra = {"x-preble-backend": backend.url, "x-preble-attempts": str(attempt + 1)}
+        extra = [(b"x-preble-backend", backend.url.encode("latin-1")),
+                 (b"x-preble-attempts", b"%d" % (attempt + 1))]
         relay = _RelayResponse(chunks(), resp.status, _relayed_headers(resp.headers, extra))
 
         def abandon() -> None:  # the client left before the relay began

@@ -155,8 +155,7 @@ class PeerSync:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._receive()), loop.create_task(self._tick())]
         log.info("peer sync: this router is %s; publishing at %s; peers %s", self.router_id,
-                 ", ".join(filter(None, [self.bind, self._own_path and f"ipc://{self._own_path}"])) or "nowhere",
-                 ", ".join(sorted(self._connected)) or "none yet")
+                 ", ".join(self._publishing()) or "nowhere", ", ".join(sorted(self._connected)) or "none yet")
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -268,7 +267,10 @@ class PeerSync:
                     log.info("peer sync: subscribing to worker %s", path.stem)
                     self._connect(address)
 
+    def _publishing(self) -> list[str]:
+        """The addresses this router's PUB socket is bound to."""
+        return [a for a in (self.bind, self._own_path and f"ipc://{self._own_path}") if a]
+
     def debug(self) -> dict[str, object]:
-        return {"router_id": self.router_id, "publishing": [a for a in (self.bind, self._own_path and
-                                                                        f"ipc://{self._own_path}") if a],
+        return {"router_id": self.router_id, "publishing": self._publishing(),
                 "subscribed": sorted(self._connected), "dropped_sends": self.dropped}

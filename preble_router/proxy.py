@@ -675,7 +675,7 @@ class Proxy:
                 return _response_not_found(response_id)
             self.responses.learn(response_id, backend.url)
             return backend
-        backend = next((b for b in self.router.backends.values() if b.url == url), None)
+        backend = self.router.backend_by_url(url)
         if backend is None or not backend.healthy:
             state = "no longer a backend" if backend is None else f"down: {backend.last_error}"
             return error_response(503, f"the backend that stored response '{response_id}' ({url}) is {state}",
@@ -728,7 +728,7 @@ class Proxy:
         except _TRANSPORT_ERRORS as exc:
             mark_failure(holder, str(exc) or type(exc).__name__)
             return error_response(502, f"backend {holder.url} failed: {type(exc).__name__}", "backend_failure")
-        extra = {"x-preble-backend": holder.url}
+        extra = [(b"x-preble-backend", holder.url.encode("latin-1"))]
         if not streamed:
             return _WholeResponse(resp.status, _relayed_headers(resp.headers, extra, len(first)), first)
 
@@ -824,16 +824,12 @@ def _forwarded_headers(client_headers: list[tuple[bytes, bytes]], backend_api_ke
     return headers
 
 
-def _relayed_headers(backend_headers: list[tuple[bytes, bytes]],
-                     extra: dict[str, str] | list[tuple[bytes, bytes]], length: int | None = None
-                     ) -> list[tuple[bytes, bytes]]:
+def _relayed_headers(backend_headers: list[tuple[bytes, bytes]], extra: list[tuple[bytes, bytes]],
+                     length: int | None = None) -> list[tuple[bytes, bytes]]:
     """A reply's headers as ASGI wants them, from the backend's raw ones (repeats such as Set-Cookie kept), plus
-    the router's (str, or already bytes); the length of a whole reply."""
+    the router's (as bytes); the length of a whole reply."""
     headers = [(name, value) for name, value in backend_headers if name.lower() not in _HOP_HEADERS]
-    if isinstance(extra, dict):
-        headers += [(name.encode(), value.encode("latin-1")) for name, value in extra.items()]
-    else:
-        headers += extra
+    headers += extra
     if length is not None:
         headers.append((b"content-length", b"%d" % length))
     return headers

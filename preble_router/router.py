@@ -176,9 +176,9 @@ class Router:
         engine); else learned from its /metrics by the health probes. healthy: routable at once, before any
         probe (nothing probes a simulated engine)."""
         url = url.rstrip("/")
-        for b in self.backends.values():
-            if b.url == url:
-                return b
+        known = self.backend_by_url(url)
+        if known is not None:
+            return known
         if blocks is None:
             blocks = BlockSource.EVENTS if kv_endpoint or self.kv_events_auto else BlockSource.ESTIMATED
         if kv_endpoint and blocks is not BlockSource.EVENTS:
@@ -195,6 +195,10 @@ class Router:
         if kv_endpoint:
             self._subscribe(backend, kv_endpoint, replay_endpoint)
         return backend
+
+    def backend_by_url(self, url: str) -> Backend | None:
+        """The registered backend of this URL (as registered: no trailing slash), if any."""
+        return next((b for b in self.backends.values() if b.url == url), None)
 
     def _subscribe(self, backend: Backend, endpoint: str, replay_endpoint: str | None, topic: str = "") -> None:
         backend.kv_endpoint, backend.replay_endpoint = endpoint, replay_endpoint
@@ -240,15 +244,17 @@ class Router:
                 sub.check(now)
 
     async def remove_backend(self, url: str) -> None:
-        for backend_id, b in list(self.backends.items()):
-            if b.url == url.rstrip("/"):
-                sub = self._subscribers.pop(backend_id, None)
-                if sub:
-                    await sub.stop()
-                self.index.remove_backend(backend_id)
-                self.load.remove_backend(backend_id)
-                self.policy.on_backend_removed(backend_id)
-                del self.backends[backend_id]
+        backend = self.backend_by_url(url.rstrip("/"))
+        if backend is None:
+            return
+        backend_id = backend.backend_id
+        sub = self._subscribers.pop(backend_id, None)
+        if sub:
+            await sub.stop()
+        self.index.remove_backend(backend_id)
+        self.load.remove_backend(backend_id)
+        self.policy.on_backend_removed(backend_id)
+        del self.backends[backend_id]
 
     def _foreign_stored(self, backend_id: int, stored_tokens: int) -> None:
         if backend_id in self.backends:
@@ -571,7 +577,7 @@ class Router:
                             at=flight[1].started + event.elapsed)
 
     def _apply_peer_dispatch(self, peer: PeerState, event: PeerEvent) -> None:
-        backend = next((b for b in self.backends.values() if b.url == event.backend), None)
+        backend = self.backend_by_url(event.backend)
         if backend is None or not backend.healthy or (backend.block_size or 0) != event.block_size:
             peer.skipped += 1
             return
