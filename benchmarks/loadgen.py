@@ -215,6 +215,13 @@ def live_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             kind = str(r["error"]).split(":")[0][:60]
             errors[kind] = errors.get(kind, 0) + 1
     s.update({"backends": backends, "decisions": decisions, "error_kinds": errors})
+    # Through our router: how far its index's prediction (matched tokens, at dispatch) was from what vLLM found
+    # cached (at prefill). Over: blocks claimed that the engine had evicted, or not stored yet; under: blocks held
+    # that the index did not know of (another router's, or events not yet applied).
+    judged = [r for r in records if isinstance(r.get("matched_tokens"), int) and r.get("cached_tokens") is not None]
+    if judged:
+        s["over_predicted_tokens"] = sum(max(0, r["matched_tokens"] - r["cached_tokens"]) for r in judged)
+        s["under_predicted_tokens"] = sum(max(0, r["cached_tokens"] - r["matched_tokens"]) for r in judged)
     if backends:  # live: max/mean of requests per backend (busy time is not observable from outside)
         counts = list(backends.values())
         s["imbalance"] = max(counts) / (sum(counts) / len(counts))

@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, s in summaries.items():
             if name != "one" and s.get("latency_avg"):
                 print(f"{name} / one: avg {s['latency_avg'] / one['latency_avg']:.2f}x, hit rate "
-                      f"{(s.get('hit_rate') or 0) - (one.get('hit_rate') or 0):+.3f}, errors {s.get('errors')}")
+                      f"{(s.get('hit_rate') or 0) - (one.get('hit_rate') or 0):+.3f}, errors {s.get('errors')}, "
+                      f"tokens over-predicted {s.get('over_predicted_tokens')} (one: "
+                      f"{one.get('over_predicted_tokens')}), under-predicted {s.get('under_predicted_tokens')} "
+                      f"(one: {one.get('under_predicted_tokens')})")
     return 1 if any(s.get("errors") for r in rounds for s in r.values()) else 0
 
 

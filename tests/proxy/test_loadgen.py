@@ -101,7 +101,9 @@ async def test_router_headers_and_cached_tokens_are_recorded():
     r = recs[0]
     assert (r["backend"], r["matched_tokens"], r["decision"]) == ("http://b1", 32, "exploit")
     assert (r["prompt_tokens"], r["cached_tokens"], r["output_tokens"]) == (64, 32, 3)
-    assert live_summary(recs)["hit_rate"] == 0.5
+    summary = live_summary(recs)
+    assert summary["hit_rate"] == 0.5
+    assert (summary["over_predicted_tokens"], summary["under_predicted_tokens"]) == (0, 0)  # matched 32, cached 32
     body = seen[0]
     assert body["prompt"] == list(range(20, 84)) and body["max_tokens"] == 3 and body["ignore_eos"] is True
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
