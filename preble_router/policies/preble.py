@@ -74,6 +74,12 @@ class PrebleConfig:
     bal_threshold: float = setting(
         1.5, "Th_bal: rebalance when the heaviest backend's load is this many times the lightest's.",
         flag="--preble-bal-threshold")
+    rebalance_moves: bool = setting(
+        False, "1: rebalancing moves prefix groups from the heaviest backend to the lightest (the paper's load "
+        "rebalancing; the rules below gate it); 0: groups stay where their cache is, and load is balanced by the "
+        "cost of each request alone (docs/design.md, \"Tried and dropped\": on the simulator suite moves never "
+        "helped and made long-document QA and tool use at 8 GPUs 4-100x slower).", flag="--preble-rebalance-moves",
+        type=int, choices=[0, 1])
     warmup_per_backend: int = setting(50, "Requests per backend before rebalancing starts.", flag="--preble-warmup")
     replicate_ttft_ratio: float = setting(
         2.0, "Replicate a prefix group when its mean TTFT over the newer half of H is this many times the older "
@@ -690,7 +696,7 @@ class PreblePolicy:
             if self._hot(slot.group, now) and slot.ms >= cfg.replicate_share * loads[heavy]:
                 self._replicas.setdefault(id(slot.group), _Replica(slot.group, {heavy})).holders.add(light)
                 return
-        if self._routed < cfg.warmup_per_backend * len(ids):
+        if not cfg.rebalance_moves or self._routed < cfg.warmup_per_backend * len(ids):
             return
         moved, added = 0.0, 0.0  # load taken off heavy; load (plus recompute) put on light
         for slot in groups:

@@ -67,6 +67,9 @@ class PrefixTree:
 
     def path(self, keys: Sequence[int]) -> list[Node]:
         """Existing nodes along keys, the last one possibly covering keys only in part."""
+        # Runs are lists, and a slice of a tuple (a RouteRequest's block_hashes) or a range never equals a list:
+        # compared as given, every path would end at its first node.
+        keys = keys if isinstance(keys, list) else list(keys)
         out, node, pos = [], self.root, 0
         while pos < len(keys):
             child = node.children.get(keys[pos])
@@ -82,8 +85,9 @@ class PrefixTree:
 
     def deepest_shared(self, keys: Sequence[int]) -> Node | None:
         """The deepest node whose whole run is a prefix of keys: the request's prefix group."""
+        keys = keys if isinstance(keys, list) else list(keys)
         path = self.path(keys)
-        while path and list(keys[path[-1].start_blocks : path[-1].end_blocks]) != path[-1].keys:
+        while path and keys[path[-1].start_blocks : path[-1].end_blocks] != path[-1].keys:
             path.pop()
         return path[-1] if path else None
 

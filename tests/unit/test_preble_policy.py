@@ -100,7 +100,8 @@ def test_load_window_expires():
 
 def test_rebalancing_moves_cheapest_group_after_warmup():
     # The paper's rule (moves ignore the recompute; the default gate: test_rebalancing_*recompute*).
-    p = policy(warmup_per_backend=5, bal_threshold=1.5, rebalance_interval=0.0, rebalance_recompute=math.inf)
+    p = policy(rebalance_moves=True, warmup_per_backend=5, bal_threshold=1.5, rebalance_interval=0.0,
+               rebalance_recompute=math.inf)
     groups = {g: [10_000 * g + j for j in range(40)] for g in range(4)}
     t, reasons, targets = 0.0, [], {}
     # Four prefix groups all cached on backend 0 keep exploiting it; backend 1 idles.
@@ -118,7 +119,7 @@ def test_rebalancing_moves_cheapest_group_after_warmup():
 
 
 def test_single_dominant_group_is_not_moved_by_rebalancing():
-    p = policy(warmup_per_backend=1, rebalance_interval=0.0)
+    p = policy(rebalance_moves=True, warmup_per_backend=1, rebalance_interval=0.0)
     hot = list(range(40))
     for i in range(20):
         d = send(p, request(i, hot + [i + 500], prompt_tokens=41 * BS + 1), snap(i * 0.1, backend(0, matched=640), backend(1)))
@@ -348,8 +349,16 @@ def _rebalance_workload(p, doc_blocks=200, steps=60):
     return last
 
 
+def test_rebalancing_moves_no_group_by_default():
+    """Moves are off unless asked for (PrebleConfig.rebalance_moves): the workload that moves groups with them on
+    leaves every group where its cache is."""
+    p = policy(warmup_per_backend=5, rebalance_interval=0.0, rebalance_recompute=math.inf)
+    last = _rebalance_workload(p)
+    assert set(last.values()) == {0} and not p._moved
+
+
 def test_rebalancing_never_moves_a_group_whose_recompute_exceeds_its_recurring_load():
-    p = policy(warmup_per_backend=5, rebalance_interval=0.0)  # default rebalance_recompute=1
+    p = policy(rebalance_moves=True, warmup_per_backend=5, rebalance_interval=0.0)  # default rebalance_recompute=1
     last = _rebalance_workload(p)
     assert last["doc"] == 0  # 200 blocks to recompute on backend 1 for a few short questions: stays
     assert any(last[g] == 1 for g in range(4))  # cheap tool groups still move
@@ -359,7 +368,7 @@ def test_rebalancing_never_moves_a_group_whose_recompute_exceeds_its_recurring_l
 
 
 def test_paper_rebalancing_moves_the_long_group_too():
-    p = policy(warmup_per_backend=5, rebalance_interval=0.0, rebalance_recompute=math.inf)
+    p = policy(rebalance_moves=True, warmup_per_backend=5, rebalance_interval=0.0, rebalance_recompute=math.inf)
     last = _rebalance_workload(p)
     assert last["doc"] == 1  # the paper's rule: any group under chain_tokens moves, whatever its recompute
 
@@ -384,6 +393,21 @@ def test_recompute_counts_only_what_the_light_backend_lacks():
     # backend 1 holds the shared 30-block system prompt: only the 10-block tail is recomputed there
     assert p.recompute_ms(group, 1) == pytest.approx(p.time.prefill_ms(10 * BS, 40 * BS))
     assert p.recompute_ms(group, 0) == 0.0
+
+
+def test_prefix_group_is_the_deepest_shared_node_whatever_the_sequence_type():
+    """RouteRequest.block_hashes is a tuple: its group must be the deepest whole node on its path, as for a list
+    (a tuple slice never equals a list run, which once ended every path at its first node)."""
+    from preble_router.policies.prefix_tree import PrefixTree
+
+    tree = PrefixTree(60.0)
+    tree.insert(list(range(10)), 0, 0.0)  # system prompt + tool A
+    tree.insert(list(range(5)) + list(range(20, 26)), 0, 0.0)  # the same system prompt + tool B
+    query = list(range(5)) + list(range(20, 26)) + [99, 98]  # tool B, a new question
+    for keys in (query, tuple(query)):
+        assert [len(n.keys) for n in tree.path(keys)] == [5, 6]
+        assert tree.deepest_shared(keys).end_blocks == 11
+    assert tree.deepest_shared(range(10)).end_blocks == 10
 
 
 # ---- the tree learns evictions (on_blocks_evicted) -----------------------------------------------------------------
