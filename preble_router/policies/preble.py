@@ -123,13 +123,13 @@ class PrebleConfig:
         "out: vLLM batches a new prefill with running decodes, and counting them sends cache hits away at "
         "saturation. inf: the paper's exploit, which never looks at load.", flag="--preble-exploit-overflow")
     default_output_tokens: int = setting(128, "Output tokens assumed until max_tokens or the group's median says "
-                                         "otherwise.")
-    rebalance_interval: float = setting(1.0, "Seconds between rebalancing checks.")
+                                         "otherwise.", flag="--preble-default-output-tokens")
+    rebalance_interval: float = setting(1.0, "Seconds between rebalancing checks.", flag="--preble-rebalance-interval")
     eviction_refresh: float = setting(
         0.25, "M reads each backend's LRU through a summary (an _EvictionCurve) rebuilt at most this often (seconds), "
         "or when a request needs more of the LRU than it covers: a lookup is then a binary search, not a walk of "
         "the prefix groups, and a rebuild (a walk) happens a few times a second whatever the rate. 0: rebuilt for "
-        "every decision.")
+        "every decision.", flag="--preble-eviction-refresh")
     cost_model: CostModel = setting(
         CostModel.SHARING,
         "queue: exploit the longest match unless its prefill queue overflows, else explore the least "

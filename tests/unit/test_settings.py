@@ -58,3 +58,13 @@ def test_sim_takes_the_preble_settings():
     policy = sim_policy(args, "preble")()
     assert policy.config == PrebleConfig(load_signal="window", exploit_overflow=math.inf)
     assert sim_policy(args, "round_robin") == "round_robin"
+
+
+def test_every_preble_setting_has_a_flag():
+    """#20: a sweep of any PrebleConfig field needs no code (preble-bench sim / suite and the router take them all)."""
+    missing = [f.name for f in dataclasses.fields(PrebleConfig) if not (f.metadata or {}).get("flag")]
+    assert missing == []
+    args = cli.build_parser().parse_args(["--model", "m", "--preble-rebalance-interval", "2.5",
+                                          "--preble-eviction-refresh", "0", "--preble-default-output-tokens", "64"])
+    config = from_args(PrebleConfig, args)
+    assert (config.rebalance_interval, config.eviction_refresh, config.default_output_tokens) == (2.5, 0.0, 64)
