@@ -77,8 +77,8 @@ class PrebleConfig:
     rebalance_moves: bool = setting(
         False, "1: rebalancing moves prefix groups from the heaviest backend to the lightest (the paper's load "
         "rebalancing; the rules below gate it); 0: groups stay where their cache is, and load is balanced by the "
-        "cost of each request alone (docs/design.md, \"Tried and dropped\": on the simulator suite moves never "
-        "helped and made long-document QA and tool use at 8 GPUs 4-100x slower).", flag="--preble-rebalance-moves",
+        "cost of each request alone (off: on the simulator suite moves never helped, and a moved group stays on its "
+        "target however loaded it becomes; docs/design.md, \"Tried and dropped\").", flag="--preble-rebalance-moves",
         type=int, choices=[0, 1])
     warmup_per_backend: int = setting(50, "Requests per backend before rebalancing starts.", flag="--preble-warmup")
     replicate_ttft_ratio: float = setting(
