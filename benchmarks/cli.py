@@ -13,6 +13,7 @@
     preble-bench matrix   [--workloads tool_use,video_qa] [--gpus 4,8]    # every workload near saturation
     preble-bench suite    [--gpus 2,4,8,16] [--rate-levels sat,0.6] [--seeds 0,1,2] [--jobs 1]   # all of it, seeds
     preble-bench policy-bench [--rates 100,1000,10000]    # us per routing decision as policy windows fill
+    preble-bench live-suite [--mixes tool,docqa,chat,mixed,hot,longdoc] [--seeds 0,1,2]   # real vLLM, 5 routers
 
 Rates are requests per second for the whole cluster (the paper gives its rates per 2 GPUs).
 """
@@ -218,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "once, seed 0) unless --rates gives it, run every policy at each rate level and seed, and write "
                    "suite.json, suite.md and plots: min / median / max over seeds, preble's ratios, issue #20's "
                    "targets PASS / FAIL (benchmarks/suite.py).")
+
+    from benchmarks import live_suite
+
+    sub.add_parser("live-suite", parents=[live_suite.build_parser(add_help=False)], formatter_class=fmt,
+                   help="The live comparison: workload mixes x seeds x routers on two vLLM CPU replicas.",
+                   description="benchmarks/live_suite.py: every router on the same requests per mix and seed, "
+                   "caches emptied between them; min / median / max over seeds, preble's ratios to the best other "
+                   "router, issue #20's live targets PASS / FAIL, and each mix replayed in the simulator.")
 
     from benchmarks import policy_bench
 
@@ -438,6 +447,12 @@ def cmd_suite(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_live_suite(args: argparse.Namespace) -> int:
+    from benchmarks import live_suite
+
+    return live_suite.run(args)
+
+
 def cmd_policy_bench(args: argparse.Namespace) -> int:
     from benchmarks import policy_bench
 
@@ -447,7 +462,7 @@ def cmd_policy_bench(args: argparse.Namespace) -> int:
 
 COMMANDS = {"workload": cmd_workload, "sim": cmd_sim, "live": cmd_live, "compare": cmd_compare,
             "sim-vs-live": cmd_sim_vs_live, "matrix": cmd_matrix, "suite": cmd_suite,
-            "policy-bench": cmd_policy_bench}
+            "policy-bench": cmd_policy_bench, "live-suite": cmd_live_suite}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

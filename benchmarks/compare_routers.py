@@ -32,7 +32,7 @@ from benchmarks.vllm_replicas import start_replicas
 from testkit.ports import free_port
 from testkit.router_process import router_argv, start_router, start_server
 
-OURS = {"preble", "cache_aware", "least_load", "round_robin"}
+OURS = {"preble", "cache_aware", "least_load", "round_robin", "lmetric"}
 
 
 def _binary(name: str) -> str | None:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             tag = f"-r{k + 1}" if args.rounds > 1 else ""
             summaries = {}
             for name in routers if k % 2 == 0 else routers[::-1]:  # alternate order: no router always goes first
-                records = _run_router(name, replicas, model, requests, args, out, tag)
+                records = run_router(name, replicas, model, requests, args, out, tag)
                 if records is None:
                     continue
                 summary = live_summary(records)
@@ -152,16 +152,32 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(s.get("errors") for r in rounds for s in r.values()) else 0
 
 
-def _run_router(name: str, replicas, model: Path, requests, args: argparse.Namespace, out: Path,
-                tag: str) -> list[dict] | None:
-    """One router's pass over the workload on freshly emptied caches; None if it is missing or cannot start."""
-    if name not in OURS and _binary(name if name != "smg" else "smg") is None:
+def ours_variant(name: str) -> tuple[str, list[str]] | None:
+    """(policy, extra flags) of one of our routers named `policy` or `policy+flag=value+...` (a variant: e.g.
+    `preble+load-poll-interval=0` is `--policy preble --load-poll-interval 0`); None for a peer's name."""
+    policy, *flags = name.split("+")
+    if policy not in OURS:
+        return None
+    extra = []
+    for flag in flags:
+        key, _, value = flag.partition("=")
+        extra += [f"--{key}", value] if value else [f"--{key}"]
+    return policy, extra
+
+
+def run_router(name: str, replicas, model: Path, requests, args: argparse.Namespace, out: Path,
+               tag: str) -> list[dict] | None:
+    """One router's pass over the workload on freshly emptied caches; None if it is missing or cannot start.
+    name: one of our policies (or a variant of one: ours_variant), smg or vllm-router."""
+    ours = ours_variant(name)
+    if ours is None and _binary(name) is None:
         print(f"SKIP {name}: not installed (pip install '.[peers]')")
         return None
     reset_caches(replicas)
-    if name in OURS:
-        argv_ = router_argv(replicas, model, policy=name, extra=["--time-profile", f"{args.model_size}-cpu",
-                                                            "--log-level", args.router_log_level])
+    if ours is not None:
+        policy, extra = ours
+        argv_ = router_argv(replicas, model, policy=policy, extra=["--time-profile", f"{args.model_size}-cpu",
+                                                                 "--log-level", args.router_log_level, *extra])
         ctx = start_router(argv_, log_path=out / f"router-{name}{tag}.log")
     else:
         port = free_port()

@@ -45,19 +45,27 @@ async def discover_model(client: httpx.AsyncClient, url: str, timeout: float = 1
     return str(data[0]["id"])
 
 
-def _request_body(r: Request, model: str, prompt_format: str, extra_body: dict[str, Any] | None) -> dict[str, Any]:
-    if prompt_format == "text":
-        prompt: Any = r.text if r.text is not None else tokens_to_text(r.tokens)
+def request_path(r: Request) -> str:
+    """Where the request goes: chat completions for a request with messages, else completions."""
+    return "/v1/chat/completions" if r.messages is not None else "/v1/completions"
+
+
+def request_body(r: Request, model: str, prompt_format: str = "ids",
+                 extra_body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON body send_one sends for r (streamed, usage included, exactly output_tokens generated)."""
+    body: dict[str, Any] = {"model": model}
+    if r.messages is not None:
+        body["messages"] = r.messages
+    elif prompt_format == "text":
+        body["prompt"] = r.text if r.text is not None else tokens_to_text(r.tokens)
     else:
-        prompt = r.tokens
-    body: dict[str, Any] = {
-        "model": model,
-        "prompt": prompt,
+        body["prompt"] = r.tokens
+    body.update({
         "max_tokens": int(r.output_tokens),
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
-    }
+    })
     if extra_body:
         body.update(extra_body)
     return body
@@ -66,7 +74,7 @@ def _request_body(r: Request, model: str, prompt_format: str, extra_body: dict[s
 async def send_one(client: httpx.AsyncClient, url: str, r: Request, model: str, *, t0: float, timeout: float,
                    prompt_format: str = "ids", extra_body: dict[str, Any] | None = None) -> dict[str, Any]:
     """Send one request now; always returns a record, never raises (except on cancellation)."""
-    body = _request_body(r, model, prompt_format, extra_body)
+    body = request_body(r, model, prompt_format, extra_body)
     start = time.perf_counter()
     rec: dict[str, Any] = {
         "id": r.id, "group": r.group, "depends_on": r.depends_on, "arrival": r.arrival, "start": start - t0,
@@ -78,7 +86,7 @@ async def send_one(client: httpx.AsyncClient, url: str, r: Request, model: str, 
     chunks = 0
     usage: dict[str, Any] | None = None
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as resp:
+        async with client.stream("POST", url + request_path(r), json=body, timeout=timeout) as resp:
             rec["status"] = resp.status_code
             for header, key in ROUTER_HEADERS.items():
                 value = resp.headers.get(header)
@@ -107,7 +115,7 @@ async def send_one(client: httpx.AsyncClient, url: str, r: Request, model: str, 
                         msg = err.get("message") if isinstance(err, dict) else err
                         rec["error"] = f"error event: {msg}"
                         break
-                    if obj.get("choices"):
+                    if obj.get("choices") and not _role_only(obj):
                         chunks += 1
                         rec["token_times"].append(now - start)
                         if rec["ttft"] is None:
@@ -137,6 +145,12 @@ async def send_one(client: httpx.AsyncClient, url: str, r: Request, model: str, 
     else:
         rec["failed_after"] = end - start
     return rec
+
+
+def _role_only(chunk: dict[str, Any]) -> bool:
+    """A chat stream's opening chunk: the assistant role and no token yet (not a first token)."""
+    delta = chunk["choices"][0].get("delta") if isinstance(chunk["choices"][0], dict) else None
+    return isinstance(delta, dict) and "role" in delta and not delta.get("content")
 
 
 async def run_load(requests: Sequence[Request], url: str | Sequence[str], *, model: str | None = None,

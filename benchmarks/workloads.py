@@ -103,7 +103,9 @@ class Request:
     segments: (key, length) runs whose concatenation is the prompt (see module docstring); token_ids, when
     set, is the prompt instead (explicit ids, e.g. loaded from a file). depends_on: the id of a request
     that must have completed before this one is sent (an agent's previous step); arrival is then the
-    earliest send time. group: the prefix group (tool, episode, problem, video, document).
+    earliest send time. group: the prefix group (tool, episode, problem, video, document). messages: when set,
+    the request is a chat completion of these messages (the live load generator sends it to
+    /v1/chat/completions; `text`/`token_ids` then only size it).
     """
 
     id: str
@@ -117,6 +119,7 @@ class Request:
     vocab: int = DEFAULT_VOCAB
     text: str | None = None
     token_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -151,6 +154,8 @@ class Request:
             d["segments"] = [list(s) for s in self.segments]
         if self.text is not None:
             d["text"] = self.text
+        if self.messages is not None:
+            d["messages"] = self.messages
         return d
 
     @classmethod
@@ -168,6 +173,7 @@ class Request:
             vocab=int(d.get("vocab", DEFAULT_VOCAB)),
             text=d.get("text"),
             token_ids=[int(t) for t in token_ids] if token_ids is not None else None,
+            messages=d.get("messages"),
         )
 
 

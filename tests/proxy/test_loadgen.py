@@ -51,6 +51,20 @@ async def test_streams_record_ttft_tokens_usage_and_keep_order(fake):
     assert s["latency_p99"] >= s["latency_p50"] > 0
 
 
+async def test_chat_requests_go_to_chat_completions_and_the_role_chunk_is_no_token(fake):
+    url = fake(tokens_per_response=5)
+    reqs = small(4)
+    for q in reqs:
+        q.messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"question {q.id}"}]
+    recs = await run_load(reqs, url, progress=False)
+    for q, r in zip(reqs, recs):
+        assert r["error"] is None and r["status"] == 200
+        n = min(5, q.output_tokens)
+        # the opening chunk carries the assistant role and no content: the first token is the next one
+        assert r["output_tokens"] == n and len(r["token_times"]) == n
+        assert r["prompt_tokens"] > 0
+
+
 async def test_dependent_requests_wait_for_their_predecessor(fake):
     url = fake(tokens_per_response=2, delay_s=0.05)
     reqs = small(10, rate=1000.0, name="embodied_agent", concurrent=2)
