@@ -24,6 +24,7 @@ from benchmarks.demo import ROOT, reset_caches
 from benchmarks.loadgen import live_summary, run_load_sync
 from benchmarks.report import print_table
 from testkit.ports import free_ports
+from preble_router.router import FLEET_LOAD_POLL_S
 from testkit.router_process import router_argv, start_router
 
 # workers2: --workers 2 (peer sync between the workers, the default); workers2_nosync: the same with --peer-sync off;
@@ -41,7 +42,8 @@ def _run_config(name: str, replicas, model: Path, requests, args: argparse.Names
         if name == "one":
             urls = [stack.enter_context(start_router(base, log_path=out / f"router-{name}{tag}.log"))]
         elif name in ("workers2", "workers2_nosync"):
-            sync = ["--peer-sync", "off"] if name == "workers2_nosync" else []
+            # Unpeered workers poll the engines' load, as the README tells routers that are not peered to.
+            sync = ["--peer-sync", "off", "--load-poll-interval", str(FLEET_LOAD_POLL_S)] if name == "workers2_nosync" else []
             urls = [stack.enter_context(start_router([*base, "--workers", "2", *sync], ready_timeout=120.0,
                                                      log_path=out / f"router-{name}{tag}.log"))]
         elif name == "two_peered":
@@ -51,7 +53,8 @@ def _run_config(name: str, replicas, model: Path, requests, args: argparse.Names
                                                      log_path=out / f"router-{name}{i}{tag}.log"))
                     for i in range(2)]
         else:
-            urls = [stack.enter_context(start_router(base, log_path=out / f"router-{name}{i}{tag}.log"))
+            fleet = [*base, "--load-poll-interval", str(FLEET_LOAD_POLL_S)]  # unpeered: as the README says
+            urls = [stack.enter_context(start_router(fleet, log_path=out / f"router-{name}{i}{tag}.log"))
                     for i in range(2)]
         print(f"\n== {name}{tag}: {', '.join(urls)}")
         return run_load_sync(requests, urls, model="tiny", prompt_format="text")

@@ -17,6 +17,7 @@ from pathlib import Path
 from benchmarks import workloads as wl
 from benchmarks.arrivals import make_arrivals
 from benchmarks.sim import SimConfig, simulate
+from preble_router.router import FLEET_LOAD_POLL_S
 
 WORKLOADS = ("tool_use", "video_qa", "embodied_agent", "long_doc_qa", "program_generation")
 
@@ -26,7 +27,9 @@ def run_one(workload: str, seed: int, gpus: int, requests: int, routers: int, pe
     reqs = wl.generate(workload, requests, seed=seed)
     rate = wl.DEFAULT_RATE_PER_GPU.get(workload, 5.0) * gpus
     wl.with_arrivals(reqs, make_arrivals("poisson", len(reqs), rate, seed))
-    config = SimConfig(gpus=gpus, routers=routers, peer_sync=peer_sync)
+    # Several routers poll the engines' load as the README tells routers that are not peered to.
+    config = SimConfig(gpus=gpus, routers=routers, peer_sync=peer_sync,
+                       load_poll_interval=FLEET_LOAD_POLL_S if routers > 1 else 0.0)
     s = simulate(reqs, policy, config).summary
     return {"latency_avg": s["latency_avg"], "hit_rate": s["hit_rate"], "errors": s["errors"]}
 

@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "last report plus what this router sent there since, minus what of that finished "
                         "(README: several routers), so routers and --workers agree. A feed that fails or goes stale "
                         "(no report for max(1 s, 4 intervals)) logs a WARNING and falls back to this router's own "
-                        "counts. 0: off (own counts only).")
+                        "counts. 0 (the default): off, own counts only, exact behind a lone router or a peered "
+                        "fleet; set 0.25 for several routers that are not peered (each polled /metrics costs the "
+                        "engine's API server CPU).")
     pre = p.add_argument_group("preble policy (docs/design.md)")
     add_flags(pre, PrebleConfig)
     pre.add_argument("--time-profile", default="llama3-8b-h100",

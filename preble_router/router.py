@@ -39,7 +39,12 @@ log = logging.getLogger(__name__)
 # they do).
 PREDICTED_TTL_S = 3.0
 EVENTS_SILENCE_S = 5.0
-LOAD_POLL_INTERVAL_S = 0.25
+# The load feed is off by default: a lone router counts its own requests exactly, and polling vLLM's /metrics
+# takes the API server's CPU on every poll (on CPU replicas it slowed every request: BENCHMARKS.md). Routers that
+# do not know each other (no peer sync) need it, to see each other's queues: FLEET_LOAD_POLL_S is what the README
+# tells them to set.
+LOAD_POLL_INTERVAL_S = 0.0
+FLEET_LOAD_POLL_S = 0.25
 
 
 def load_stale_after(poll_interval: float) -> float:

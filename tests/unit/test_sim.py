@@ -281,7 +281,8 @@ def test_several_routers_run_in_front_of_one_fleet(local_scheduler):
 
     reqs = wl.generate("tool_use", 200, seed=1)
     wl.with_arrivals(reqs, [i * 0.01 for i in range(len(reqs))])
-    sim = Simulator(reqs, "least_load", SimConfig(gpus=4, routers=3, local_scheduler=local_scheduler))
+    sim = Simulator(reqs, "least_load", SimConfig(gpus=4, routers=3, local_scheduler=local_scheduler,
+                                                  load_poll_interval=0.25))
     res = sim.run()
     assert res.summary["routers"] == 3 and res.summary["errors"] == 0
     assert all(r.load.feed_state(0).value == "up" for r in sim.routers)
