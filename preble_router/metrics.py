@@ -137,6 +137,9 @@ class RouterMetrics:
         self.prompt_tokens = Counter("preble_prompt_tokens", "Prompt tokens routed", ["backend"], registry=r)
         self.overhead = Histogram("preble_router_overhead_seconds", "Time from request received to backend send "
                                   "(parse, tokenize, hash, match, decide)", buckets=_LATENCY_BUCKETS, registry=r)
+        self.loop_lag = Histogram("preble_event_loop_lag_seconds", "How much later than asked the router's event "
+                                  "loop woke from a 0.1 s sleep (every request, stream and KV event waits on it)",
+                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("preble_time_to_first_byte_seconds", "Backend time to first response byte",
                               ["backend"], buckets=_LATENCY_BUCKETS, registry=r)
         self._children: dict[tuple[object, tuple[str, ...]], object] = {}

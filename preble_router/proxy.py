@@ -35,6 +35,7 @@ from preble_router.discovery import Discovery
 from preble_router.errors import error_body, error_response, sse_error_event
 from preble_router.kv_events import KvEventSubscriber
 from preble_router.load import InFlight
+from preble_router.loop_lag import LoopLagMonitor
 from preble_router.metrics import RouterMetrics
 from preble_router.policies import Decision, Reason
 from preble_router.response_store import DEFAULT_CAPACITY, ResponseStore
@@ -223,6 +224,8 @@ class Proxy:
         self.client: httpx.AsyncClient | None = None
         self.probes: httpx.AsyncClient | None = None  # health probes, with their own short timeout
         self._health_task: asyncio.Task | None = None
+        self.loop_lag = LoopLagMonitor(self.metrics.loop_lag.observe)
+        self._lag_task: asyncio.Task | None = None
         self.responses = ResponseStore(self.config.response_store_size)  # response id -> its backend's URL
         self._slots = asyncio.Semaphore(self.config.max_concurrency) if self.config.max_concurrency > 0 else None
         self._queued = 0
@@ -248,12 +251,14 @@ class Proxy:
                 break
             await asyncio.sleep(0.5)
         self._health_task = asyncio.create_task(self._health_loop())
+        self._lag_task = asyncio.create_task(self.loop_lag.run(), name="event-loop-lag")
 
     async def shutdown(self) -> None:
-        if self._health_task:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in (self._health_task, self._lag_task):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.metrics.close()
         if self.discovery is not None:
             await self.discovery.stop()
@@ -395,7 +400,8 @@ class Proxy:
                 "kv_events": self._feed_view(b, sub, now),
             })
         peers = self.router.peers_debug() if self.router.peers is not None else None
-        return JSONResponse({"policy": self.router.policy.name, "backends": out, "peer_sync": peers})
+        return JSONResponse({"policy": self.router.policy.name, "backends": out, "peer_sync": peers,
+                             "event_loop": self.loop_lag.debug(now)})
 
     async def reset_prefix_cache(self, request: Request) -> Response:
         """Empty every backend's prefix cache (vLLM's dev-mode endpoint) and the index with it: the engine's

@@ -168,12 +168,15 @@ def test_models_health_metrics_debug(router, fakes):
     post(router, "/v1/completions", {"model": "tiny", "prompt": LONG})
     text = httpx.get(router + "/metrics").text
     for name in ("preble_requests_total", "preble_routing_decisions_total", "preble_router_overhead_seconds",
-                 "preble_backend_healthy", "preble_cache_index_blocks", "preble_matched_prefix_tokens"):
+                 "preble_backend_healthy", "preble_cache_index_blocks", "preble_matched_prefix_tokens",
+                 "preble_event_loop_lag_seconds"):
         assert name in text
     route = post(router, "/debug/route", {"model": "tiny", "prompt": LONG})
     assert route.status_code == 200 and route.json()["backend"] in fakes
-    backends = httpx.get(router + "/debug/backends").json()["backends"]
+    debug = httpx.get(router + "/debug/backends").json()
+    backends = debug["backends"]
     assert {b["url"] for b in backends} == set(fakes) and all(b["block_size"] == 32 for b in backends)
+    assert {"last_s", "worst_s", "stalls"} <= debug["event_loop"].keys()
 
 
 def test_a_backend_cookie_never_reaches_another_client(fakes, tiny_model):
