@@ -138,6 +138,12 @@ class PrebleConfig:
         "batch it joins; LMetric's product, with M).", flag="--preble-cost-model",
         choices=[m.value for m in CostModel])
 
+    decode_in_cost: int = setting(
+        0, "1: the sharing cost counts the request's own decode too, (M + P + D) x (in flight + 1), D = its expected "
+        "output (max_tokens, else the default) x the backend's observed time per output token: the batch shares "
+        "decode steps as it shares prefill, so a holder whose batch is large costs more than a cache hit saves; "
+        "0: (M + P) x (in flight + 1), where a hit's prefill saving outweighs any batch the holder has.",
+        flag="--preble-decode-in-cost", type=int, choices=[0, 1])
     herd_tolerance: float = setting(
         0.25, "Behind several routers (the snapshot shows other routers' requests: ClusterSnapshot.shared), the "
         "backends whose cost is within this share of the least all count as tied, and the tie goes to the "
@@ -401,11 +407,14 @@ class PreblePolicy:
         return Decision(chosen_id, Reason.EXPLORE, backends[chosen_id].matched_tokens, costs)
 
     def _shared_cost(self, request: RouteRequest, snapshot: ClusterSnapshot, cached: int, exploit: bool) -> Decision:
-        """CostModel.SHARING: the least (M + P) x (in flight + 1), P at least one token's prefill (vLLM recomputes
-        the last prompt token), so a loaded backend never looks free."""
+        """CostModel.SHARING: the least (M + P [+ D]) x (in flight + 1), P at least one token's prefill (vLLM
+        recomputes the last prompt token), so a loaded backend never looks free; D (decode_in_cost) the request's
+        own decode there."""
         now = snapshot.now
         floor = self.time.prefill_ms(1, request.prompt_tokens)
-        costs = {b.backend_id: (self._eviction(request, b, now) + max(self._prefill(request, b), floor))
+        output = (request.max_tokens or self.config.default_output_tokens) if self.config.decode_in_cost else 0
+        costs = {b.backend_id: (self._eviction(request, b, now) + max(self._prefill(request, b), floor)
+                                + output * self.time.decode_ms_per_token(b.backend_id))
                  * (b.in_flight + 1) for b in snapshot.backends}
         chosen = min(snapshot.backends, key=lambda b: (costs[b.backend_id], -b.matched_tokens, b.in_flight,
                                                        b.backend_id))

@@ -621,3 +621,22 @@ def test_sharing_cost_is_work_times_the_batch_it_joins():
     # A fully cached prompt still counts its batch (P floored at one token's prefill).
     d = p.choose(r, snap(0, backend(0, matched=161, in_flight=5), backend(1, matched=161, in_flight=2)))
     assert d.backend_id == 1 and d.costs[0] > d.costs[1] > 0
+
+
+def test_sharing_cost_with_decode_counts_the_batch_the_output_shares():
+    """decode_in_cost: (M + P + D) x (in flight + 1). A cache hit's prefill saving is small next to the decode it
+    will share with the holder's batch, so a holder with a few requests in flight loses to an idle backend that
+    (M + P) alone would never pick."""
+    r = request(1, range(10), max_tokens=100)  # 161 tokens; D = 100 tokens x 1 ms in this time model
+    cluster = snap(0, backend(0, matched=144, in_flight=2), backend(1))
+    plain = policy(cost_model="sharing").choose(r, cluster)
+    assert (plain.backend_id, plain.reason) == (0, "exploit")  # (1 + 1.7) x 3 = 8.1 < 1 + 16.1 = 17.1
+    p = policy(cost_model="sharing", decode_in_cost=1)
+    with_decode = p.choose(r, cluster)
+    assert (with_decode.backend_id, with_decode.reason) == (1, "overflow")  # (2.7 + 100) x 3 > 17.1 + 100
+    assert with_decode.costs[0] == pytest.approx((p._prefill(r, backend(0, matched=144)) + 100.0) * 3)
+    # Without max_tokens the default output is assumed; an idle holder still wins.
+    r2 = request(2, range(10), max_tokens=None)
+    d = p.choose(r2, snap(0, backend(0, matched=144), backend(1)))
+    assert (d.backend_id, d.reason) == (0, "exploit")
+    assert d.costs[1] - d.costs[0] == pytest.approx(p._prefill(r2, backend(1)) - p._prefill(r2, backend(0, matched=144)))
