@@ -414,7 +414,7 @@ class PreblePolicy:
         floor = self.time.prefill_ms(1, request.prompt_tokens)
         output = (request.max_tokens or self.config.default_output_tokens) if self.config.decode_in_cost else 0
         costs = {b.backend_id: (self._eviction(request, b, now) + max(self._prefill(request, b), floor)
-                                + output * self.time.decode_ms_per_token(b.backend_id))
+                                + (output * self.time.decode_ms_per_token(b.backend_id) if output else 0.0))
                  * (b.in_flight + 1) for b in snapshot.backends}
         chosen = min(snapshot.backends, key=lambda b: (costs[b.backend_id], -b.matched_tokens, b.in_flight,
                                                        b.backend_id))
