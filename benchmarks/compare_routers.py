@@ -32,7 +32,8 @@ from benchmarks.vllm_replicas import start_replicas
 from testkit.ports import free_port
 from testkit.router_process import router_argv, start_router, start_server
 
-OURS = {"preble", "cache_aware", "least_load", "round_robin", "lmetric"}
+ONE_REPLICA = "one_replica"
+OURS = {"preble", "cache_aware", "least_load", "round_robin", "lmetric", ONE_REPLICA}
 
 
 def _binary(name: str) -> str | None:
@@ -91,10 +92,10 @@ def text_workload(args: argparse.Namespace) -> tuple[Path, Path, int, list]:
 
 
 @contextlib.contextmanager
-def live_replicas(model: Path, max_len: int, out: Path, num_gpu_blocks: int):
-    """Two warmed-up vLLM CPU replicas with KV events over tcp and a capped KV cache."""
+def live_replicas(model: Path, max_len: int, out: Path, num_gpu_blocks: int, pin: bool = False):
+    """Two warmed-up vLLM CPU replicas with KV events over tcp and a capped KV cache (pin: start_replicas)."""
     with start_replicas(model, 2, block_size=32, num_gpu_blocks=num_gpu_blocks, max_model_len=max_len,
-                        log_dir=out, kv_transport="tcp") as replicas:
+                        log_dir=out, kv_transport="tcp", pin=pin) as replicas:
         warm_up(replicas)
         yield replicas
 
@@ -176,7 +177,11 @@ def run_router(name: str, replicas, model: Path, requests, args: argparse.Namesp
     reset_caches(replicas)
     if ours is not None:
         policy, extra = ours
-        argv_ = router_argv(replicas, model, policy=policy, extra=["--time-profile", f"{args.model_size}-cpu",
+        # one_replica: every request to the first replica, through our router (the concentration baseline: on a
+        # cell where it wins, spreading load does not pay on this testbed)
+        routed = replicas[:1] if policy == ONE_REPLICA else replicas
+        policy = "round_robin" if policy == ONE_REPLICA else policy
+        argv_ = router_argv(routed, model, policy=policy, extra=["--time-profile", f"{args.model_size}-cpu",
                                                                  "--log-level", args.router_log_level, *extra])
         ctx = start_router(argv_, log_path=out / f"router-{name}{tag}.log")
     else:

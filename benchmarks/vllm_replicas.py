@@ -138,6 +138,9 @@ class Replica:
     cmd: list[str]
     env: dict[str, str]
     ready_timeout: float = 180.0
+    # CPUs the whole replica (API server, EngineCore, its threads) may run on; None: the OMP threads alone are
+    # bound (VLLM_CPU_OMP_THREADS_BIND) and the rest floats over every core
+    cpus: frozenset[int] | None = None
     process: subprocess.Popen | None = None  # the supervisor: group leader, parent of the API server
     started_at: float = field(default=0.0, repr=False)
     startup_s: float | None = None  # Popen -> /health 200 and model listed, of the latest start
@@ -158,6 +161,7 @@ class Replica:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # own process group: killpg reaches EngineCore too
+                preexec_fn=(lambda cpus=self.cpus: os.sched_setaffinity(0, cpus)) if self.cpus else None,
             )
         self.started_at = time.monotonic()
         self.startup_s = None
@@ -343,11 +347,15 @@ def start_replicas(
     ready_timeout: float = 180.0,
     env: Mapping[str, str] | None = None,
     kv_transport: str = "ipc",
+    pin: bool = False,
 ) -> Iterator[list[Replica]]:
     """Start n vLLM CPU replicas concurrently, yield them once all are ready, tear all down on exit.
 
     block_size must be a multiple of 32 on CPU. num_gpu_blocks caps the KV cache (eviction tests).
     Logs go to log_dir (kept) or to a temp dir (removed at exit). `env` overrides per-replica env.
+    pin: each replica's whole process tree on its own core (i % cores), not only its OMP threads: the replicas
+    are then independent machines, as GPUs would be, instead of two engines whose API servers and schedulers
+    share every core (where a busy second replica slows the first).
     """
     if block_size % 32:
         raise ValueError("the vLLM CPU attention backend needs block_size to be a multiple of 32")
@@ -424,6 +432,7 @@ def start_replicas(
             cmd=cmd,
             env=_replica_env(i, env),
             ready_timeout=ready_timeout,
+            cpus=frozenset({i % (os.cpu_count() or 1)}) if pin else None,
         )
 
     replicas: list[Replica] = []
