@@ -54,6 +54,9 @@ from benchmarks.suite import cell_stats
 
 DEFAULT_MIXES = ("tool", "docqa", "chat", "mixed", "hot", "longdoc")
 DEFAULT_ROUTERS = ("preble", "cache_aware", "smg", "vllm-router", "round_robin")
+# Placements shown for diagnosis, never "the best other": one_replica sends everything to one replica, which
+# tells whether spreading load pays at all in a cell (the replicas share this machine's cores).
+BASELINES = frozenset({"one_replica"})
 # Ids are decoded to text, which the router and vLLM tokenize again: random ids come back ~1.2x as many tokens.
 # Each segment is capped on its own (so a document is the same text whatever question follows it), and a
 # prompt's longest segment is at most MAX_SEGMENT_TOKENS: ~5k tokens again, in the small model's 8192 context.
@@ -183,9 +186,9 @@ def routed_tokens(requests: Sequence[wl.Request], model_dir: Path) -> list[wl.Re
 # ---------------------------------------------------------------------------------------------- statistics
 def mix_stats(runs: dict[str, dict[int, dict[str, Any]]], mix: str) -> dict[str, Any]:
     """Spreads, preble's paired ratios, the best other router per metric and issue #20's live targets."""
-    stats = cell_stats(runs)
+    stats = cell_stats(runs, baselines=BASELINES)
     checks: dict[str, Any] = {}
-    others = [p for p in runs if p != "preble"]
+    others = [p for p in runs if p != "preble" and p not in BASELINES]
     if "preble" in runs and others:
         st = stats["stats"]
 
@@ -200,7 +203,7 @@ def mix_stats(runs: dict[str, dict[int, dict[str, Any]]], mix: str) -> dict[str,
         avg_limit = AVG_TARGET_HARD.get(mix, AVG_TARGET)
         errors = sum(r.get("errors") or 0 for r in runs["preble"].values())
         worst = {p: (st[p]["avg"] or {}).get("max") for p in runs}
-        worst_other = min((v, p) for p, v in worst.items() if p != "preble" and v is not None) if any(
+        worst_other = min((v, p) for p, v in worst.items() if p in others and v is not None) if any(
             worst[p] is not None for p in others) else None
         checks = {
             "hit": {"preble": hit, "best": best_hit, "best_value": med(best_hit, "hit_rate") if best_hit else None,
@@ -218,7 +221,19 @@ def mix_stats(runs: dict[str, dict[int, dict[str, Any]]], mix: str) -> dict[str,
             checks[m]["pass"] = checks[m].get("ratio") is not None and checks[m]["ratio"] <= checks[m]["limit"]
         checks["spread"]["pass"] = checks["spread"]["ratio"] is not None and checks["spread"]["ratio"] <= SPREAD_TARGET
         checks["pass"] = all(checks[k]["pass"] for k in ("hit", "avg", "p99", "spread")) and errors == 0
-    return {**stats, "targets": checks}
+    return {**stats, "targets": checks, "busiest_share": busiest_share(runs)}
+
+
+def busiest_share(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, float]:
+    """Per router, the median over seeds of the busiest replica's share of the requests (the engines' counts);
+    0.5 is an even split of two replicas, 1.0 everything on one."""
+    out = {}
+    for p, by_seed in runs.items():
+        shares = [max(c.values()) / sum(c.values()) for r in by_seed.values()
+                  if (c := r.get("replica_requests")) and sum(c.values()) > 0]
+        if shares:
+            out[p] = statistics.median(shares)
+    return out
 
 
 def sim_replay(records: dict[str, dict[int, list[dict[str, Any]]]], requests: dict[int, list[wl.Request]],
@@ -270,14 +285,16 @@ def _x(v: float | None) -> str:
 
 
 def mix_table(mix: str, cell: dict[str, Any], routers: Sequence[str]) -> str:
-    lines = [f"### {mix}", "", "| router | avg s | p99 s | hit rate | preble / it, avg | p99 |", "|---|---|---|---|---|---|"]
+    lines = [f"### {mix}", "", "| router | avg s | p99 s | hit rate | preble / it, avg | p99 | busiest replica |",
+             "|---|---|---|---|---|---|---|"]
+    shares = cell.get("busiest_share") or {}
     for p in routers:
         st = cell["stats"].get(p)
         if st is None:
             continue
         r = cell["ratios"].get(p, {})
         lines.append(f"| {p} | {_s(st['avg'])} | {_s(st['p99'])} | {_s(st['hit_rate'])} | {_x(r.get('avg'))} "
-                     f"| {_x(r.get('p99'))} |")
+                     f"| {_x(r.get('p99'))} | {f'{shares[p]:.0%}' if p in shares else '-'} |")
     t = cell.get("targets") or {}
     if t:
         def verdict(ok: bool) -> str:
@@ -381,6 +398,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ap.add_argument("--requests", type=int, default=80, help="requests per run (per mix, seed and router)")
     ap.add_argument("--rates", default=None, metavar="MIX=RATE,...", help="requests/s per mix (default: each mix's)")
     ap.add_argument("--num-gpu-blocks", type=int, default=384, help="KV-cache cap per replica, in 32-token blocks")
+    ap.add_argument("--pin-replicas", action="store_true",
+                    help="each replica's whole process tree on its own core (vllm_replicas.start_replicas, pin)")
     ap.add_argument("--no-sim", action="store_true", help="skip the simulator replay of each mix")
     ap.add_argument("--calibrate", action="store_true",
                     help="print simulator-suggested rates per mix (no live run) and stop")
@@ -429,7 +448,7 @@ def _live_runs(args: argparse.Namespace, out: Path, model: Path, tokenizer: Any,
 
     started = time.monotonic()
     run_args = argparse.Namespace(model_size="small", router_log_level=args.router_log_level)
-    with live_replicas(model, 8192, out, args.num_gpu_blocks) as replicas:
+    with live_replicas(model, 8192, out, args.num_gpu_blocks, pin=args.pin_replicas) as replicas:
         k = 0
         for mix in mixes:
             for seed in seeds:
@@ -443,15 +462,31 @@ def _live_runs(args: argparse.Namespace, out: Path, model: Path, tokenizer: Any,
                 for name in order:
                     print(f"\n== {mix} seed {seed} ({rates[mix]}/s): {name} "
                           f"[{(time.monotonic() - started) / 60:.1f} min]", flush=True)
+                    before = replica_requests(replicas)
                     recs = run_router(name, replicas, model, reqs, run_args, cell_dir, "")
                     if recs is None:
                         continue
                     (cell_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
                     s = live_summary(recs)
+                    # where the engines say the requests ran (peers do not say which backend they chose)
+                    s["replica_requests"] = {u: n - before.get(u, 0) for u, n in replica_requests(replicas).items()}
                     summaries[mix].setdefault(name, {})[seed] = s
                     records[mix].setdefault(name, {})[seed] = recs
                     print(f"   avg {s['latency_avg'] or 0:.3f} s, p99 {s['latency_p99'] or 0:.3f} s, hit "
                           f"{s['hit_rate'] or 0:.3f}, errors {s['errors']}", flush=True)
+
+
+def replica_requests(replicas) -> dict[str, float]:
+    """Requests each replica finished so far, from its own `vllm:request_success_total` (all finish reasons)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for rep in replicas:
+        text = httpx.get(rep.url + "/metrics", timeout=10).text
+        out[rep.url] = sum(s.value for fam in text_string_to_metric_families(text)
+                           for s in fam.samples if s.name == "vllm:request_success_total")
+    return out
 
 
 def _load_runs(out: Path, mixes: Sequence[str], seeds: Sequence[int], routers: Sequence[str], requests: dict,
@@ -483,7 +518,8 @@ def report(args: argparse.Namespace, out: Path, model: Path, mixes: Sequence[str
         cells[mix] = cell
     present = [r for r in routers if any(r in summaries[m] for m in mixes)]
     md = [f"# Live suite: {', '.join(mixes)}; seeds {', '.join(map(str, seeds))}; {args.requests} requests a run",
-          "", "rates: " + ", ".join(f"{m} {rates[m]}/s" for m in mixes), ""]
+          "", "rates: " + ", ".join(f"{m} {rates[m]}/s" for m in mixes)
+          + ("; each replica pinned whole to its own core" if args.pin_replicas else ""), ""]
     md += [mix_table(m, cells[m], present) + "\n" for m in mixes]
     passed = [m for m in mixes if (cells[m].get("targets") or {}).get("pass")]
     md.append(f"issue #20 live targets met in {len(passed)} of {len(mixes)} mixes"
@@ -493,7 +529,7 @@ def report(args: argparse.Namespace, out: Path, model: Path, mixes: Sequence[str
     (out / "live_suite.md").write_text(text + "\n")
     (out / "live_suite.json").write_text(json.dumps(
         {"mixes": mixes, "seeds": seeds, "routers": routers, "requests": args.requests, "rates": rates,
-         "num_gpu_blocks": args.num_gpu_blocks, "cells": cells,
+         "num_gpu_blocks": args.num_gpu_blocks, "pin_replicas": args.pin_replicas, "cells": cells,
          "runs": {m: {p: {str(s): v for s, v in by.items()} for p, by in summaries[m].items()} for m in mixes}},
         indent=2, default=float) + "\n")
     for metric in ("avg", "p99", "hit_rate"):

@@ -33,7 +33,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -82,15 +82,17 @@ def paired_ratios(runs: dict[str, dict[int, dict[str, Any]]], target: str = "pre
                 for m in RATIO_METRICS} for p in runs if p != target}
 
 
-def cell_stats(runs: dict[str, dict[int, dict[str, Any]]], target: str = "preble") -> dict[str, Any]:
+def cell_stats(runs: dict[str, dict[int, dict[str, Any]]], target: str = "preble",
+               baselines: Collection[str] = ()) -> dict[str, Any]:
     """Per-policy spreads over seeds, target's ratios (target / other) and speedups (other / target), and for
-    each ratio metric the best other policy (lowest median) with target's ratio to it."""
+    each ratio metric the best other policy (lowest median) with target's ratio to it. `baselines` are shown
+    with their ratios but never count as the best other (a diagnostic placement, not a router to beat)."""
     stats = {p: {m: spread([r.get(key) for r in by_seed.values()]) for m, key in METRICS.items()}
              for p, by_seed in runs.items()}
     ratios = paired_ratios(runs, target)
     best: dict[str, dict[str, Any] | None] = {}
     for m in RATIO_METRICS:
-        cands = [(stats[p][m]["median"], p) for p in runs if p != target and stats[p][m]]
+        cands = [(stats[p][m]["median"], p) for p in runs if p != target and p not in baselines and stats[p][m]]
         best[m] = None
         if cands and target in runs:
             p = min(cands)[1]

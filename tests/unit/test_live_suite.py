@@ -86,3 +86,16 @@ def test_parse_rates_knows_the_mixes():
     assert ls.parse_rates("hot=2.5,tool=1") == {"hot": 2.5, "tool": 1.0}
     with pytest.raises(SystemExit):
         ls.parse_rates("nope=1")
+
+
+def test_one_replica_is_shown_but_never_the_router_to_beat():
+    runs = {"preble": {0: {**_summary(1.0, 2.0, 0.8), "replica_requests": {"a": 30, "b": 30}}},
+            "smg": {0: {**_summary(1.2, 2.4, 0.8), "replica_requests": {"a": 57, "b": 3}}},
+            "one_replica": {0: {**_summary(0.5, 1.0, 0.8), "replica_requests": {"a": 60, "b": 0}}}}
+    cell = ls.mix_stats(runs, "tool")
+    t = cell["targets"]
+    assert t["avg"]["policy"] == "smg" and t["p99"]["policy"] == "smg" and t["spread"]["router"] == "smg"
+    assert cell["ratios"]["one_replica"]["avg"] == pytest.approx(2.0)  # still shown beside the others
+    assert cell["busiest_share"] == {"preble": 0.5, "smg": 0.95, "one_replica": 1.0}
+    text = ls.mix_table("tool", cell, ["preble", "smg", "one_replica"])
+    assert "| 95% |" in text and "| 100% |" in text
