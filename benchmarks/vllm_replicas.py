@@ -312,6 +312,11 @@ def _wait_all_ready(replicas: Sequence[Replica], timeout: float) -> None:
         time.sleep(0.5)
 
 
+def _replica_core(i: int) -> int:
+    """The core replica i's OMP threads are bound to, and (pin) its whole process tree."""
+    return i % (os.cpu_count() or 1)
+
+
 def _replica_env(i: int, base: Mapping[str, str] | None) -> dict[str, str]:
     env = dict(os.environ)
     # PYTHONHASHSEED, if set, replaces vLLM's fixed NONE_HASH seed: keep the documented default so a
@@ -320,7 +325,7 @@ def _replica_env(i: int, base: Mapping[str, str] | None) -> dict[str, str]:
     env.update(
         {
             "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; unset, the CPU worker grabs ~92% of RAM
-            "VLLM_CPU_OMP_THREADS_BIND": str(i % (os.cpu_count() or 1)),  # one core per replica
+            "VLLM_CPU_OMP_THREADS_BIND": str(_replica_core(i)),  # one core per replica
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # with one bound core, reserve none for the frontend
             "VLLM_SERVER_DEV_MODE": "1",  # exposes POST /reset_prefix_cache
             "PYTHONUNBUFFERED": "1",
@@ -353,9 +358,9 @@ def start_replicas(
 
     block_size must be a multiple of 32 on CPU. num_gpu_blocks caps the KV cache (eviction tests).
     Logs go to log_dir (kept) or to a temp dir (removed at exit). `env` overrides per-replica env.
-    pin: each replica's whole process tree on its own core (i % cores), not only its OMP threads: the replicas
-    are then independent machines, as GPUs would be, instead of two engines whose API servers and schedulers
-    share every core (where a busy second replica slows the first).
+    pin: each replica's whole process tree on the core its OMP threads use (_replica_core), not only those
+    threads: the replicas are then independent machines, as GPUs would be, instead of two engines whose API
+    servers and schedulers share every core (where a busy second replica slows the first).
     """
     if block_size % 32:
         raise ValueError("the vLLM CPU attention backend needs block_size to be a multiple of 32")
@@ -432,7 +437,7 @@ def start_replicas(
             cmd=cmd,
             env=_replica_env(i, env),
             ready_timeout=ready_timeout,
-            cpus=frozenset({i % (os.cpu_count() or 1)}) if pin else None,
+            cpus=frozenset({_replica_core(i)}) if pin else None,
         )
 
     replicas: list[Replica] = []
