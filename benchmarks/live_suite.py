@@ -468,8 +468,10 @@ def _live_runs(args: argparse.Namespace, out: Path, model: Path, tokenizer: Any,
                         continue
                     (cell_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
                     s = live_summary(recs)
-                    # where the engines say the requests ran (peers do not say which backend they chose)
-                    s["replica_requests"] = {u: n - before.get(u, 0) for u, n in replica_requests(replicas).items()}
+                    # where the engines say the requests ran (peers do not say which backend they chose), less the
+                    # one-token request reset_caches sent each replica when run_router emptied the caches
+                    s["replica_requests"] = {u: n - before.get(u, 0) - 1
+                                             for u, n in replica_requests(replicas).items()}
                     summaries[mix].setdefault(name, {})[seed] = s
                     records[mix].setdefault(name, {})[seed] = recs
                     print(f"   avg {s['latency_avg'] or 0:.3f} s, p99 {s['latency_p99'] or 0:.3f} s, hit "
