@@ -99,3 +99,6 @@ def test_one_replica_is_shown_but_never_the_router_to_beat():
     assert cell["busiest_share"] == {"preble": 0.5, "smg": 0.95, "one_replica": 1.0}
     text = ls.mix_table("tool", cell, ["preble", "smg", "one_replica"])
     assert "| 95% |" in text and "| 100% |" in text
+    # One replica is twice as fast as the best router on two (preble): this mix does not need both replicas.
+    assert cell["one_replica"]["best"] == "preble" and cell["one_replica"]["ratio"] == pytest.approx(0.5)
+    assert "one replica carries this mix" in text
