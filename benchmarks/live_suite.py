@@ -56,7 +56,7 @@ from benchmarks.suite import cell_stats
 DEFAULT_MIXES = ("tool", "docqa", "chat", "mixed", "hot", "longdoc")
 DEFAULT_ROUTERS = ("preble", "cache_aware", "smg", "vllm-router", "round_robin")
 # Placements shown for diagnosis, never "the best other": one_replica sends everything to one replica, which
-# tells whether spreading load pays at all in a cell (the replicas share this machine's cores).
+# tells whether spreading load pays at all in a cell (a mix one replica carries cannot show load balance).
 BASELINES = frozenset({"one_replica"})
 # Ids are decoded to text, which the router and vLLM tokenize again: random ids come back ~1.2x as many tokens.
 # Each segment is capped on its own (so a document is the same text whatever question follows it), and a
@@ -413,7 +413,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--routers", default=",".join(DEFAULT_ROUTERS),
                     help="ours (preble, cache_aware, round_robin, least_load, lmetric; a variant with flags: "
-                         "preble+load-poll-interval=0) and peers (smg, vllm-router)")
+                         "preble+load-poll-interval=0), peers (smg, vllm-router), and the one_replica baseline "
+                         "(everything to one replica: shows whether each mix needs both replicas)")
     ap.add_argument("--requests", type=int, default=80, help="requests per run (per mix, seed and router)")
     ap.add_argument("--rates", default=None, metavar="MIX=RATE,...", help="requests/s per mix (default: each mix's)")
     ap.add_argument("--num-gpu-blocks", type=int, default=384, help="KV-cache cap per replica, in 32-token blocks")
