@@ -57,7 +57,12 @@ DEFAULT_MIXES = ("tool", "docqa", "chat", "mixed", "hot", "longdoc")
 DEFAULT_ROUTERS = ("preble", "cache_aware", "smg", "vllm-router", "round_robin")
 # Placements shown for diagnosis, never "the best other": one_replica sends everything to one replica, which
 # tells whether spreading load pays at all in a cell (a mix one replica carries cannot show load balance).
-BASELINES = frozenset({"one_replica"})
+# compare_routers.ONE_REPLICA, which runs it; not imported from there, as this module loads compare_routers (and
+# with it transformers) only when it runs live
+ONE_REPLICA = "one_replica"
+BASELINES = frozenset({ONE_REPLICA})
+# one_replica's average over the best two-replica router's above which a mix needs both replicas
+NEEDS_BOTH_REPLICAS = 1.1
 # Ids are decoded to text, which the router and vLLM tokenize again: random ids come back ~1.2x as many tokens.
 # Each segment is capped on its own (so a document is the same text whatever question follows it), and a
 # prompt's longest segment is at most MAX_SEGMENT_TOKENS: ~5k tokens again, in the small model's 8192 context.
@@ -230,7 +235,7 @@ def mix_stats(runs: dict[str, dict[int, dict[str, Any]]], mix: str) -> dict[str,
 def one_replica_check(stats: dict[str, Any]) -> dict[str, Any] | None:
     """Whether the mix needs both replicas: one_replica's median average over the best two-replica router's. Near
     or below 1, one replica carries the mix and spreading load cannot pay (a hot mix should be well above it)."""
-    alone = (stats["stats"].get("one_replica") or {}).get("avg")
+    alone = (stats["stats"].get(ONE_REPLICA) or {}).get("avg")
     fleet = [(s["avg"]["median"], p) for p, s in stats["stats"].items()
              if p not in BASELINES and s.get("avg")]
     if not alone or not fleet:
@@ -323,8 +328,9 @@ def mix_table(mix: str, cell: dict[str, Any], routers: Sequence[str]) -> str:
                   f"{verdict(t['spread']['pass'])}; preble errors {t['errors']}"]
     alone = cell.get("one_replica")
     if alone:
-        lines += ["", f"one replica alone: {alone['ratio']:.2f}x the average of {alone['best']} on two"
-                  f" ({'the mix needs both replicas' if alone['ratio'] > 1.1 else 'one replica carries this mix'})"]
+        needs = ("the mix needs both replicas" if alone["ratio"] > NEEDS_BOTH_REPLICAS
+                 else "one replica carries this mix")
+        lines += ["", f"one replica alone: {alone['ratio']:.2f}x the average of {alone['best']} on two ({needs})"]
     sim = cell.get("sim") or {}
     if sim.get("rows"):
         rows = "; ".join(f"{p} {r['sim_avg']:.3f} s vs {r['live_avg']:.3f} s ({r['ratio']:.2f}x)"

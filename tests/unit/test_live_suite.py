@@ -102,3 +102,9 @@ def test_one_replica_is_shown_but_never_the_router_to_beat():
     # One replica is twice as fast as the best router on two (preble): this mix does not need both replicas.
     assert cell["one_replica"]["best"] == "preble" and cell["one_replica"]["ratio"] == pytest.approx(0.5)
     assert "one replica carries this mix" in text
+
+
+def test_the_one_replica_baseline_is_the_one_compare_routers_runs():
+    from benchmarks.compare_routers import ONE_REPLICA, OURS
+
+    assert ls.ONE_REPLICA == ONE_REPLICA and ONE_REPLICA in OURS
