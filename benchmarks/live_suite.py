@@ -33,7 +33,8 @@ rate, preble's ratio to the best other router (median over seeds of the per-seed
 targets (PASS / FAIL), and the mix replayed in the simulator (benchmarks.sim_vs_live's profile, fitted from
 this mix's live records of our routers): simulated against live average per policy, and whether the order of
 our routers by average latency agrees. Writes live_suite.json, live_suite.md, per-run records
-(<mix>/seed<k>/<router>.jsonl, the requests as sent in requests.jsonl) and one plot per metric into --out.
+(<mix>/seed<k>/<router>.jsonl, the requests as sent in requests.jsonl) and one plot per metric into --out;
+--report-only reads those records and the run's settings back and writes live_suite-report.{md,json,*.png}.
 """
 
 from __future__ import annotations
@@ -463,10 +464,32 @@ def run(args: argparse.Namespace) -> int:
     records: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {m: {} for m in mixes}
     requests: dict[str, dict[int, list[wl.Request]]] = {m: {} for m in mixes}
     if args.report_only:
+        args, rates = stored_settings(out, args, rates)
         _load_runs(out, mixes, seeds, routers, requests, records, summaries)
     else:
         _live_runs(args, out, model, tokenizer, mixes, seeds, routers, rates, requests, records, summaries)
     return report(args, out, model, mixes, seeds, routers, rates, requests, records, summaries)
+
+
+# What a live run was started with, which the report's labels state: --report-only takes them from the run's
+# live_suite.json, not from its own command line (which may leave them at their defaults).
+STORED_SETTINGS = ("requests", "pin_replicas", "num_gpu_blocks")
+
+
+def stored_settings(out: Path, args: argparse.Namespace, rates: dict[str, float]
+                    ) -> tuple[argparse.Namespace, dict[str, float]]:
+    """args and rates as the live run in out had them (its live_suite.json); as given, with a warning, when that
+    file is missing or unreadable."""
+    path = out / "live_suite.json"
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"warning: {path} not readable ({exc}): the report's labels come from this command's flags")
+        return args, rates
+    changed = {k: stored[k] for k in STORED_SETTINGS if k in stored and stored[k] != getattr(args, k)}
+    if changed:
+        print("report-only: as the live run had them: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
+    return argparse.Namespace(**{**vars(args), **changed}), rates | (stored.get("rates") or {})
 
 
 def _live_runs(args: argparse.Namespace, out: Path, model: Path, tokenizer: Any, mixes: Sequence[str],
@@ -557,15 +580,18 @@ def report(args: argparse.Namespace, out: Path, model: Path, mixes: Sequence[str
               + (f" ({', '.join(passed)})" if passed else ""))
     text = "\n".join(md)
     print("\n" + text)
-    (out / "live_suite.md").write_text(text + "\n")
-    (out / "live_suite.json").write_text(json.dumps(
+    # A report of stored records (--report-only, perhaps of a subset) is written beside the live run's own files,
+    # never over them: their json is what a later --report-only reads the run's settings from.
+    stem = "live_suite-report" if args.report_only else "live_suite"
+    (out / f"{stem}.md").write_text(text + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(
         {"mixes": mixes, "seeds": seeds, "routers": routers, "requests": args.requests, "rates": rates,
          "num_gpu_blocks": args.num_gpu_blocks, "pin_replicas": args.pin_replicas, "cells": cells,
          "runs": {m: {p: {str(s): v for s, v in by.items()} for p, by in summaries[m].items()} for m in mixes}},
         indent=2, default=float) + "\n")
     for metric in ("avg", "p99", "hit_rate"):
         try:
-            print(f"plot: {plot_metric(cells, present, metric, out / f'live_suite_{metric}.png')}")
+            print(f"plot: {plot_metric(cells, present, metric, out / f'{stem}_{metric}.png')}")
         except ImportError:
             print("no matplotlib: plots skipped")
             break

@@ -3,6 +3,7 @@ synthetic numbers, and the simulator replay of synthetic live records."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -108,3 +109,20 @@ def test_the_one_replica_baseline_is_the_one_compare_routers_runs():
     from benchmarks.compare_routers import ONE_REPLICA, OURS
 
     assert ls.ONE_REPLICA == ONE_REPLICA and ONE_REPLICA in OURS
+
+
+def test_report_only_labels_come_from_the_stored_run(tmp_path):
+    args = ls.build_parser().parse_args(["--report-only", "--out", str(tmp_path)])
+    (tmp_path / "live_suite.json").write_text(json.dumps(
+        {"requests": 90, "pin_replicas": False, "num_gpu_blocks": 512, "rates": {"hot": 9.0}}))
+    got, rates = ls.stored_settings(tmp_path, args, {"hot": 6.0, "tool": 2.0})
+    assert (got.requests, got.pin_replicas, got.num_gpu_blocks) == (90, False, 512)
+    assert rates == {"hot": 9.0, "tool": 2.0}
+    assert got.report_only and args.requests != 90  # the given namespace is left as it was
+
+
+def test_report_only_without_a_stored_run_keeps_the_flags(tmp_path, capsys):
+    args = ls.build_parser().parse_args(["--report-only", "--out", str(tmp_path), "--requests", "30"])
+    got, rates = ls.stored_settings(tmp_path, args, {"tool": 2.0})
+    assert got.requests == 30 and rates == {"tool": 2.0}
+    assert "not readable" in capsys.readouterr().out
