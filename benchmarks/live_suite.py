@@ -230,7 +230,8 @@ def mix_stats(runs: dict[str, dict[int, dict[str, Any]]], mix: str) -> dict[str,
             checks[m]["pass"] = checks[m].get("ratio") is not None and checks[m]["ratio"] <= checks[m]["limit"]
         checks["spread"]["pass"] = checks["spread"]["ratio"] is not None and checks["spread"]["ratio"] <= SPREAD_TARGET
         checks["pass"] = all(checks[k]["pass"] for k in ("hit", "avg", "p99", "spread")) and errors == 0
-    return {**stats, "targets": checks, "busiest_share": busiest_share(runs), "one_replica": one_replica_check(stats)}
+    return {**stats, "targets": checks, "busiest_share": busiest_share(runs), "engine_avg": engine_avg(runs),
+            "one_replica": one_replica_check(stats)}
 
 
 def one_replica_check(stats: dict[str, Any]) -> dict[str, Any] | None:
@@ -254,6 +255,18 @@ def busiest_share(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, float
                   if (c := r.get("replica_requests")) and sum(c.values()) > 0]
         if shares:
             out[p] = statistics.median(shares)
+    return out
+
+
+def engine_avg(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, float]:
+    """Per router, the median over seeds of the engines' own average request time (vLLM's e2e histogram): a
+    router's average well above it is time spent on the way (the router, the client); the engines' average
+    itself moves with placement, batching and what else takes the replicas' cores."""
+    out = {}
+    for p, by_seed in runs.items():
+        values = [v for r in by_seed.values() if (v := r.get("engine_e2e_avg_s")) is not None]
+        if values:
+            out[p] = statistics.median(values)
     return out
 
 
@@ -306,16 +319,17 @@ def _x(v: float | None) -> str:
 
 
 def mix_table(mix: str, cell: dict[str, Any], routers: Sequence[str]) -> str:
-    lines = [f"### {mix}", "", "| router | avg s | p99 s | hit rate | preble / it, avg | p99 | busiest replica |",
-             "|---|---|---|---|---|---|---|"]
-    shares = cell.get("busiest_share") or {}
+    lines = [f"### {mix}", "", "| router | avg s | p99 s | hit rate | preble / it, avg | p99 | busiest replica "
+             "| engines' avg s |", "|---|---|---|---|---|---|---|---|"]
+    shares, engine = cell.get("busiest_share") or {}, cell.get("engine_avg") or {}
     for p in routers:
         st = cell["stats"].get(p)
         if st is None:
             continue
         r = cell["ratios"].get(p, {})
         lines.append(f"| {p} | {_s(st['avg'])} | {_s(st['p99'])} | {_s(st['hit_rate'])} | {_x(r.get('avg'))} "
-                     f"| {_x(r.get('p99'))} | {f'{shares[p]:.0%}' if p in shares else '-'} |")
+                     f"| {_x(r.get('p99'))} | {f'{shares[p]:.0%}' if p in shares else '-'} "
+                     f"| {f'{engine[p]:.3f}' if p in engine else '-'} |")
     t = cell.get("targets") or {}
     if t:
         def verdict(ok: bool) -> str:
@@ -495,6 +509,7 @@ def stored_settings(out: Path, args: argparse.Namespace, rates: dict[str, float]
 def _live_runs(args: argparse.Namespace, out: Path, model: Path, tokenizer: Any, mixes: Sequence[str],
                seeds: Sequence[int], routers: Sequence[str], rates: dict[str, float], requests: dict, records: dict,
                summaries: dict) -> None:
+    from benchmarks import engine_metrics
     from benchmarks.compare_routers import live_replicas, run_router
     from benchmarks.loadgen import live_summary
 
@@ -514,33 +529,23 @@ def _live_runs(args: argparse.Namespace, out: Path, model: Path, tokenizer: Any,
                 for name in order:
                     print(f"\n== {mix} seed {seed} ({rates[mix]}/s): {name} "
                           f"[{(time.monotonic() - started) / 60:.1f} min]", flush=True)
-                    before = replica_requests(replicas)
+                    before = engine_metrics.scrape(replicas)
                     recs = run_router(name, replicas, model, reqs, run_args, cell_dir, "")
                     if recs is None:
                         continue
                     (cell_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
                     s = live_summary(recs)
+                    ran = engine_metrics.scrape(replicas).since(before)
                     # where the engines say the requests ran (peers do not say which backend they chose), less the
                     # one-token request reset_caches sent each replica when run_router emptied the caches
-                    s["replica_requests"] = {u: n - before.get(u, 0) - 1
-                                             for u, n in replica_requests(replicas).items()}
+                    s["replica_requests"] = {u: n - 1 for u, n in ran.requests.items()}
+                    # the engines' own times: what a router adds on a request's way vs what the engines took
+                    s.update(ran.mean_times())
                     summaries[mix].setdefault(name, {})[seed] = s
                     records[mix].setdefault(name, {})[seed] = recs
                     print(f"   avg {s['latency_avg'] or 0:.3f} s, p99 {s['latency_p99'] or 0:.3f} s, hit "
-                          f"{s['hit_rate'] or 0:.3f}, errors {s['errors']}", flush=True)
-
-
-def replica_requests(replicas) -> dict[str, float]:
-    """Requests each replica finished so far, from its own `vllm:request_success_total` (all finish reasons)."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out = {}
-    for rep in replicas:
-        text = httpx.get(rep.url + "/metrics", timeout=10).text
-        out[rep.url] = sum(s.value for fam in text_string_to_metric_families(text)
-                           for s in fam.samples if s.name == "vllm:request_success_total")
-    return out
+                          f"{s['hit_rate'] or 0:.3f}, errors {s['errors']}; engines' own avg "
+                          f"{s['engine_e2e_avg_s'] or 0:.3f} s", flush=True)
 
 
 def _load_runs(out: Path, mixes: Sequence[str], seeds: Sequence[int], routers: Sequence[str], requests: dict,
@@ -548,6 +553,10 @@ def _load_runs(out: Path, mixes: Sequence[str], seeds: Sequence[int], routers: S
     """What an earlier (perhaps interrupted) live run left in out: every (mix, seed, router) with records."""
     from benchmarks.loadgen import live_summary
 
+    try:  # what the live run had from the engines (not in the records): their request counts and own times
+        stored_runs = json.loads((out / "live_suite.json").read_text()).get("runs") or {}
+    except (OSError, ValueError):
+        stored_runs = {}
     for mix in mixes:
         for seed in seeds:
             cell_dir = out / mix / f"seed{seed}"
@@ -559,7 +568,11 @@ def _load_runs(out: Path, mixes: Sequence[str], seeds: Sequence[int], routers: S
                 if path.exists():
                     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
                     records[mix].setdefault(name, {})[seed] = recs
-                    summaries[mix].setdefault(name, {})[seed] = live_summary(recs)
+                    summary = live_summary(recs)
+                    engines = ((stored_runs.get(mix) or {}).get(name) or {}).get(str(seed)) or {}
+                    summary.update({k: v for k, v in engines.items()
+                                    if k == "replica_requests" or k.startswith("engine_")})
+                    summaries[mix].setdefault(name, {})[seed] = summary
 
 
 def report(args: argparse.Namespace, out: Path, model: Path, mixes: Sequence[str], seeds: Sequence[int],

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import re
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks import engine_metrics
 from benchmarks.demo import prepare_run
 from benchmarks.loadgen import live_summary, run_load, run_load_sync
 from benchmarks.report import print_table
@@ -59,30 +59,12 @@ def variant(name: str, model: Path, *, args, out: Path, plugin: bool):
             yield url, replicas
 
 
-ENGINE_TIMES = {"queue": "vllm:request_queue_time_seconds", "prefill": "vllm:request_prefill_time_seconds",
-                "decode": "vllm:request_decode_time_seconds"}
-
-
-def engine_times(replicas) -> dict[str, float]:
-    """Per-request means over both replicas from vLLM's own histograms: time queued in the engine (what the
-    local scheduler orders) vs prefill / decode compute (what machine contention inflates)."""
-    sums = {k: 0.0 for k in ENGINE_TIMES}
-    counts = {k: 0.0 for k in ENGINE_TIMES}
-    for rep in replicas:
-        text = httpx.get(rep.url + "/metrics", timeout=10).text
-        for key, metric in ENGINE_TIMES.items():
-            for kind, acc in (("_sum", sums), ("_count", counts)):
-                m = re.search(rf"^{re.escape(metric + kind)}{{[^}}]*}} ([0-9.e+-]+)$", text, re.M)
-                if m:
-                    acc[key] += float(m.group(1))
-    return {f"engine_{k}_avg_s": round(sums[k] / counts[k], 4) if counts[k] else None for k in ENGINE_TIMES}
-
-
 def summarize_variant(name: str, records, replicas, wall: float, out: Path) -> dict:
     summary = live_summary(records)
     summary.update(label=name, wall_s=round(wall, 1))
     with contextlib.suppress(httpx.HTTPError):
-        summary.update(engine_times(replicas))
+        # since the replicas started: each variant runs on replicas of its own
+        summary.update(engine_metrics.scrape(replicas).mean_times())
     tpots = [(r["token_times"][-1] - r["token_times"][0]) / (len(r["token_times"]) - 1)
              for r in records if len(r.get("token_times") or []) > 2]
     summary["tpot_median_ms"] = round(1000 * statistics.median(tpots), 2) if tpots else None
