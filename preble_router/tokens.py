@@ -8,12 +8,13 @@ because the template already carries BOS).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -55,12 +56,14 @@ class ChunkedEncoder:
     and the lookups of one chunk's parts and one part's pieces, not of a whole chunk's pieces.
 
     Exact only for byte-level BPE without a normalizer: enabled for those alone, after a self-check at load;
-    a sample of encodings is also checked against whole-text tokenization, and any mismatch disables it.
+    a sample of encodings (the first check_first, then one in check_every) is also checked against whole-text
+    tokenization, and any mismatch disables it. The checks wait in a short queue for verify_pending(): a check
+    costs about what encoding the prompt whole does (~1 ms for 5k tokens), which a request should not wait for.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, *, chunk_chars: int = 2048, part_chars: int = 256,
                  piece_chars: int = 32, cache_chunks: int = 4096, cache_parts: int = 16384, cache_pieces: int = 65536,
-                 check_first: int = 32, check_every: int = 1024) -> None:
+                 check_first: int = 32, check_every: int = 1024, max_pending: int = 8) -> None:
         self.backend = tokenizer.backend_tokenizer
         # encode_batch_fast leaves out the character offsets (about a third of encode()'s time); same ids.
         self._encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
@@ -71,6 +74,9 @@ class ChunkedEncoder:
         self._parts = _LruCache(cache_parts)
         self._pieces = _LruCache(cache_pieces)
         self._encoded = 0
+        # (text, add_special_tokens, chunked ids) still to compare with whole-text encoding; past max_pending
+        # unverified ones the oldest is dropped (a sample, not a record).
+        self._pending: deque[tuple[str, bool, array]] = deque(maxlen=max_pending)
         with_special = self.backend.encode("a", add_special_tokens=True).ids
         plain = self.backend.encode("a", add_special_tokens=False).ids
         at = _find(with_special, plain)
@@ -87,12 +93,25 @@ class ChunkedEncoder:
             return self._encode_whole(text, add_special_tokens)
         ids = self._encode_chunked(text, add_special_tokens)
         self._encoded += 1
-        checking = self._encoded <= self.check_first or self._encoded % self.check_every == 0
-        if checking and ids != self._encode_whole(text, add_special_tokens):
-            self.enabled = False
-            log.warning("tokenizer: chunked encoding disagreed with whole-text encoding; switched it off")
-            return self._encode_whole(text, add_special_tokens)
+        if self._encoded <= self.check_first or self._encoded % self.check_every == 0:
+            self._pending.append((text, add_special_tokens, ids))
         return ids
+
+    @property
+    def checks_pending(self) -> bool:
+        return bool(self._pending)
+
+    def verify_pending(self) -> bool:
+        """Compare the queued chunked encodings with whole-text encoding. False after a mismatch: chunked
+        encoding is then off for good (whatever the caller cached from it is suspect)."""
+        while self._pending:
+            text, special, ids = self._pending.popleft()
+            if ids != self._encode_whole(text, special):
+                self.enabled = False
+                self._pending.clear()
+                log.warning("tokenizer: chunked encoding disagreed with whole-text encoding; switched it off")
+                return False
+        return True
 
     def _encode_whole(self, text: str, add_special_tokens: bool) -> array:
         return array("I", self._encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
@@ -165,6 +184,9 @@ class _LruCache:
         if len(self._entries) > self._capacity:
             self._entries.popitem(last=False)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
 
 def _cuts(text: str, size: int) -> Iterator[str]:
     """text in consecutive parts of ~size characters (the last up to 2x), each cut at a pre-token boundary."""
@@ -204,6 +226,7 @@ class PromptTokenizer:
         # to cache_max_chars are cached too, so memory stays bounded (a longer one is still chunk-cached).
         self._whole = {True: _LruCache(cache_prompts), False: _LruCache(cache_prompts)}
         self._cache_max_chars = cache_max_chars
+        self._verify_scheduled = False
 
     def _tokens(self, text: str, add_special_tokens: bool) -> array:
         """A copy of the cached encoding: a caller may change its tokens without changing the cache."""
@@ -219,8 +242,30 @@ class PromptTokenizer:
 
     def _encode_uncached(self, text: str, add_special_tokens: bool) -> array:
         if self.chunked is not None:
-            return self.chunked.encode(text, add_special_tokens)
+            ids = self.chunked.encode(text, add_special_tokens)
+            if self.chunked.checks_pending and not self._verify_scheduled:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:  # no event loop (a script, the simulator): checked now, as it is returned
+                    if not self.verify_pending():
+                        return self._encode_uncached(text, add_special_tokens)
+                else:
+                    # Serving: on the loop's next turn, once this request has gone out (a pooled upstream
+                    # connection writes it before the request's first wait). A mismatch found then has cost one
+                    # request's routing a block or so of precision, never its reply: the engine tokenizes itself.
+                    self._verify_scheduled = True
+                    loop.call_soon(self.verify_pending)
+            return ids
         return array("I", self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def verify_pending(self) -> bool:
+        """Run the chunked encoder's queued checks; after a mismatch, forget the prompts cached from it."""
+        self._verify_scheduled = False
+        if self.chunked is None or self.chunked.verify_pending():
+            return True
+        for cache in self._whole.values():
+            cache.clear()
+        return False
 
     def completion_tokens(self, body: dict[str, Any]) -> Sequence[int]:
         """Token ids of a /v1/completions request's (first) prompt."""

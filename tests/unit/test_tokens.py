@@ -88,3 +88,48 @@ def test_router_numbers_requests_itself(tok):
     router = Router(model="tiny", tokenizer=tok, policy=LeastLoadPolicy())
     body = {"prompt": "hello", "request_id": "same"}  # clients may repeat ids; policies key state by them
     assert router.prepare("completions", body).request_id != router.prepare("completions", body).request_id
+
+
+def _wrong_chunks(tokenizer: PromptTokenizer) -> None:
+    """Make the chunked path disagree with whole-text encoding (a tokenizer the self-check did not catch)."""
+    real = tokenizer.chunked._encode_chunked
+
+    def off_by_one(text, special):
+        ids = real(text, special)
+        ids[-1] += 1
+        return ids
+
+    tokenizer.chunked._encode_chunked = off_by_one
+
+
+def test_without_an_event_loop_a_mismatch_is_caught_before_the_ids_are_returned(tiny_model):
+    tok = PromptTokenizer(str(tiny_model))
+    _wrong_chunks(tok)
+    text = corpus()[:5000]
+    assert list(tok.completion_tokens({"prompt": text})) == tok.tokenizer(text)["input_ids"]
+    assert not tok.chunked.enabled
+
+
+def test_serving_checks_run_after_the_request_not_before(tiny_model):
+    """On an event loop the sampled check waits for the loop's next turn (the request has gone out by then); a
+    mismatch found there turns chunking off and drops what was cached from it, so the next encoding is exact."""
+    import asyncio
+
+    tok = PromptTokenizer(str(tiny_model))
+    text = corpus()[:5000]
+    expected = tok.tokenizer(text)["input_ids"]
+
+    async def serve() -> tuple[list[int], bool, list[int]]:
+        first = list(tok.completion_tokens({"prompt": text}))
+        queued = tok.chunked.checks_pending
+        await asyncio.sleep(0)  # the loop's next turn
+        assert not tok.chunked.checks_pending and tok.chunked.enabled  # checked, and it agreed
+        _wrong_chunks(tok)
+        tok.completion_tokens({"prompt": text + " more"})
+        await asyncio.sleep(0)
+        return first, queued, list(tok.completion_tokens({"prompt": text + " more"}))
+
+    first, queued, after = asyncio.run(serve())
+    assert first == expected and queued
+    assert not tok.chunked.enabled
+    assert after == tok.tokenizer(text + " more")["input_ids"]
