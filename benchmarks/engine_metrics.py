@@ -32,7 +32,8 @@ class EngineCounters:
         times = {}
         for url, per in self.times.items():
             old = before.times.get(url, {})
-            times[url] = {k: (s - old.get(k, (0.0, 0.0))[0], c - old.get(k, (0.0, 0.0))[1]) for k, (s, c) in per.items()}
+            times[url] = {k: (s - old.get(k, (0.0, 0.0))[0], c - old.get(k, (0.0, 0.0))[1])
+                          for k, (s, c) in per.items()}
         return EngineCounters({u: n - before.requests.get(u, 0.0) for u, n in self.requests.items()}, times)
 
     def mean_times(self) -> dict[str, float | None]:

@@ -478,8 +478,9 @@ def run(args: argparse.Namespace) -> int:
     records: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {m: {} for m in mixes}
     requests: dict[str, dict[int, list[wl.Request]]] = {m: {} for m in mixes}
     if args.report_only:
-        args, rates = stored_settings(out, args, rates)
-        _load_runs(out, mixes, seeds, routers, requests, records, summaries)
+        stored = stored_run(out)
+        args, rates = stored_settings(stored, args, rates)
+        _load_runs(out, mixes, seeds, routers, requests, records, summaries, (stored or {}).get("runs") or {})
     else:
         _live_runs(args, out, model, tokenizer, mixes, seeds, routers, rates, requests, records, summaries)
     return report(args, out, model, mixes, seeds, routers, rates, requests, records, summaries)
@@ -490,15 +491,20 @@ def run(args: argparse.Namespace) -> int:
 STORED_SETTINGS = ("requests", "pin_replicas", "num_gpu_blocks")
 
 
-def stored_settings(out: Path, args: argparse.Namespace, rates: dict[str, float]
-                    ) -> tuple[argparse.Namespace, dict[str, float]]:
-    """args and rates as the live run in out had them (its live_suite.json); as given, with a warning, when that
-    file is missing or unreadable."""
+def stored_run(out: Path) -> dict[str, Any] | None:
+    """The live run's live_suite.json in out, or None (with a warning) when it is missing or unreadable."""
     path = out / "live_suite.json"
     try:
-        stored = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         print(f"warning: {path} not readable ({exc}): the report's labels come from this command's flags")
+        return None
+
+
+def stored_settings(stored: dict[str, Any] | None, args: argparse.Namespace, rates: dict[str, float]
+                    ) -> tuple[argparse.Namespace, dict[str, float]]:
+    """args and rates as the live run had them (stored: its live_suite.json); as given when there is none."""
+    if stored is None:
         return args, rates
     changed = {k: stored[k] for k in STORED_SETTINGS if k in stored and stored[k] != getattr(args, k)}
     if changed:
@@ -549,14 +555,12 @@ def _live_runs(args: argparse.Namespace, out: Path, model: Path, tokenizer: Any,
 
 
 def _load_runs(out: Path, mixes: Sequence[str], seeds: Sequence[int], routers: Sequence[str], requests: dict,
-               records: dict, summaries: dict) -> None:
-    """What an earlier (perhaps interrupted) live run left in out: every (mix, seed, router) with records."""
+               records: dict, summaries: dict, stored_runs: dict) -> None:
+    """What an earlier (perhaps interrupted) live run left in out: every (mix, seed, router) with records.
+    stored_runs: its live_suite.json's "runs", for what the engines said (not in the records): their request
+    counts and own times."""
     from benchmarks.loadgen import live_summary
 
-    try:  # what the live run had from the engines (not in the records): their request counts and own times
-        stored_runs = json.loads((out / "live_suite.json").read_text()).get("runs") or {}
-    except (OSError, ValueError):
-        stored_runs = {}
     for mix in mixes:
         for seed in seeds:
             cell_dir = out / mix / f"seed{seed}"

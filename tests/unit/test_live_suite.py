@@ -115,7 +115,7 @@ def test_report_only_labels_come_from_the_stored_run(tmp_path):
     args = ls.build_parser().parse_args(["--report-only", "--out", str(tmp_path)])
     (tmp_path / "live_suite.json").write_text(json.dumps(
         {"requests": 90, "pin_replicas": False, "num_gpu_blocks": 512, "rates": {"hot": 9.0}}))
-    got, rates = ls.stored_settings(tmp_path, args, {"hot": 6.0, "tool": 2.0})
+    got, rates = ls.stored_settings(ls.stored_run(tmp_path), args, {"hot": 6.0, "tool": 2.0})
     assert (got.requests, got.pin_replicas, got.num_gpu_blocks) == (90, False, 512)
     assert rates == {"hot": 9.0, "tool": 2.0}
     assert got.report_only and args.requests != 90  # the given namespace is left as it was
@@ -123,6 +123,6 @@ def test_report_only_labels_come_from_the_stored_run(tmp_path):
 
 def test_report_only_without_a_stored_run_keeps_the_flags(tmp_path, capsys):
     args = ls.build_parser().parse_args(["--report-only", "--out", str(tmp_path), "--requests", "30"])
-    got, rates = ls.stored_settings(tmp_path, args, {"tool": 2.0})
+    got, rates = ls.stored_settings(ls.stored_run(tmp_path), args, {"tool": 2.0})
     assert got.requests == 30 and rates == {"tool": 2.0}
     assert "not readable" in capsys.readouterr().out
