@@ -24,8 +24,8 @@ QA and multi-turn sessions that resend their history:
 
 Every router gets the same requests per (mix, seed), on prefix caches emptied before it, after one uncounted
 warm-up pass of those requests (the first pass of a cell runs slower than the later ones, whoever runs it); the
-router order is reversed every other seed. Routers: ours (preble is the default policy, started as the README says plus the
-replicas' event endpoints and `--time-profile small-cpu`), SGLang's `smg` (cache_aware), vllm-router
+router order is reversed every other seed. Routers: ours (preble is the default policy, started as the README
+says plus the replicas' event endpoints and `--time-profile small-cpu`), SGLang's `smg` (cache_aware), vllm-router
 (kv_aware, fed the replicas' KV events as its docs say). Hit rate is vLLM's own: the `cached_tokens` each
 replica reports in the request's usage.
 
