@@ -43,7 +43,6 @@ from typing import NamedTuple
 import xxhash
 
 from preble_router.policies.base import BackendState, ClusterSnapshot, Decision, Reason, RouteRequest
-from preble_router.policies.occupancy import Occupancy
 from preble_router.policies.prefix_tree import Node, PrefixTree
 from preble_router.policies.time_model import TimeModel
 from preble_router.policies.windowed import WindowedSums
@@ -145,11 +144,6 @@ class PrebleConfig:
         "decode steps as it shares prefill, so a holder whose batch is large costs more than a cache hit saves; "
         "0: (M + P) x (in flight + 1), where a hit's prefill saving outweighs any batch the holder has.",
         flag="--preble-decode-in-cost", type=int, choices=[0, 1])
-    occupancy_tau: float = setting(
-        0.0, "Seconds: > 0, the sharing cost's batch is the larger of a backend's requests in flight and their time "
-        "average with this time constant (policies/occupancy.py), so a backend that has been carrying more sessions "
-        "does not look as free as an idle one between their turns; 0: in flight on the instant.",
-        flag="--preble-occupancy-tau")
     herd_tolerance: float = setting(
         0.25, "Behind several routers (the snapshot shows other routers' requests: ClusterSnapshot.shared), the "
         "backends whose cost is within this share of the least all count as tied, and the tie goes to the "
@@ -348,7 +342,6 @@ class PreblePolicy:
         self._prefilling: dict[int, _PrefillQueue] = {}  # backend -> flights before their first token
         self._decoding: dict[int, _DecodeSet] = {}  # backend -> flights past their first token
         self._curves: dict[int, _EvictionCurve] = {}  # backend -> its LRU summary for M
-        self._occupancy: dict[int, Occupancy] = {}  # backend -> our requests in flight there, time-averaged
         self._moved: dict[int, _Move] = {}  # id(group) -> where rebalancing sent it
         self._replicas: dict[int, _Replica] = {}  # id(group) -> its holders
         self._routed = 0
@@ -422,7 +415,7 @@ class PreblePolicy:
         output = (request.max_tokens or self.config.default_output_tokens) if self.config.decode_in_cost else 0
         costs = {b.backend_id: (self._eviction(request, b, now) + max(self._prefill(request, b), floor)
                                 + (output * self.time.decode_ms_per_token(b.backend_id) if output else 0.0))
-                 * (self._batch(b, now) + 1) for b in snapshot.backends}
+                 * (b.in_flight + 1) for b in snapshot.backends}
         chosen = min(snapshot.backends, key=lambda b: (costs[b.backend_id], -b.matched_tokens, b.in_flight,
                                                        b.backend_id))
         if snapshot.shared and self.config.herd_tolerance >= 0:
@@ -432,12 +425,6 @@ class PreblePolicy:
         else:
             reason = Reason.EXPLOIT if chosen.matched_tokens == cached else Reason.OVERFLOW
         return Decision(chosen.backend_id, reason, chosen.matched_tokens, costs)
-
-    def _batch(self, b: BackendState, now: float) -> float:
-        """The batch a request joins at b: its requests in flight, or (occupancy_tau > 0) their recent time
-        average when that is larger."""
-        occupancy = self._occupancy.get(b.backend_id) if self.config.occupancy_tau > 0 else None
-        return max(b.in_flight, occupancy.mean(now)) if occupancy is not None else b.in_flight
 
     def _rendezvous(self, request: RouteRequest, snapshot: ClusterSnapshot, costs: dict[int, float],
                     least: float) -> BackendState | None:
@@ -635,11 +622,6 @@ class PreblePolicy:
                          est_output, prefill_ms)
         self._flights[request.request_id] = flight
         self._prefilling.setdefault(b, _PrefillQueue()).add(request.request_id, flight)
-        if self.config.occupancy_tau > 0:
-            occupancy = self._occupancy.get(b)
-            if occupancy is None:
-                occupancy = self._occupancy[b] = Occupancy(self.config.occupancy_tau, since=now)
-            occupancy.change(now, +1)
         self._routed += 1
         if now - self._last_rebalance >= self.config.rebalance_interval:
             self._last_rebalance = now
@@ -676,8 +658,6 @@ class PreblePolicy:
                     queue.remove(request.request_id)
             elif (decoding := self._decoding.get(flight.backend_id)) is not None:
                 decoding.remove(flight)
-            if (occupancy := self._occupancy.get(flight.backend_id)) is not None:
-                occupancy.change(now, -1)
         if flight is None or not ok or not output_tokens:
             return
         if flight.first_token is not None and output_tokens > 1:
@@ -697,7 +677,7 @@ class PreblePolicy:
     def on_backend_removed(self, backend_id: int) -> None:
         self.tree.forget_backend(backend_id)
         for table in (self._load, self._group_load, self._hits, self._prefilling, self._decoding,
-                      self._curves, self._occupancy):
+                      self._curves):
             table.pop(backend_id, None)
 
     # ---- rebalancing and replication ------------------------------------------------------------------

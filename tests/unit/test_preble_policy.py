@@ -640,36 +640,3 @@ def test_sharing_cost_with_decode_counts_the_batch_the_output_shares():
     d = p.choose(r2, snap(0, backend(0, matched=144), backend(1)))
     assert (d.backend_id, d.reason) == (0, "exploit")
     assert d.costs[1] - d.costs[0] == pytest.approx(p._prefill(r2, backend(1)) - p._prefill(r2, backend(0, matched=144)))
-
-
-def test_sharing_cost_with_occupancy_remembers_the_batch_between_turns():
-    """occupancy_tau: a backend that carried requests until a moment ago is not as free as one that carried none,
-    so a near tie on two idle backends (a few system-prompt tokens cached on one) goes to the one that was idle."""
-    r = request(1, range(10))  # 161 tokens
-    tied = snap(10.0, backend(0, matched=16), backend(1))  # both idle now; backend 0 saves one block
-    instant = policy(cost_model="sharing")
-    assert instant.choose(r, tied).backend_id == 0
-    p = policy(cost_model="sharing", occupancy_tau=5.0)
-    for k in range(3):  # three requests ran on backend 0 from t=0 to t=9
-        req = request(100 + k, range(50 + 10 * k, 60 + 10 * k))
-        busy_other = snap(0.0, backend(0), backend(1, in_flight=9))
-        p.on_dispatched(req, p.choose(req, busy_other), busy_other)
-    for k in range(3):
-        p.on_finished(request(100 + k, ()), 0, 9.0, output_tokens=4)
-    d = p.choose(r, tied)
-    assert d.backend_id == 1 and d.costs[0] > d.costs[1]
-    # The memory fades: long after, the cached block wins the tie again.
-    assert p.choose(r, snap(200.0, backend(0, matched=16), backend(1))).backend_id == 0
-
-
-def test_occupancy_is_the_time_average_of_the_count():
-    from preble_router.policies.occupancy import Occupancy
-
-    occ = Occupancy(tau=2.0)
-    occ.change(0.0, +2)
-    assert occ.mean(0.0) == 0.0
-    assert occ.mean(2.0) == pytest.approx(2 * (1 - math.exp(-1)))
-    occ.change(2.0, -2)
-    assert occ.mean(4.0) == pytest.approx(2 * (1 - math.exp(-1)) * math.exp(-1))
-    occ.change(4.0, -5)  # never below zero
-    assert occ.count == 0
