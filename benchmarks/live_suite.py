@@ -510,6 +510,7 @@ def stored_settings(stored: dict[str, Any] | None, args: argparse.Namespace, rat
     """args and rates as the live run had them (stored: its live_suite.json); as given when there is none."""
     if stored is None:
         return args, rates
+    stored = {"warmup": False, **stored}  # runs stored before the warm-up pass existed had none
     changed = {k: stored[k] for k in STORED_SETTINGS if k in stored and stored[k] != getattr(args, k)}
     if changed:
         print("report-only: as the live run had them: " + ", ".join(f"{k}={v}" for k, v in changed.items()))

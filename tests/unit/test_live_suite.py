@@ -117,6 +117,7 @@ def test_report_only_labels_come_from_the_stored_run(tmp_path):
         {"requests": 90, "pin_replicas": False, "num_gpu_blocks": 512, "rates": {"hot": 9.0}}))
     got, rates = ls.stored_settings(ls.stored_run(tmp_path), args, {"hot": 6.0, "tool": 2.0})
     assert (got.requests, got.pin_replicas, got.num_gpu_blocks) == (90, False, 512)
+    assert got.warmup is False  # a run stored before the warm-up pass existed had none
     assert rates == {"hot": 9.0, "tool": 2.0}
     assert got.report_only and args.requests != 90  # the given namespace is left as it was
 
@@ -126,3 +127,11 @@ def test_report_only_without_a_stored_run_keeps_the_flags(tmp_path, capsys):
     got, rates = ls.stored_settings(ls.stored_run(tmp_path), args, {"tool": 2.0})
     assert got.requests == 30 and rates == {"tool": 2.0}
     assert "not readable" in capsys.readouterr().out
+
+
+def test_a_warmed_up_run_is_reported_as_one(tmp_path):
+    args = ls.build_parser().parse_args(["--report-only", "--out", str(tmp_path)])
+    assert args.warmup is True and ls.build_parser().parse_args(["--no-warmup"]).warmup is False
+    (tmp_path / "live_suite.json").write_text(json.dumps({"requests": 60, "warmup": True}))
+    got, _ = ls.stored_settings(ls.stored_run(tmp_path), args, {})
+    assert got.warmup is True
