@@ -539,9 +539,9 @@ def _live_runs(args: argparse.Namespace, out: Path, model: Path, tokenizer: Any,
                 k += 1
                 if args.warmup:
                     # The first pass of a cell's requests runs slower on these replicas than every later pass of
-                    # the same requests (identical routers: 9-12% on the average, more on p99), whatever the
-                    # router: it would tax whichever router goes first. A pass through round robin, not counted,
-                    # takes that cost (caches are emptied again before each measured router).
+                    # the same requests, whatever the router (BENCHMARKS.md, session 24): it would tax whichever
+                    # router goes first. A pass through round robin, not counted, takes that cost (caches are
+                    # emptied again before each measured router).
                     print(f"\n== {mix} seed {seed}: warm-up pass (round_robin, not counted)", flush=True)
                     run_router("round_robin", replicas, model, reqs, run_args, cell_dir, "-warmup")
                 for name in order:
