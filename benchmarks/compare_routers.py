@@ -19,7 +19,8 @@ import json
 import shutil
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -30,7 +31,8 @@ from benchmarks.loadgen import live_summary, run_load_sync
 from benchmarks.report import plot_latency_cdf, print_table
 from benchmarks.vllm_replicas import start_replicas
 from testkit.ports import free_port
-from testkit.router_process import router_argv, start_router, start_server
+from benchmarks.overhead import ProcStats
+from testkit.router_process import router_argv, router_process, server_process
 
 ONE_REPLICA = "one_replica"
 OURS = {"preble", "cache_aware", "least_load", "round_robin", "lmetric", ONE_REPLICA}
@@ -56,13 +58,16 @@ def peer_command(name: str, replicas, model: Path, port: int) -> list[str]:
     raise ValueError(f"unknown router {name!r}")
 
 
-def start_peer(cmd: Sequence[str], port: int, log_path: Path) -> contextlib.AbstractContextManager[str]:
-    """A peer router is ready when it serves a completion (its health endpoints differ)."""
+@contextlib.contextmanager
+def start_peer(cmd: Sequence[str], port: int, log_path: Path) -> Iterator[tuple[str, object]]:
+    """(URL, process) of a peer router, once it serves a completion (its health endpoints differ)."""
     def serves(url: str) -> bool:
         return httpx.post(url + "/v1/completions", timeout=30,
                           json={"model": "tiny", "prompt": "warm up", "max_tokens": 1}).status_code == 200
 
-    return start_server(cmd, f"http://127.0.0.1:{port}", serves, ready_timeout=90.0, log_path=log_path)
+    url = f"http://127.0.0.1:{port}"
+    with server_process(cmd, url, serves, ready_timeout=90.0, log_path=log_path) as proc:
+        yield url, proc
 
 
 def warm_up(replicas, lengths: Sequence[int] = (256, 1024, 3072, 6144), vocab: int = 2048) -> None:
@@ -112,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-size", default="small", choices=["tiny", "small"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=1, help="run every router this many times; report medians")
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                    help="one uncounted round-robin pass of the requests first (the first pass runs slower)")
     ap.add_argument("--router-log-level", default="info", help="our routers' log level (debug logs every decision)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "compare"))
     args = ap.parse_args(argv)
@@ -124,14 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[dict[str, dict]] = []
     records_by: dict[str, list[dict]] = {}
     with live_replicas(model, max_len, out, args.num_gpu_blocks) as replicas:
+        if args.warmup:
+            warm_up_pass(replicas, model, requests, args, out)
         for k in range(args.rounds):
             tag = f"-r{k + 1}" if args.rounds > 1 else ""
             summaries = {}
             for name in routers if k % 2 == 0 else routers[::-1]:  # alternate order: no router always goes first
-                records = run_router(name, replicas, model, requests, args, out, tag)
-                if records is None:
+                ran = run_router(name, replicas, model, requests, args, out, tag)
+                if ran is None:
                     continue
+                records = ran.records
                 summary = live_summary(records)
+                summary["router_cpu_ms_per_req"] = ran.router_cpu_ms_per_request
                 summary["label"] = name
                 summaries[name] = summary
                 records_by.setdefault(name, []).extend(records)
@@ -166,8 +177,21 @@ def ours_variant(name: str) -> tuple[str, list[str]] | None:
     return policy, extra
 
 
+@dataclass(slots=True)
+class RouterPass:
+    """One router's pass over a workload: the client's records, and the CPU seconds the router's processes used
+    during it (None if unreadable). On this testbed the router shares the machine's cores with the replicas, so
+    its CPU is time the engines may lose."""
+    records: list[dict]
+    router_cpu_s: float | None
+
+    @property
+    def router_cpu_ms_per_request(self) -> float | None:
+        return self.router_cpu_s * 1e3 / len(self.records) if self.router_cpu_s is not None and self.records else None
+
+
 def run_router(name: str, replicas, model: Path, requests, args: argparse.Namespace, out: Path,
-               tag: str) -> list[dict] | None:
+               tag: str) -> RouterPass | None:
     """One router's pass over the workload on freshly emptied caches; None if it is missing or cannot start.
     name: one of our policies (or a variant of one: ours_variant), smg or vllm-router."""
     ours = ours_variant(name)
@@ -183,17 +207,29 @@ def run_router(name: str, replicas, model: Path, requests, args: argparse.Namesp
         policy = "round_robin" if policy == ONE_REPLICA else policy
         argv_ = router_argv(routed, model, policy=policy, extra=["--time-profile", f"{args.model_size}-cpu",
                                                                  "--log-level", args.router_log_level, *extra])
-        ctx = start_router(argv_, log_path=out / f"router-{name}{tag}.log")
+        ctx = router_process(argv_, log_path=out / f"router-{name}{tag}.log")
     else:
         port = free_port()
         ctx = start_peer(peer_command(name, replicas, model, port), port, out / f"router-{name}{tag}.log")
     try:
-        with ctx as url:
+        with ctx as (url, proc):
             print(f"\n== {name}{tag}: {url}")
-            return run_load_sync(requests, url, model="tiny", prompt_format="text")
+            stats = ProcStats(proc.pid)
+            cpu0 = stats.cpu_seconds()
+            records = run_load_sync(requests, url, model="tiny", prompt_format="text")
+            cpu1 = stats.cpu_seconds()
+            return RouterPass(records, cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None)
     except (RuntimeError, TimeoutError) as exc:  # a router that cannot start is reported, not fatal
         print(f"FAILED {name}: {exc}")
         return None
+
+
+def warm_up_pass(replicas, model: Path, requests, args: argparse.Namespace, out: Path, label: str = "") -> None:
+    """An uncounted pass of the workload through round robin. The first pass of a set of requests runs slower on
+    these replicas than every later pass of the same requests, whatever the router (BENCHMARKS.md, session 24):
+    without this, whichever router goes first pays for it (the caches are emptied again before each router)."""
+    print(f"\n== warm-up pass{label} (round_robin, not counted)", flush=True)
+    run_router("round_robin", replicas, model, requests, args, out, "-warmup")
 
 
 def _median_summaries(rounds: list[dict[str, dict]], routers: Sequence[str]) -> dict[str, dict]:

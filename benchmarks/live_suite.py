@@ -196,9 +196,11 @@ def routed_tokens(requests: Sequence[wl.Request], model_dir: Path) -> list[wl.Re
 # ---------------------------------------------------------------------------------------------- statistics
 def mix_stats(runs: dict[str, dict[int, dict[str, Any]]], mix: str) -> dict[str, Any]:
     """Spreads, preble's paired ratios, the best other router per metric and issue #20's live targets."""
-    stats = cell_stats(runs, baselines=BASELINES)
+    # a variant of preble (preble+flag=value) is a candidate for the default, not a router it must beat
+    not_rivals = BASELINES | {p for p in runs if p.startswith("preble+")}
+    stats = cell_stats(runs, baselines=not_rivals)
     checks: dict[str, Any] = {}
-    others = [p for p in runs if p != "preble" and p not in BASELINES]
+    others = [p for p in runs if p != "preble" and p not in not_rivals]
     if "preble" in runs and others:
         st = stats["stats"]
 
@@ -232,7 +234,7 @@ def mix_stats(runs: dict[str, dict[int, dict[str, Any]]], mix: str) -> dict[str,
         checks["spread"]["pass"] = checks["spread"]["ratio"] is not None and checks["spread"]["ratio"] <= SPREAD_TARGET
         checks["pass"] = all(checks[k]["pass"] for k in ("hit", "avg", "p99", "spread")) and errors == 0
     return {**stats, "targets": checks, "busiest_share": busiest_share(runs), "engine_avg": engine_avg(runs),
-            "one_replica": one_replica_check(stats)}
+            "router_cpu": router_cpu(runs), "one_replica": one_replica_check(stats)}
 
 
 def one_replica_check(stats: dict[str, Any]) -> dict[str, Any] | None:
@@ -259,16 +261,27 @@ def busiest_share(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, float
     return out
 
 
+def seed_median(runs: dict[str, dict[int, dict[str, Any]]], key: str) -> dict[str, float]:
+    """Per router, the median over seeds of one summary value (routers without it left out)."""
+    out = {}
+    for p, by_seed in runs.items():
+        values = [v for r in by_seed.values() if (v := r.get(key)) is not None]
+        if values:
+            out[p] = statistics.median(values)
+    return out
+
+
 def engine_avg(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, float]:
     """Per router, the median over seeds of the engines' own average request time (vLLM's e2e histogram): a
     router's average well above it is time spent on the way (the router, the client); the engines' average
     itself moves with placement, batching and what else takes the replicas' cores."""
-    out = {}
-    for p, by_seed in runs.items():
-        values = [v for r in by_seed.values() if (v := r.get("engine_e2e_avg_s")) is not None]
-        if values:
-            out[p] = statistics.median(values)
-    return out
+    return seed_median(runs, "engine_e2e_avg_s")
+
+
+def router_cpu(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, float]:
+    """Per router, the median over seeds of its processes' CPU milliseconds per request. The router runs on the
+    replicas' two cores, so what it burns the engines can lose (engine time moves with it)."""
+    return seed_median(runs, "router_cpu_ms_per_req")
 
 
 def sim_replay(records: dict[str, dict[int, list[dict[str, Any]]]], requests: dict[int, list[wl.Request]],
@@ -321,8 +334,9 @@ def _x(v: float | None) -> str:
 
 def mix_table(mix: str, cell: dict[str, Any], routers: Sequence[str]) -> str:
     lines = [f"### {mix}", "", "| router | avg s | p99 s | hit rate | preble / it, avg | p99 | busiest replica "
-             "| engines' avg s |", "|---|---|---|---|---|---|---|---|"]
+             "| engines' avg s | router CPU ms/req |", "|---|---|---|---|---|---|---|---|---|"]
     shares, engine = cell.get("busiest_share") or {}, cell.get("engine_avg") or {}
+    cpu = cell.get("router_cpu") or {}
     for p in routers:
         st = cell["stats"].get(p)
         if st is None:
@@ -330,7 +344,7 @@ def mix_table(mix: str, cell: dict[str, Any], routers: Sequence[str]) -> str:
         r = cell["ratios"].get(p, {})
         lines.append(f"| {p} | {_s(st['avg'])} | {_s(st['p99'])} | {_s(st['hit_rate'])} | {_x(r.get('avg'))} "
                      f"| {_x(r.get('p99'))} | {f'{shares[p]:.0%}' if p in shares else '-'} "
-                     f"| {f'{engine[p]:.3f}' if p in engine else '-'} |")
+                     f"| {f'{engine[p]:.3f}' if p in engine else '-'} | {f'{cpu[p]:.2f}' if p in cpu else '-'} |")
     t = cell.get("targets") or {}
     if t:
         def verdict(ok: bool) -> str:
@@ -521,7 +535,7 @@ def _live_runs(args: argparse.Namespace, out: Path, model: Path, tokenizer: Any,
                seeds: Sequence[int], routers: Sequence[str], rates: dict[str, float], requests: dict, records: dict,
                summaries: dict) -> None:
     from benchmarks import engine_metrics
-    from benchmarks.compare_routers import live_replicas, run_router
+    from benchmarks.compare_routers import live_replicas, run_router, warm_up_pass
     from benchmarks.loadgen import live_summary
 
     started = time.monotonic()
@@ -538,21 +552,18 @@ def _live_runs(args: argparse.Namespace, out: Path, model: Path, tokenizer: Any,
                 order = routers if k % 2 == 0 else routers[::-1]  # no router always goes first
                 k += 1
                 if args.warmup:
-                    # The first pass of a cell's requests runs slower on these replicas than every later pass of
-                    # the same requests, whatever the router (BENCHMARKS.md, session 24): it would tax whichever
-                    # router goes first. A pass through round robin, not counted, takes that cost (caches are
-                    # emptied again before each measured router).
-                    print(f"\n== {mix} seed {seed}: warm-up pass (round_robin, not counted)", flush=True)
-                    run_router("round_robin", replicas, model, reqs, run_args, cell_dir, "-warmup")
+                    warm_up_pass(replicas, model, reqs, run_args, cell_dir, f" of {mix} seed {seed}")
                 for name in order:
                     print(f"\n== {mix} seed {seed} ({rates[mix]}/s): {name} "
                           f"[{(time.monotonic() - started) / 60:.1f} min]", flush=True)
                     before = engine_metrics.scrape(replicas)
-                    recs = run_router(name, replicas, model, reqs, run_args, cell_dir, "")
-                    if recs is None:
+                    ran = run_router(name, replicas, model, reqs, run_args, cell_dir, "")
+                    if ran is None:
                         continue
+                    recs = ran.records
                     (cell_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
                     s = live_summary(recs)
+                    s["router_cpu_ms_per_req"] = ran.router_cpu_ms_per_request
                     ran = engine_metrics.scrape(replicas).since(before)
                     # where the engines say the requests ran (peers do not say which backend they chose), less the
                     # one-token request reset_caches sent each replica when run_router emptied the caches
@@ -563,7 +574,8 @@ def _live_runs(args: argparse.Namespace, out: Path, model: Path, tokenizer: Any,
                     records[mix].setdefault(name, {})[seed] = recs
                     print(f"   avg {s['latency_avg'] or 0:.3f} s, p99 {s['latency_p99'] or 0:.3f} s, hit "
                           f"{s['hit_rate'] or 0:.3f}, errors {s['errors']}; engines' own avg "
-                          f"{s['engine_e2e_avg_s'] or 0:.3f} s", flush=True)
+                          f"{s['engine_e2e_avg_s'] or 0:.3f} s; router CPU "
+                          f"{s['router_cpu_ms_per_req'] or 0:.2f} ms/request", flush=True)
 
 
 def _load_runs(out: Path, mixes: Sequence[str], seeds: Sequence[int], routers: Sequence[str], requests: dict,
@@ -587,7 +599,7 @@ def _load_runs(out: Path, mixes: Sequence[str], seeds: Sequence[int], routers: S
                     summary = live_summary(recs)
                     engines = ((stored_runs.get(mix) or {}).get(name) or {}).get(str(seed)) or {}
                     summary.update({k: v for k, v in engines.items()
-                                    if k == "replica_requests" or k.startswith("engine_")})
+                                    if k in ("replica_requests", "router_cpu_ms_per_req") or k.startswith("engine_")})
                     summaries[mix].setdefault(name, {})[seed] = summary
 
 

@@ -79,9 +79,20 @@ def start_server(cmd: Sequence[str], url: str, is_ready: Callable[[str], bool], 
         yield url
 
 
-def start_router(argv: Sequence[str], *, python: str = sys.executable, ready_timeout: float = 60.0,
-                 log_path: Path | None = None) -> contextlib.AbstractContextManager[str]:
-    """Run `python -m preble_router.cli ARGV --port P`; yields its URL once /health answers 200."""
+@contextlib.contextmanager
+def router_process(argv: Sequence[str], *, python: str = sys.executable, ready_timeout: float = 60.0,
+                   log_path: Path | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run `python -m preble_router.cli ARGV --port P`; yields (its URL, the process) once /health answers 200."""
     port = free_port()
-    return start_server([python, "-m", "preble_router.cli", *argv, "--port", str(port)], f"http://127.0.0.1:{port}",
-                        answers_health, ready_timeout=ready_timeout, log_path=log_path)
+    url = f"http://127.0.0.1:{port}"
+    with server_process([python, "-m", "preble_router.cli", *argv, "--port", str(port)], url, answers_health,
+                        ready_timeout=ready_timeout, log_path=log_path) as proc:
+        yield url, proc
+
+
+@contextlib.contextmanager
+def start_router(argv: Sequence[str], *, python: str = sys.executable, ready_timeout: float = 60.0,
+                 log_path: Path | None = None) -> Iterator[str]:
+    """router_process (same arguments), yielding its URL."""
+    with router_process(argv, python=python, ready_timeout=ready_timeout, log_path=log_path) as (url, _):
+        yield url

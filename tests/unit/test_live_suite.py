@@ -105,6 +105,22 @@ def test_one_replica_is_shown_but_never_the_router_to_beat():
     assert "one replica carries this mix" in text
 
 
+def test_a_variant_of_preble_is_a_candidate_not_the_router_to_beat():
+    """preble+flag=value runs beside the default to be compared with it, never as "the best other"; its CPU per
+    request is shown like every router's."""
+    runs = {"preble": {0: {**_summary(1.0, 2.0, 0.8), "router_cpu_ms_per_req": 6.5}},
+            "preble+preble-decode-share=1": {0: _summary(0.5, 1.0, 0.8)},
+            "smg": {0: {**_summary(1.2, 2.4, 0.8), "router_cpu_ms_per_req": 2.25}}}
+    cell = ls.mix_stats(runs, "tool")
+    t = cell["targets"]
+    assert t["avg"]["policy"] == "smg" and t["p99"]["policy"] == "smg" and t["hit"]["best"] == "smg"
+    assert t["spread"]["router"] == "smg"
+    assert cell["ratios"]["preble+preble-decode-share=1"]["avg"] == pytest.approx(2.0)  # shown, compared
+    assert cell["router_cpu"] == {"preble": 6.5, "smg": 2.25}
+    text = ls.mix_table("tool", cell, list(runs))
+    assert "| 6.50 |" in text and "| 2.25 |" in text and "router CPU ms/req" in text
+
+
 def test_the_one_replica_baseline_is_the_one_compare_routers_runs():
     from benchmarks.compare_routers import ONE_REPLICA, OURS
 
