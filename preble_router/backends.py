@@ -1,14 +1,16 @@
 """The backends the router forwards to: identity, health, and what they told us about themselves.
 
-Health is active (a probe every interval: /health, then /v1/models and /metrics for the block size and the
-KV-cache capacity) and passive (a transport failure marks a backend down at once; the next good probe
-brings it back). Block size and capacity are learned, never assumed.
+Health is active (GET /health every interval; /v1/models and /metrics, for the served models, the block size,
+the KV-cache capacity and the engine's gauges, on the first probe, when a backend comes back up, and every
+metadata interval) and passive (a transport failure marks a backend down at once; the next good probe brings
+it back). Block size and capacity are learned, never assumed.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,11 @@ class Backend:
     kv_auto: bool = False
     kv_problem: str | None = None  # why its events cannot be followed, or what is wrong with them
     last_error: str | None = None
+    metadata_at: float | None = None  # time.monotonic() of the last read of its /v1/models and /metrics
+
+    def metadata_due(self, now: float, interval: float) -> bool:
+        """Whether a probe at `now` (time.monotonic()) should read /v1/models and /metrics again."""
+        return self.metadata_at is None or now - self.metadata_at >= interval
 
 
 def parse_cache_config(metrics_text: str) -> tuple[int | None, int | None]:
@@ -66,12 +73,20 @@ def parse_cache_config(metrics_text: str) -> tuple[int | None, int | None]:
 
 
 async def probe_backend(client: httpx.AsyncClient, backend: Backend,
-                        timeout: float | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT) -> None:
+                        timeout: float | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT, *,
+                        metadata: bool = True) -> None:
     """One active health check; updates backend in place. Each of its requests waits `timeout` seconds at most
-    (by default the client's timeout: the proxy probes through a client with its own short one)."""
+    (by default the client's timeout: the proxy probes through a client with its own short one).
+
+    metadata: after /health, also read /v1/models and /metrics (models, block size, capacity, gauges). A backend
+    that was down always gets them: it may have come back as another engine. Without, the probe is one GET:
+    vLLM renders /metrics on the CPU its engine runs beside, and the router parses it, so reading it at every
+    health interval costs both for figures that rarely change."""
     try:
         r = await client.get(f"{backend.url}/health", timeout=timeout)
         r.raise_for_status()
+        if not metadata and backend.healthy:
+            return
         models = await client.get(f"{backend.url}/v1/models", timeout=timeout)
         models.raise_for_status()
         data = models.json().get("data", [])
@@ -83,6 +98,7 @@ async def probe_backend(client: httpx.AsyncClient, backend: Backend,
             backend.block_size = block_size or backend.block_size
             backend.capacity_blocks = capacity or backend.capacity_blocks
         await fetch_engine_load(client, backend, timeout, metrics.text if metrics.status_code == 200 else "")
+        backend.metadata_at = time.monotonic()
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         if backend.healthy:
             log.warning("backend %s is down: %s", backend.url, exc)

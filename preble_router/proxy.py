@@ -63,7 +63,13 @@ class ProxyConfig:
     max_attempts: int = setting(3, "Backends tried per request when one fails before the first byte.",
                                 flag="--max-attempts")
     request_timeout: float = setting(600.0, "Seconds for a whole backend request.", flag="--request-timeout")
-    health_interval: float = setting(2.0, "Seconds between backend health probes.", flag="--health-interval")
+    health_interval: float = setting(2.0, "Seconds between backend health probes (GET /health).",
+                                     flag="--health-interval")
+    metadata_interval: float = setting(
+        10.0, "Seconds between reads of each backend's /v1/models and /metrics (served models, KV capacity, the "
+        "engine's gauges for /debug and /metrics when the load feed is off). A backend that comes back up, or whose "
+        "adapters change through the router, is read at once. 0: at every health probe.",
+        flag="--metadata-interval")
     probe_timeout: float = setting(
         3.0, "Seconds each health-probe request may take: a backend that accepts connections but does not answer "
         "(paused, hung) leaves the healthy set within --health-interval plus this.", flag="--probe-timeout")
@@ -275,7 +281,7 @@ class Proxy:
         while True:
             await asyncio.sleep(self.config.health_interval)
             try:
-                await self.router.probe_all(self.probes)
+                await self.router.probe_all(self.probes, self.config.metadata_interval)
                 self._fail_unanswered_on_down_backends()
                 self.router.check_event_feeds()
             except Exception:  # a probe bug must never stop health checking

@@ -334,8 +334,12 @@ class Router:
     def subscriber(self, backend_id: int) -> KvEventSubscriber | None:
         return self._subscribers.get(backend_id)
 
-    async def probe_all(self, client: httpx.AsyncClient) -> None:
-        await asyncio.gather(*(probe_backend(client, b) for b in list(self.backends.values())))
+    async def probe_all(self, client: httpx.AsyncClient, metadata_interval: float = 0.0) -> None:
+        """Probe every backend; read a backend's models and /metrics too when it has not been for
+        metadata_interval seconds (backends.probe_backend: 0 reads them every probe)."""
+        now = time.monotonic()
+        await asyncio.gather(*(probe_backend(client, b, metadata=b.metadata_due(now, metadata_interval))
+                               for b in list(self.backends.values())))
         for b in self.backends.values():
             if b.capacity_blocks is not None:
                 self.index.set_capacity(b.backend_id, b.capacity_blocks)

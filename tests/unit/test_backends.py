@@ -4,6 +4,7 @@ when the replica runs it, else from vLLM's gauges. Against FAKE HTTP transports 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 
@@ -58,3 +59,36 @@ def test_probe_reads_plugin_report_when_present():
 def test_probe_falls_back_to_vllm_gauges():
     b = probe(with_plugin=False)
     assert (b.load_source, b.engine_running, b.engine_waiting, b.engine_pending_prefill_tokens) == ("metrics", 3, 5, None)
+
+
+
+def test_metadata_is_read_once_an_interval_and_whenever_a_backend_comes_back():
+    """Health probes are one GET /health; /v1/models and /metrics are read on the first probe, once the metadata
+    interval has passed, and at once when a backend that was down answers again."""
+    seen: list[str] = []
+    transport = fake_vllm(with_plugin=False)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return transport.handle_request(request)
+
+    backend = Backend(0, "http://fake")
+
+    def probe_now(interval: float) -> list[str]:
+        seen.clear()
+
+        async def go() -> None:
+            async with httpx.AsyncClient(transport=httpx.MockTransport(handle)) as client:
+                await probe_backend(client, backend, metadata=backend.metadata_due(time.monotonic(), interval))
+
+        asyncio.run(go())
+        return list(seen)
+
+    first = probe_now(60.0)
+    assert "/v1/models" in first and "/metrics" in first and backend.capacity_blocks == 384
+    assert probe_now(60.0) == ["/health"]  # healthy and read within the interval: liveness only
+    backend.healthy = False  # e.g. a request to it failed in transport
+    assert "/v1/models" in probe_now(60.0) and backend.healthy
+    assert "/metrics" in probe_now(0.0)  # interval 0: every probe reads everything
+    backend.metadata_at -= 61
+    assert "/metrics" in probe_now(60.0)
