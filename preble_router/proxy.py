@@ -229,6 +229,7 @@ class Proxy:
         self.upstream: UpstreamPool | None = None
         self.client: httpx.AsyncClient | None = None
         self.probes: httpx.AsyncClient | None = None  # health probes, with their own short timeout
+        self.liveness: UpstreamPool | None = None  # the probes that are one GET /health
         self._health_task: asyncio.Task | None = None
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag.observe)
         self._lag_task: asyncio.Task | None = None
@@ -247,6 +248,9 @@ class Proxy:
         # No cookie jar, no decompression: one pool serves every client, and bytes go back as the backend sent them.
         self.upstream = UpstreamPool(connect_timeout=self.config.connect_timeout,
                                      request_timeout=self.config.request_timeout)
+        # The health loop's GET /health: a pool of its own, whose whole-reply limit is the probe timeout.
+        self.liveness = UpstreamPool(connect_timeout=min(self.config.connect_timeout, self.config.probe_timeout),
+                                     request_timeout=self.config.probe_timeout)
         if self._start_discovery is not None:  # before the first probe, so discovered backends are probed too
             self.discovery = await self._start_discovery(self.router)
         self.router.start_event_consumers()
@@ -275,13 +279,15 @@ class Proxy:
             await self.probes.aclose()
         if self.upstream:
             await self.upstream.close()
+        if self.liveness:
+            await self.liveness.close()
 
     async def _health_loop(self) -> None:
         assert self.probes is not None
         while True:
             await asyncio.sleep(self.config.health_interval)
             try:
-                await self.router.probe_all(self.probes, self.config.metadata_interval)
+                await self.router.probe_all(self.probes, self.config.metadata_interval, self.liveness)
                 self._fail_unanswered_on_down_backends()
                 self.router.check_event_feeds()
             except Exception:  # a probe bug must never stop health checking

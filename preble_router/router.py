@@ -28,6 +28,7 @@ from preble_router.load import InFlight, LoadTracker
 from preble_router.peer_sync import PEER_SILENCE_S, PeerEvent, PeerEventKind
 from preble_router.policies import BackendState, ClusterSnapshot, Decision, Policy, Reason, RouteRequest
 from preble_router.served_models import ServedModels
+from preble_router.upstream import UpstreamPool
 
 if TYPE_CHECKING:  # transformers is heavy; the simulator routes token ids and never loads it
     from preble_router.tokens import PromptTokenizer
@@ -334,11 +335,14 @@ class Router:
     def subscriber(self, backend_id: int) -> KvEventSubscriber | None:
         return self._subscribers.get(backend_id)
 
-    async def probe_all(self, client: httpx.AsyncClient, metadata_interval: float = 0.0) -> None:
+    async def probe_all(self, client: httpx.AsyncClient, metadata_interval: float = 0.0,
+                        liveness: UpstreamPool | None = None) -> None:
         """Probe every backend; read a backend's models and /metrics too when it has not been for
-        metadata_interval seconds (backends.probe_backend: 0 reads them every probe)."""
+        metadata_interval seconds (backends.probe_backend: 0 reads them every probe; liveness, the pool for the
+        probes that are one GET /health)."""
         now = time.monotonic()
-        await asyncio.gather(*(probe_backend(client, b, metadata=b.metadata_due(now, metadata_interval))
+        await asyncio.gather(*(probe_backend(client, b, metadata=b.metadata_due(now, metadata_interval),
+                                             liveness=liveness)
                                for b in list(self.backends.values())))
         for b in self.backends.values():
             if b.capacity_blocks is not None:

@@ -92,3 +92,32 @@ def test_metadata_is_read_once_an_interval_and_whenever_a_backend_comes_back():
     assert "/metrics" in probe_now(0.0)  # interval 0: every probe reads everything
     backend.metadata_at -= 61
     assert "/metrics" in probe_now(60.0)
+
+
+def test_a_liveness_probe_goes_through_the_lean_pool():
+    """A health probe that reads no metadata is one GET /health on the given pool (the proxy's own HTTP client),
+    not through httpx; a backend that stops answering it is marked down with the reason."""
+    from testkit.fake_backend import run_fake_backend_in_thread
+    from testkit.ports import free_port
+    from preble_router.upstream import UpstreamPool
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise AssertionError(f"httpx used for {request.url.path}")
+
+    url, stop = run_fake_backend_in_thread(model="tiny")
+    try:
+        up = Backend(0, url, healthy=True, metadata_at=time.monotonic())
+        gone = Backend(1, f"http://127.0.0.1:{free_port()}", healthy=True, metadata_at=time.monotonic())
+
+        async def go() -> None:
+            pool = UpstreamPool(connect_timeout=1.0, request_timeout=1.0)
+            async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as client:
+                for b in (up, gone):
+                    await probe_backend(client, b, metadata=False, liveness=pool)
+            await pool.close()
+
+        asyncio.run(go())
+        assert up.healthy and up.last_error is None
+        assert not gone.healthy and gone.last_error
+    finally:
+        stop()
