@@ -18,6 +18,7 @@ import contextlib
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ def peer_command(name: str, replicas, model: Path, port: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def start_peer(cmd: Sequence[str], port: int, log_path: Path) -> Iterator[tuple[str, object]]:
+def start_peer(cmd: Sequence[str], port: int, log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """(URL, process) of a peer router, once it serves a completion (its health endpoints differ)."""
     def serves(url: str) -> bool:
         return httpx.post(url + "/v1/completions", timeout=30,

@@ -93,9 +93,7 @@ async def probe_backend(client: httpx.AsyncClient, backend: Backend,
             if resp.status >= 400:
                 raise UpstreamError(f"/health answered {resp.status}")
         except (UpstreamError, TimeoutError) as exc:
-            log.warning("backend %s is down: %s", backend.url, exc)
-            backend.healthy = False
-            backend.last_error = str(exc) or type(exc).__name__
+            _probe_failed(backend, exc)
         return
     try:
         r = await client.get(f"{backend.url}/health", timeout=timeout)
@@ -115,15 +113,20 @@ async def probe_backend(client: httpx.AsyncClient, backend: Backend,
         await fetch_engine_load(client, backend, timeout, metrics.text if metrics.status_code == 200 else "")
         backend.metadata_at = time.monotonic()
     except (httpx.HTTPError, ValueError, KeyError) as exc:
-        if backend.healthy:
-            log.warning("backend %s is down: %s", backend.url, exc)
-        backend.healthy = False
-        backend.last_error = str(exc) or type(exc).__name__
+        _probe_failed(backend, exc)
     else:
         if not backend.healthy:
             log.info("backend %s is up (block size %s, %s blocks)", backend.url, backend.block_size,
                      backend.capacity_blocks)
         backend.healthy = True
+
+
+def _probe_failed(backend: Backend, exc: BaseException) -> None:
+    """A probe's request failed: the backend is down until a probe succeeds (logged once, as it goes down)."""
+    if backend.healthy:
+        log.warning("backend %s is down: %s", backend.url, exc)
+    backend.healthy = False
+    backend.last_error = str(exc) or type(exc).__name__
 
 
 def _engine_gauges(metrics_text: str) -> dict[str, list[float]]:
